@@ -1,0 +1,250 @@
+"""Hugging Face checkpoint directories in and out: resolve a path or Hub id, load safetensors (single file or sharded,
+either MoE expert layout, tied or untied head) into any float dtype, and save what transformers loads back.
+
+Loading builds the model on the meta device, allocates it once in the target dtype, then reads each tensor from disk
+straight into its parameter: peak memory is the model plus one tensor, never two copies.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, LfmConfig
+from .lfm2 import LfmForCausalLM, MoE
+from .safetensors_io import Entry, SafetensorsError, read_header, read_into, save_file
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+_EXPERT = re.compile(r"^(model\.layers\.\d+\.feed_forward\.experts)\.(\d+)\.(w1|w2|w3)\.weight$")
+_SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+               "generation_config.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint we cannot load; the message names the file or tensor and says what to do."""
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, config: LfmConfig | None = None) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        dtype = (config.torch_dtype if config else None) or "float32"
+    if dtype not in DTYPES:
+        raise CheckpointError(f"dtype {dtype!r} is not supported (choose float32, bfloat16 or float16)")
+    return DTYPES[dtype]
+
+
+def _is_hub_id(s: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+", s)) and not s.startswith((".", "/", "~"))
+
+
+def _hub_error(repo: str, err: Exception) -> CheckpointError:
+    local = repo.split("/")[-1]
+    return CheckpointError(
+        f"could not fetch {repo!r} from the Hugging Face Hub ({type(err).__name__}: {str(err).splitlines()[0][:160]}). "
+        f"On a machine with internet run `hf download {repo} --local-dir ./{local}` (or `huggingface-cli download ...`), "
+        f"then pass ./{local} to lfm instead of the Hub id.")
+
+
+def resolve(path_or_id: str | Path) -> Path:
+    """A local checkpoint directory for a path or a Hub id (downloaded with a progress bar, then cached)."""
+    p = Path(path_or_id).expanduser()
+    if p.exists():
+        return p
+    s = str(path_or_id)
+    if not _is_hub_id(s):
+        raise CheckpointError(f"{s}: no such file or directory (and it is not a Hugging Face Hub id like 'LiquidAI/LFM2.5-350M')")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(s, allow_patterns=["*.json", "*.safetensors", "*.jinja"]))
+    except Exception as e:  # offline, unknown repo, gated repo: all end in the same advice
+        raise _hub_error(s, e) from None
+
+
+def resolve_config(path_or_id: str | Path) -> LfmConfig:
+    """Only config.json: enough for `lfm info`, without downloading any weights."""
+    p = Path(path_or_id).expanduser()
+    if p.is_dir():
+        return LfmConfig.from_file(p / "config.json")
+    if p.is_file() and p.suffix == ".json":
+        return LfmConfig.from_file(p)
+    s = str(path_or_id)
+    if not _is_hub_id(s):
+        raise CheckpointError(f"{s}: no such file or directory")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return LfmConfig.from_file(hf_hub_download(s, "config.json"))
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise _hub_error(s, e) from None
+
+
+def weight_files(d: Path) -> list[Path]:
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
+        missing = [n for n in names if not (d / n).exists()]
+        if missing:
+            raise CheckpointError(f"{d / missing[0]}: listed in model.safetensors.index.json but not present")
+        return [d / n for n in names]
+    if (d / "model.safetensors").exists():
+        return [d / "model.safetensors"]
+    found = sorted(d.glob("*.safetensors"))
+    if found:
+        return found
+    pickled = [p.name for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")] if d.is_dir() else []
+    hint = f" ({pickled[0]} is a pickle file, which lfm never loads: convert it to safetensors)" if pickled else ""
+    raise CheckpointError(f"{d}: no *.safetensors weights found{hint}")
+
+
+def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu",
+               config: LfmConfig | None = None) -> LfmForCausalLM:
+    """The torch.nn.Module of a checkpoint directory or Hub id, in eval mode."""
+    d = resolve(path)
+    if d.is_file():
+        raise CheckpointError(f"{d}: expected a checkpoint directory (config.json + *.safetensors)")
+    try:
+        config = config or LfmConfig.from_file(d / "config.json")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    model = empty_model(config, resolve_dtype(dtype, config), device)
+    files = weight_files(d)
+    targets = _targets(model)
+    filled: dict[str, int] = {}
+    unexpected: list[str] = []
+    I = config.moe_intermediate_size
+    for path_ in files:
+        try:
+            entries, _ = read_header(path_)
+        except SafetensorsError as e:
+            raise CheckpointError(str(e)) from None
+        with open(path_, "rb") as f:
+            for name, e in entries.items():
+                m = _EXPERT.match(name)
+                if m:  # published layout: one tensor per expert -> a slice of the stacked parameter
+                    prefix, ex, w = m.group(1), int(m.group(2)), m.group(3)
+                    key = f"{prefix}.{'down_proj' if w == 'w2' else 'gate_up_proj'}"
+                    if key not in targets or ex >= targets[key].shape[0]:
+                        unexpected.append(name)
+                        continue
+                    t = targets[key][ex]
+                    t = t if w == "w2" else (t[:I] if w == "w1" else t[I:])
+                elif name == "lm_head.weight" and config.tie_word_embeddings:
+                    continue  # some exporters write the tied head too; the embedding is the one we keep
+                elif name in targets:
+                    key, t = name, targets[name]
+                else:
+                    unexpected.append(name)
+                    continue
+                _read(f, path_, e, t)
+                filled[key] = filled.get(key, 0) + t.numel()
+    if unexpected:
+        more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
+        raise CheckpointError(f"{d}: unexpected tensor {unexpected[0]!r}{more}: is this a {config.model_type} checkpoint of this shape?")
+    for key, t in targets.items():
+        if filled.get(key, 0) < t.numel():
+            raise CheckpointError(f"{d}: tensor {key!r} is missing from the checkpoint")
+        if filled[key] > t.numel():
+            raise CheckpointError(f"{d}: tensor {key!r} appears more than once")
+    return model.eval()
+
+
+def _read(f, path: Path, e: Entry, t: torch.Tensor) -> None:
+    if tuple(t.shape) != e.shape:
+        raise CheckpointError(f"{path}: tensor {e.name!r} has shape {list(e.shape)}, the config implies {list(t.shape)}")
+    if not e.dtype.is_floating_point:
+        raise CheckpointError(f"{path}: tensor {e.name!r} is {e.dtype}, expected floating point weights")
+    try:
+        read_into(f, e, t)
+    except SafetensorsError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+
+
+def empty_model(config: LfmConfig, dtype: torch.dtype, device: str | torch.device = "cpu") -> LfmForCausalLM:
+    """Allocated once, directly in `dtype` on `device`, values undefined (to be loaded or initialised)."""
+    with torch.device("meta"):
+        model = LfmForCausalLM(config).to(dtype)
+    for mod in model.modules():  # the selection bias stays float32, as in the reference
+        if isinstance(mod, MoE) and mod.expert_bias is not None:
+            mod.expert_bias = mod.expert_bias.float()
+    model.to_empty(device=device)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def _targets(model: LfmForCausalLM) -> dict[str, torch.Tensor]:
+    out = {k: v.data for k, v in model.named_parameters()}
+    out.update({k: v for k, v in model.named_buffers()})
+    if model.config.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def state_for_saving(model: LfmForCausalLM, expert_layout: str = "per_expert") -> dict[str, torch.Tensor]:
+    """Checkpoint tensors in file order; experts split per expert (the published layout) unless 'stacked'."""
+    I = model.config.moe_intermediate_size
+    out: dict[str, torch.Tensor] = {}
+    for k, t in _targets(model).items():
+        if expert_layout == "per_expert" and k.endswith("experts.gate_up_proj"):
+            base = k[: -len("gate_up_proj")]
+            for e in range(t.shape[0]):
+                out[f"{base}{e}.w1.weight"] = t[e, :I]
+                out[f"{base}{e}.w3.weight"] = t[e, I:]
+        elif expert_layout == "per_expert" and k.endswith("experts.down_proj"):
+            base = k[: -len("down_proj")]
+            for e in range(t.shape[0]):
+                out[f"{base}{e}.w2.weight"] = t[e]
+        else:
+            out[k] = t
+    return out
+
+
+def save_model(model: LfmForCausalLM, out_dir: str | Path, tokenizer_dir: str | Path | None = None,
+               max_shard_bytes: int = 4 << 30, expert_layout: str = "per_expert") -> Path:
+    """Write config.json, safetensors (sharded with an index above `max_shard_bytes`) and the tokenizer files."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = state_for_saving(model, expert_layout)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for k, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += n
+    if len(shards) == 1:
+        save_file(shards[0], out / "model.safetensors", {"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, out / name, {"format": "pt"})
+            weight_map.update({k: name for k in shard})
+        total = sum(t.numel() * t.element_size() for t in tensors.values())
+        (out / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
+    cfg = model.config
+    cfg.torch_dtype = {v: k for k, v in DTYPES.items() if k in ("float32", "bfloat16", "float16")}[model.dtype]
+    cfg.save(out)
+    if tokenizer_dir is not None:
+        for name in _SIDE_FILES:
+            src = Path(tokenizer_dir, name)
+            if src.exists() and src.resolve() != (out / name).resolve():
+                (out / name).write_bytes(src.read_bytes())
+    if not (out / "generation_config.json").exists():
+        gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+        (out / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+    return out

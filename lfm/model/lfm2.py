@@ -1,0 +1,305 @@
+"""The whole LFM2 / LFM2-MoE network in one file: one definition for training (plain forward) and inference
+(cached forward through a `HybridCache`). Module and parameter names equal the Hugging Face checkpoint's, so a
+state dict moves between us and transformers without renaming (spec §3, §4).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import HybridCache
+from .config import LfmConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # statistics in float32, scale in the model dtype: the reference's rounding, so bf16 logits agree too
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for NeoX (rotate-half) RoPE over the whole head, computed in float32. positions: [B or 1, T]."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float, device=positions.device) / head_dim))
+    freqs = positions[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, H, T, hd]; cos/sin: [B or 1, T, hd]."""
+    cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class ShortConv(nn.Module):
+    """The double-gated short convolution: B, C, x = in_proj(h); out_proj(C * causal_conv(B * x))."""
+
+    def __init__(self, c: LfmConfig) -> None:
+        super().__init__()
+        d = c.hidden_size
+        self.L = c.conv_L_cache
+        self.in_proj = nn.Linear(d, 3 * d, bias=c.conv_bias)
+        self.conv = nn.Conv1d(d, d, kernel_size=self.L, groups=d, bias=c.conv_bias, padding=self.L - 1)
+        self.out_proj = nn.Linear(d, d, bias=c.conv_bias)
+
+    def forward(self, h: torch.Tensor, state: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+        T = h.shape[1]
+        b, c, x = self.in_proj(h).chunk(3, dim=-1)
+        u = b * x
+        if mask is not None:  # zero padded slots before the conv, or they leak into the next L-1 real tokens
+            u = torch.where(mask[..., None], u, torch.zeros((), dtype=u.dtype, device=u.device))
+        u = u.transpose(1, 2)  # [B, D, T]
+        w = self.conv.weight
+        if state is None:
+            z = F.conv1d(u, w, self.conv.bias, padding=self.L - 1, groups=u.shape[1])[..., :T]
+        else:
+            full = torch.cat([state, u], dim=-1)  # [B, D, L-1+T]
+            state.copy_(full[..., full.shape[-1] - state.shape[-1]:])
+            if T == 1:  # decode: a dot product per channel is cheaper than a conv call
+                z = (full * w[:, 0]).sum(-1, keepdim=True)
+                if self.conv.bias is not None:
+                    z = z + self.conv.bias[:, None]
+            else:
+                z = F.conv1d(full, w, self.conv.bias, groups=u.shape[1])
+        return self.out_proj(c * z.transpose(1, 2))
+
+
+class Attention(nn.Module):
+    """Grouped-query attention with per-head RMSNorm on q and k before RoPE."""
+
+    def __init__(self, c: LfmConfig) -> None:
+        super().__init__()
+        self.hd, self.nh, self.nkv = c.head_size, c.num_attention_heads, c.num_key_value_heads
+        d = c.hidden_size
+        self.q_proj = nn.Linear(d, self.nh * self.hd, bias=False)
+        self.k_proj = nn.Linear(d, self.nkv * self.hd, bias=False)
+        self.v_proj = nn.Linear(d, self.nkv * self.hd, bias=False)
+        self.out_proj = nn.Linear(self.nh * self.hd, d, bias=False)
+        self.q_layernorm = RMSNorm(self.hd, c.norm_eps)
+        self.k_layernorm = RMSNorm(self.hd, c.norm_eps)
+
+    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv: tuple[torch.Tensor, torch.Tensor] | None,
+                start: int, mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = h.shape
+        q = self.q_layernorm(self.q_proj(h).view(B, T, self.nh, self.hd)).transpose(1, 2)
+        k = self.k_layernorm(self.k_proj(h).view(B, T, self.nkv, self.hd)).transpose(1, 2)
+        v = self.v_proj(h).view(B, T, self.nkv, self.hd).transpose(1, 2)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if kv is not None:
+            kc, vc = kv
+            kc[:, :, start:start + T] = k
+            vc[:, :, start:start + T] = v
+            k, v = kc[:, :, :start + T], vc[:, :, :start + T]
+        causal = mask is None and T > 1
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.nh != self.nkv)
+        return self.out_proj(o.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+
+class MLP(nn.Module):
+    def __init__(self, d: int, ff: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d, ff, bias=False)
+        self.w3 = nn.Linear(d, ff, bias=False)
+        self.w2 = nn.Linear(ff, d, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Experts(nn.Module):
+    """All experts' SwiGLU weights stacked (the transformers 5 layout): gate_up_proj [E, 2I, D], down_proj [E, D, I]."""
+
+    def __init__(self, n: int, d: int, inter: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * inter, d))
+        self.down_proj = nn.Parameter(torch.empty(n, d, inter))
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x [N, D]; idx, weight [N, k]. Tokens are grouped by expert, one matmul per expert that was chosen."""
+        N, k = idx.shape
+        flat = idx.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0]).tolist()
+        tok = order // k
+        xs = x[tok]
+        parts, s = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                g, u = F.linear(xs[s:s + n], self.gate_up_proj[e]).chunk(2, dim=-1)
+                parts.append(F.linear(F.silu(g) * u, self.down_proj[e]))
+                s += n
+        ys = torch.cat(parts) * weight.reshape(-1)[order, None]
+        return x.new_zeros(x.shape).index_add(0, tok, ys.to(x.dtype))
+
+
+class MoE(nn.Module):
+    """Sigmoid router; the fp32 expert bias only chooses experts, the weights are the unbiased scores."""
+
+    def __init__(self, c: LfmConfig) -> None:
+        super().__init__()
+        self.k, self.norm_topk, self.scale = c.num_experts_per_tok, c.norm_topk_prob, c.routed_scaling_factor
+        self.gate = nn.Linear(c.hidden_size, c.num_experts, bias=False)
+        self.experts = Experts(c.num_experts, c.hidden_size, c.moe_intermediate_size)
+        self.expert_bias: torch.Tensor | None
+        if c.use_expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(c.num_experts, dtype=torch.float32))
+        else:
+            self.expert_bias = None
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scores = self.gate(x).sigmoid()
+        if self.expert_bias is not None:
+            idx = torch.topk(scores + self.expert_bias.float(), self.k, dim=-1).indices
+            w = scores.gather(1, idx)
+        else:
+            w, idx = torch.topk(scores, self.k, dim=-1)
+        if self.norm_topk:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-6)
+        return w * self.scale, idx
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(-1, shape[-1])
+        w, idx = self.route(x)
+        return self.experts(x, idx, w).view(shape)
+
+
+class Block(nn.Module):
+    def __init__(self, c: LfmConfig, i: int) -> None:
+        super().__init__()
+        self.is_attn = c.layer_types[i] == "full_attention"
+        self.operator_norm = RMSNorm(c.hidden_size, c.norm_eps)
+        self.ffn_norm = RMSNorm(c.hidden_size, c.norm_eps)
+        if self.is_attn:
+            self.self_attn = Attention(c)
+        else:
+            self.conv = ShortConv(c)
+        if c.is_moe_layer(i):
+            self.feed_forward: nn.Module = MoE(c)
+        else:
+            self.feed_forward = MLP(c.hidden_size, c.ff_dim)
+
+
+class LfmModel(nn.Module):
+    def __init__(self, c: LfmConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.layers = nn.ModuleList(Block(c, i) for i in range(c.num_hidden_layers))
+        self.embedding_norm = RMSNorm(c.hidden_size, c.norm_eps)  # the *final* norm, despite its name
+
+
+class LfmForCausalLM(nn.Module):
+    """`model(input_ids) -> logits [B, T, vocab]`; with a cache, continues from where the cache left off."""
+
+    def __init__(self, config: LfmConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LfmModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    def new_cache(self, batch: int, max_len: int) -> HybridCache:
+        return HybridCache.allocate(self.config, batch, max_len, self.dtype, self.device)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Random initialisation for training from scratch and for tests: N(0, std) matrices, unit norms."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, std, generator=generator)
+        for name, b in self.named_buffers():
+            if name.endswith("expert_bias"):
+                b.zero_()
+
+    def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None, attention_mask: torch.Tensor | None = None,
+                logits_to_keep: int = 0) -> torch.Tensor:
+        """input_ids [B, T]. attention_mask [B, T] (1 = token, 0 = left padding) is only needed for padded rows.
+        logits_to_keep=n returns logits for the last n positions only (generation needs 1)."""
+        h = self.hidden_states(input_ids, cache, attention_mask)
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        return self.lm_head(h)
+
+    def hidden_states(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        c = self.config
+        B, T = input_ids.shape
+        dev = input_ids.device
+        start = cache.pos if cache is not None else 0
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"cache holds {cache.max_len} positions; {start} used, {T} more requested")
+        mask = None
+        if attention_mask is not None:
+            mask = attention_mask.to(device=dev, dtype=torch.bool)
+            if bool(mask.all()):
+                mask = None
+        positions, attn_mask = self._positions_and_mask(B, T, start, mask, cache, dev)
+        rope = rope_cos_sin(positions, c.head_size, c.rope_theta, self.dtype)
+
+        x = self.model.embed_tokens(input_ids)
+        for i, layer in enumerate(self.model.layers):
+            h = layer.operator_norm(x)
+            if layer.is_attn:
+                kv = (cache.k[i], cache.v[i]) if cache is not None else None
+                h = layer.self_attn(h, rope, kv, start, attn_mask)
+            else:
+                h = layer.conv(h, cache.conv[i] if cache is not None else None, mask)
+            x = x + h
+            x = x + layer.feed_forward(layer.ffn_norm(x))
+        if cache is not None:
+            cache.pos = start + T
+        return self.model.embedding_norm(x)
+
+    @staticmethod
+    def _positions_and_mask(B: int, T: int, start: int, mask: torch.Tensor | None, cache: HybridCache | None,
+                            dev: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """RoPE positions [B or 1, T] and the attention mask (None when plain causal attention is exact)."""
+        S = start + T
+        if cache is not None and mask is not None and cache.key_mask is None:
+            cache.key_mask = torch.ones(B, cache.max_len, dtype=torch.bool, device=dev)
+            cache.next_pos = torch.full((B,), start, dtype=torch.long, device=dev)
+        if mask is not None:
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            if cache is not None:
+                positions = positions + cache.next_pos[:, None]
+                cache.next_pos = cache.next_pos + mask.long().sum(-1)
+                cache.key_mask[:, start:S] = mask
+        elif cache is not None and cache.next_pos is not None:
+            positions = cache.next_pos[:, None] + torch.arange(T, device=dev)
+            cache.next_pos = cache.next_pos + T
+        else:
+            positions = torch.arange(start, S, device=dev)[None]
+        key_mask = cache.key_mask[:, :S] if cache is not None and cache.key_mask is not None else mask
+        if key_mask is None and (start == 0 or T == 1):
+            return positions, None
+        q_idx = torch.arange(start, S, device=dev)[:, None]
+        k_idx = torch.arange(S, device=dev)[None, :]
+        allowed = k_idx <= q_idx  # [T, S]
+        if key_mask is not None:
+            # a padded query still sees itself, so no softmax row is empty (its output is never used)
+            allowed = (allowed & key_mask[:, None, :]) | (k_idx == q_idx)
+            return positions, allowed[:, None]  # [B, 1, T, S]
+        return positions, allowed[None, None]
