@@ -1,0 +1,202 @@
+"""`lfm` on the command line: info, generate, chat, and init (a random-weight checkpoint for offline trials)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXAMPLES = """examples:
+  lfm info LiquidAI/LFM2.5-350M                 # layout, parameters, memory (needs only config.json)
+  lfm init tiny -o ./tiny-lfm                    # random-weight checkpoint + test tokenizer, no download
+  lfm generate ./tiny-lfm "Once upon a time" --max-tokens 64 --temperature 0.7
+  lfm chat LiquidAI/LFM2.5-350M                  # /reset, /system TEXT, Ctrl-D to quit
+"""
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return ""
+
+
+def cmd_info(a: argparse.Namespace) -> None:
+    from .model.checkpoint import CheckpointError, resolve_config
+    from .model.presets import preset, preset_name
+
+    source = "config.json"
+    try:
+        cfg = resolve_config(a.model)
+    except CheckpointError as e:
+        if preset_name(a.model) is None:
+            raise
+        cfg, source = preset(a.model), "built-in preset (config.json unavailable: " + str(e).split(" (")[0] + ")"
+    pc = cfg.param_counts()
+    attn = cfg.attn_layers
+    print(f"{a.model}  [{cfg.model_type}; {source}]")
+    print(f"  layers        {cfg.num_hidden_layers}: {len(cfg.conv_layers)} conv + {len(attn)} attention (at {', '.join(map(str, attn)) or '-'})")
+    print(f"  hidden        {cfg.hidden_size}; heads {cfg.num_attention_heads} (kv {cfg.num_key_value_heads}, head_dim {cfg.head_size})")
+    ffn = f"dense {cfg.ff_dim}"
+    if cfg.is_moe:
+        ffn += (f" (layers 0-{cfg.num_dense_layers - 1})" if cfg.num_dense_layers else "") + \
+            f"; {cfg.num_experts} experts x {cfg.moe_intermediate_size}, top-{cfg.num_experts_per_tok}"
+    print(f"  feed-forward  {ffn}")
+    print(f"  conv kernel   {cfg.conv_L_cache}; vocab {cfg.vocab_size}; context {cfg.max_position_embeddings}; "
+          f"rope theta {cfg.rope_theta:g}; tied head {cfg.tie_word_embeddings}")
+    print(f"  parameters    total {pc['total']:,}   active/token {pc['active']:,}   (embedding {pc['embedding']:,})")
+    mem = "   ".join(f"{n} {_fmt_bytes(pc['total'] * b)}" for n, b in (("float32", 4), ("bfloat16", 2), ("int8", 1), ("int4", 0.5)))
+    print(f"  weights       {mem}")
+    kv = cfg.kv_bytes_per_token(2)
+    print(f"  KV cache      {_fmt_bytes(kv)}/token (bf16, attention layers only); {_fmt_bytes(kv * 32768)} at 32K tokens")
+    print(f"  conv state    {_fmt_bytes(cfg.conv_state_bytes(2))} per sequence (bf16), whatever the context length")
+
+
+def _sampling(a: argparse.Namespace, llm) -> object:
+    from .engine.sampling import SamplingParams
+
+    base = llm.default_sampling_params()
+    kw = {k: getattr(a, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+          if getattr(a, k) is not None}
+    fields = {k: getattr(base, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")}
+    return SamplingParams(**{**fields, **kw, "max_tokens": a.max_tokens, "stop": a.stop or []})
+
+
+def _load(a: argparse.Namespace):
+    from .engine.llm import LLM
+
+    print(f"loading {a.model} ...", file=sys.stderr, flush=True)
+    return LLM(a.model, dtype=a.dtype, device=a.device)
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+    llm = _load(a)
+    prompt = sys.stdin.read() if a.prompt == "-" else a.prompt
+    sp = _sampling(a, llm)
+    sys.stdout.write(prompt)
+    for delta in llm.stream(prompt, sp):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+
+
+def cmd_chat(a: argparse.Namespace) -> None:
+    from .text import parse_tool_calls
+
+    llm = _load(a)
+    sp = _sampling(a, llm)
+    system = a.system
+    history: list[dict] = []
+    print("chat: /reset clears the history, /system TEXT sets the system prompt, Ctrl-D quits", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print()
+            return
+        if not line.strip():
+            continue
+        if line.strip() == "/reset":
+            history = []
+            print("(history cleared)", file=sys.stderr)
+            continue
+        if line.startswith("/system"):
+            system = line[len("/system"):].strip() or None
+            history = []
+            print(f"(system prompt {'set' if system else 'removed'}; history cleared)", file=sys.stderr)
+            continue
+        if line.strip() in ("/quit", "/exit"):
+            return
+        history.append({"role": "user", "content": line})
+        msgs = ([{"role": "system", "content": system}] if system else []) + history
+        reply = ""
+        for delta in llm.stream_chat(msgs, sp):
+            reply += delta
+            sys.stdout.write(delta)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        calls, content = parse_tool_calls(reply)
+        for c in calls:
+            print(f"  [tool call] {c.name}({c.arguments})", file=sys.stderr)
+        history.append({"role": "assistant", "content": reply})
+
+
+def cmd_init(a: argparse.Namespace) -> None:
+    import torch
+
+    from .model.checkpoint import empty_model, resolve_dtype, save_model
+    from .model.presets import preset
+    from .text.tiny_tokenizer import build_tiny_tokenizer
+
+    cfg = preset(a.preset)
+    model = empty_model(cfg, resolve_dtype(a.dtype, cfg))
+    model.init_weights(a.std, generator=torch.Generator().manual_seed(a.seed))
+    out = Path(a.output)
+    tok = build_tiny_tokenizer(out)
+    save_model(model, out, tokenizer_dir=tok)
+    print(f"wrote a random-weight {a.preset} checkpoint ({cfg.param_counts()['total']:,} parameters) to {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lfm", description="Run Liquid AI's LFM2 / LFM2.5 models.", epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("info", help="describe a model from its config.json (no weights needed)")
+    s.add_argument("model", help="checkpoint directory, config.json, Hub id (LiquidAI/LFM2.5-350M) or preset name")
+    s.set_defaults(fn=cmd_info)
+
+    def model_args(s: argparse.ArgumentParser) -> None:
+        s.add_argument("model", help="checkpoint directory or Hugging Face Hub id")
+        s.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's; default)")
+        s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+        s.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+        s.add_argument("--temperature", type=float, help="0 = greedy; default: the checkpoint's generation_config")
+        s.add_argument("--top-p", type=float)
+        s.add_argument("--top-k", type=int)
+        s.add_argument("--min-p", type=float)
+        s.add_argument("--repetition-penalty", type=float)
+        s.add_argument("--seed", type=int, help="same seed, same output")
+        s.add_argument("--stop", action="append", help="stop string (repeatable)")
+
+    s = sub.add_parser("generate", help="complete a prompt, streaming the text")
+    model_args(s)
+    s.add_argument("prompt", help="the prompt text, or - to read it from stdin")
+    s.set_defaults(fn=cmd_generate)
+
+    s = sub.add_parser("chat", help="interactive multi-turn chat through the checkpoint's chat template")
+    model_args(s)
+    s.add_argument("--system", help="system prompt")
+    s.set_defaults(fn=cmd_chat)
+
+    s = sub.add_parser("init", help="write a random-weight checkpoint of a preset shape (for trials without a download)")
+    s.add_argument("preset", help="tiny, tiny-moe, LFM2.5-350M, LFM2.5-1.2B, LFM2-2.6B, LFM2-8B-A1B, LFM2.5-8B-A1B")
+    s.add_argument("-o", "--output", required=True, help="directory to write")
+    s.add_argument("--dtype", default="auto")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--std", type=float, default=0.02, help="standard deviation of the random weights")
+    s.set_defaults(fn=cmd_init)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    from .model.checkpoint import CheckpointError
+    from .model.config import ConfigError
+    from .text import TokenizerError
+
+    try:
+        a.fn(a)
+    except (CheckpointError, ConfigError, TokenizerError, ValueError, KeyError, OSError) as e:
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"lfm: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Generation over the model: sampling and the offline LLM API."""
