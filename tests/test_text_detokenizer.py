@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import random
 import pytest
+from tokenizers import Tokenizer as HFTokenizer
 
 from lfm.text import IncrementalDetokenizer, Tokenizer, build_tiny_tokenizer
 
@@ -96,3 +98,21 @@ def test_window_stays_bounded_on_long_streams(tok: Tokenizer, byte_ids: dict[int
         widest = max(widest, len(detok._ids) - detok._prefix_offset)
     assert widest <= 16
     assert detok.text + detok.flush() == tok.decode(ids)
+
+
+def test_forced_release_never_cuts_inside_a_character(tok: Tokenizer, byte_ids: dict[int, int]) -> None:
+    """Real vocabularies hold tokens that finish one character and open the next (bytes A9 E2 here)."""
+    data = json.loads(tok.backend.to_str())
+    to_char = {b: c for c, b in _gpt2_unicode_to_byte().items()}
+    data["model"]["vocab"][to_char[0xA9] + to_char[0xE2]] = tok.vocab_size
+    wide = Tokenizer(HFTokenizer.from_str(json.dumps(data)), tok.config, tok.chat_template)
+    cross = tok.vocab_size
+    # 3 invalid bytes, then C3 | A9 E2 | 82 | F0: "é" straddles a cut while everything held ends in U+FFFD.
+    ids = [byte_ids[0x80]] * 3 + [byte_ids[0xC3], cross, byte_ids[0x82], byte_ids[0xF0]]
+    expected = wide.decode(ids)
+    assert "é" in expected
+    for tail in ([], tok.encode("ok", add_bos=False)):
+        assert "".join(stream(wide, ids + tail)) == wide.decode(ids + tail)
+    detok = IncrementalDetokenizer(wide)
+    released = "".join(detok.push(i) for i in ids)
+    assert released == "\ufffd" * 3  # released early, but only up to the last safe cut

@@ -1,0 +1,275 @@
+#!/usr/bin/env python
+"""Batch-1 greedy decode speed of lfm against transformers on the same random-weight checkpoint, plus peak RSS while
+loading.
+
+    python benchmarks/decode_bench.py [--preset LFM2.5-350M] [--prompt-len 128] [--gen-len 64] [--repeats 5]
+                                      [--threads N] [--dtypes float32,bfloat16]
+
+How it measures (both engines exactly alike):
+* One random-weight model of the preset's shape (N(0, 0.02), fixed seed) is saved per dtype as a safetensors
+  checkpoint in a temp dir; lfm loads it with `LLM(dir, dtype=...)`, transformers with
+  `AutoModelForCausalLM.from_pretrained(dir, dtype=...)`, so both run identical weights.
+* Each timed call is a whole public generate() call, prompt = `--prompt-len` random token ids, batch 1, greedy,
+  EOS ignored. Per repeat and engine: a call with 1 new token (time to first token, TTFT = prefill + one sample) and
+  a call with `--gen-len` new tokens (total). decode tok/s = (gen_len - 1) / (total - TTFT); prefill tok/s =
+  prompt_len / TTFT. Subtracting the 1-token call also cancels each engine's fixed per-call overhead.
+* One warm-up (both call lengths) per engine, then `--repeats` rounds interleaved lfm, transformers, lfm, ...
+* RSS: a fresh subprocess per engine records ru_maxrss right before and right after loading the bf16 checkpoint
+  (imports done beforehand); the growth of that peak is what loading cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+MiB = 1 << 20
+
+
+# ---- helpers --------------------------------------------------------------------------------------------------
+def _rss_now() -> int:
+    """Current resident set size in bytes (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _peak_rss() -> int:
+    """ru_maxrss in bytes (KiB on Linux, bytes on macOS)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def build_checkpoints(preset_name: str, dtypes: list[str], root: Path, seed: int) -> dict[str, Path]:
+    """One checkpoint per dtype, each the same seeded float32 init cast to that dtype (bf16 = rounded fp32 weights)."""
+    from lfm.model.checkpoint import empty_model, save_model
+    from lfm.model.presets import preset
+
+    dirs = {}
+    for name in dtypes + (["bfloat16"] if "bfloat16" not in dtypes else []):  # bf16 is also the RSS checkpoint
+        model = empty_model(preset(preset_name), torch.float32)
+        model.init_weights(std=0.02, generator=torch.Generator().manual_seed(seed))
+        dirs[name] = save_model(model.to(_dtype(name)), root / name)
+        del model
+        gc.collect()
+    return dirs
+
+
+# ---- timing ---------------------------------------------------------------------------------------------------
+class LfmRunner:
+    name = "lfm"
+
+    def __init__(self, path: Path, dtype: str) -> None:
+        from lfm.engine.llm import LLM
+
+        self.llm = LLM(path, dtype=dtype)
+
+    def __call__(self, prompt: list[int], n: int) -> tuple[float, list[int]]:
+        from lfm.engine.sampling import SamplingParams
+
+        sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        t0 = time.perf_counter()
+        out = self.llm.generate([prompt], sp)
+        dt = time.perf_counter() - t0
+        toks = out[0].token_ids
+        assert len(toks) == n, f"lfm produced {len(toks)} tokens, expected {n}"
+        return dt, toks
+
+
+class HfRunner:
+    name = "transformers"
+
+    def __init__(self, path: Path, dtype: str) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype)).eval()
+        self.model.generation_config.eos_token_id = None
+
+    def __call__(self, prompt: list[int], n: int) -> tuple[float, list[int]]:
+        ids = torch.tensor([prompt], dtype=torch.long)
+        mask = torch.ones_like(ids)
+        t0 = time.perf_counter()
+        out = self.model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        dt = time.perf_counter() - t0
+        toks = out[0, ids.shape[1]:].tolist()
+        assert len(toks) == n, f"transformers produced {len(toks)} tokens, expected {n}"
+        return dt, toks
+
+
+def bench_dtype(path: Path, dtype: str, prompt: list[int], gen_len: int, repeats: int) -> dict[str, dict]:
+    runners = [LfmRunner(path, dtype), HfRunner(path, dtype)]
+    res: dict[str, dict] = {r.name: {"ttft": [], "total": [], "decode": [], "prefill": []} for r in runners}
+    toks: dict[str, list[int]] = {}
+    for r in runners:  # warm-up: both call shapes once
+        r(prompt, 1)
+        _, toks[r.name] = r(prompt, gen_len)
+    for i in range(repeats):
+        for r in runners:  # interleaved: lfm, transformers, lfm, transformers, ...
+            ttft, _ = r(prompt, 1)
+            total, _ = r(prompt, gen_len)
+            d = res[r.name]
+            d["ttft"].append(ttft)
+            d["total"].append(total)
+            d["prefill"].append(len(prompt) / ttft)
+            d["decode"].append((gen_len - 1) / max(total - ttft, 1e-9))
+        print(f"  [{dtype}] repeat {i + 1}/{repeats}: "
+              + ", ".join(f"{n} {res[n]['decode'][-1]:.1f} tok/s" for n in res), file=sys.stderr, flush=True)
+    a, b = toks["lfm"], toks["transformers"]
+    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+    res["lfm"]["agree"] = same
+    del runners
+    gc.collect()
+    return res
+
+
+# ---- peak RSS while loading (child process) -------------------------------------------------------------------
+def rss_child(engine: str, path: str, threads: int) -> None:
+    torch.set_num_threads(threads)
+    if engine == "lfm":
+        from lfm.model.checkpoint import load_model
+
+        def load():
+            return load_model(path, dtype="bfloat16")
+    else:
+        import transformers.models.lfm2.modeling_lfm2  # noqa: F401  (import cost outside the measurement)
+        from transformers import AutoModelForCausalLM
+
+        def load():
+            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    gc.collect()
+    peak0, rss0 = _peak_rss(), _rss_now()
+    t0 = time.perf_counter()
+    model = load()
+    dt = time.perf_counter() - t0
+    peak1, rss1 = _peak_rss(), _rss_now()
+    n = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+    print(json.dumps({"engine": engine, "peak_growth": peak1 - rss0, "rss_growth": rss1 - rss0,
+                      "peak_before": peak0, "rss_before": rss0, "param_bytes": n, "load_s": dt}))
+
+
+def measure_rss(path: Path, threads: int) -> list[dict]:
+    out = []
+    for engine in ("lfm", "transformers"):
+        p = subprocess.run([sys.executable, __file__, "--_rss-child", engine, str(path), "--threads", str(threads)],
+                           capture_output=True, text=True, check=True)
+        out.append(json.loads(p.stdout.strip().splitlines()[-1]))
+    return out
+
+
+# ---- report ---------------------------------------------------------------------------------------------------
+def _stats(xs: list[float]) -> tuple[float, float, float]:
+    return min(xs), statistics.median(xs), max(xs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="LFM2.5-350M")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--gen-len", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=os.cpu_count())
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--skip-rss", action="store_true", help="skip the load-memory measurement")
+    ap.add_argument("--_rss-child", nargs=2, metavar=("ENGINE", "DIR"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args._rss_child:
+        rss_child(*args._rss_child, threads=args.threads)
+        return
+    if args.gen_len < 2:
+        ap.error("--gen-len must be at least 2 (decode speed excludes the first token)")
+    dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    for d in dtypes:
+        if d not in ("float32", "bfloat16", "float16"):
+            ap.error(f"unknown dtype {d!r}")
+
+    import transformers
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    from lfm.model.presets import preset
+
+    vocab = preset(args.preset).vocab_size
+    g = torch.Generator().manual_seed(args.seed + 1)
+    prompt = torch.randint(16, vocab, (args.prompt_len,), generator=g).tolist()
+
+    t_start = time.perf_counter()
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="lfm-bench-") as tmp:
+        print(f"building {args.preset} random-weight checkpoints in {tmp} ...", file=sys.stderr, flush=True)
+        dirs = build_checkpoints(args.preset, dtypes, Path(tmp), args.seed)
+        for d in dtypes:
+            print(f"benchmarking {d} ...", file=sys.stderr, flush=True)
+            results[d] = bench_dtype(dirs[d], d, prompt, args.gen_len, args.repeats)
+        rss = None
+        if not args.skip_rss:
+            print("measuring load RSS (bfloat16) ...", file=sys.stderr, flush=True)
+            rss = measure_rss(dirs["bfloat16"], args.threads)
+            wsize = sum(f.stat().st_size for f in dirs["bfloat16"].glob("*.safetensors"))
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    print(f"\n## decode benchmark: {args.preset}, random weights, batch 1, greedy, prompt {args.prompt_len} tokens, "
+          f"{args.gen_len} new tokens, {args.repeats} repeats\n")
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}, "
+          f"threads {torch.get_num_threads()} (of {os.cpu_count()} cores), "
+          f"CPU {cpu} ({torch.backends.cpu.get_cpu_capability()})\n")
+    print("| engine | dtype | prefill tok/s (median) | decode tok/s min | median | max | decode ratio lfm/transformers |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for d in dtypes:
+        med_hf = statistics.median(results[d]["transformers"]["decode"])
+        for eng in ("lfm", "transformers"):
+            r = results[d][eng]
+            lo, med, hi = _stats(r["decode"])
+            ratio = f"{med / med_hf:.2f}x" if eng == "lfm" else "1.00x"
+            print(f"| {eng} | {d} | {statistics.median(r['prefill']):.0f} | {lo:.1f} | {med:.1f} | {hi:.1f} | {ratio} |")
+    print()
+    for d in dtypes:
+        print(f"{d}: greedy tokens identical for the first {results[d]['lfm']['agree']}/{args.gen_len} "
+              f"generated positions (lfm vs transformers)")
+    print("\ndecode tok/s = (gen_len-1) / (t[gen_len tokens] - t[1 token]); prefill tok/s = prompt_len / t[1 token] "
+          "(both whole generate() calls)")
+    if rss is not None:
+        print(f"\n## peak RSS while loading the bfloat16 checkpoint (fresh process each; weights on disk "
+              f"{wsize / MiB:.0f} MiB)\n")
+        print("| engine | load s | peak RSS growth MiB | RSS growth after load MiB | param bytes MiB | peak / weights |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for r in rss:
+            print(f"| {r['engine']} | {r['load_s']:.2f} | {r['peak_growth'] / MiB:.0f} | {r['rss_growth'] / MiB:.0f} "
+                  f"| {r['param_bytes'] / MiB:.0f} | {r['peak_growth'] / wsize:.2f} |")
+    print(f"\n(total wall time {time.perf_counter() - t_start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
