@@ -42,6 +42,7 @@ CONFIGS = {
     "dense-multiplier-theta": dict(DENSE, block_ffn_dim_multiplier=1.5, block_multiple_of=48, rope_theta=1e4,
                                    norm_eps=1e-6, num_attention_heads=8, num_key_value_heads=2),
     "dense-conv-bias": dict(DENSE, conv_bias=True),
+    "dense-kernel1-headdim32-kv1": dict(DENSE, conv_L_cache=1, head_dim=32, num_key_value_heads=1),
     "moe": MOE,
     "moe-nobias-nonorm-scaled": dict(MOE, use_expert_bias=False, norm_topk_prob=False, routed_scaling_factor=2.5,
                                      num_dense_layers=0),

@@ -91,9 +91,10 @@ def test_bfloat16_close_to_transformers_bfloat16(name, checkpoints):
     ids = _ids(ours.config.vocab_size, (2, 33), seed=3)
     a, b = ours(ids).float(), ref(ids).logits.float()
     exact = _hf(checkpoints[name])(ids).logits
-    # the two bf16 implementations agree far more closely than either agrees with float32
-    assert (a - b).abs().max().item() <= 0.25 * max((b - exact).abs().max().item(), 1e-2)
-    assert (a.argmax(-1) == b.argmax(-1)).float().mean().item() >= 0.97
+    # same rounding steps as the reference: the bf16 logits agree far more closely than bf16 agrees with float32
+    # (measured: bit-identical on these shapes; bf16 vs float32 differs by 0.05-2.5)
+    assert (b - exact).abs().max().item() > 0.02
+    assert (a - b).abs().max().item() <= 0.01
 
 
 def test_moe_router_uses_bias_only_for_selection():

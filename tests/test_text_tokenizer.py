@@ -76,13 +76,14 @@ def test_plain_slow_path_matches_fast_path(tok_dir: Path) -> None:
     from tokenizers import AddedToken
 
     plain = Tokenizer.from_dir(tok_dir)
-    fast_ids = [plain.encode(t, add_bos=False) for t in TEXTS]
     slow = Tokenizer.from_dir(tok_dir)
     slow.backend.add_tokens([AddedToken("<think>", special=False, normalized=False)])
     slow = Tokenizer(slow.backend, slow.config, slow.chat_template)
     think_id = slow.token_to_id("<think>")
     assert think_id == TINY_VOCAB_SIZE
-    assert [slow.encode(t, add_bos=False) for t in TEXTS] == fast_ids
+    for text in TEXTS:
+        text = f"{text} <think>{text}<|im_start|>"
+        assert slow.encode(text, add_bos=False) == plain.encode(text, add_bos=False)
     ids = slow.encode("a <think> b <|im_end|>", add_bos=False)
     assert think_id not in ids and 7 not in ids
     assert slow.decode(ids) == "a <think> b <|im_end|>"

@@ -29,7 +29,8 @@ CASES = [
     pytest.param(f"{S}[f(a=[1, [2, [3]]], b=(1, 'x'), c=(), d=(5,), e=[])]{E}",
                  [("f", {"a": [1, [2, [3]]], "b": [1, "x"], "c": [], "d": [5], "e": []})], "",
                  id="nested-lists-and-tuples"),
-    pytest.param(f"{S}[f(opts={{'k': [1, {{\"deep\": None}}], 2: 'two', bare: 1}}, empty={{}})]{E}",
+    pytest.param(f"{S}[f(opts={{'k': [1, {{\"deep\": None}}], 2: 'two', bare: 1}}, "
+                 f"empty={{}})]{E}",
                  [("f", {"opts": {"k": [1, {"deep": None}], 2: "two", "bare": 1}, "empty": {}})], "", id="dicts"),
     pytest.param(f"{S}[api.v2.search(query='x')]{E}", [("api.v2.search", {"query": "x"})], "", id="dotted-name"),
     pytest.param(f"{S}[book(from='NYC', to='LA', class='economy', lambda=1, import=None)]{E}",
@@ -81,6 +82,7 @@ def test_parse(text: str, calls: list[tuple[str, dict]], content: str) -> None:
     f"{S}not a call at all{E}",
     f"{S}[{{\"arguments\": {{}}}}]{E}",
     f"{S}" + "[" * 5000,
+    f"{S}[f(a=" + "[" * 5000 + "]" * 5000 + ")]" + E,
 ])
 def test_unusable_blocks_leave_raw_text(text: str) -> None:
     assert parse_tool_calls(text) == ([], text)

@@ -162,7 +162,7 @@ class LLM:
         seqs = []
         for p, sp in zip(prompts, params):
             max_new = min(sp.max_tokens or budget, budget)
-            seqs.append(_Seq(p, sp, stop, max_new, self.tokenizer, skip_special=sp.skip_special_tokens and not chat))
+            seqs.append(_Seq(p, sp, stop, max_new, self.tokenizer, skip_special=sp.skip_special_tokens))
             if outputs is not None:
                 outputs[len(seqs) - 1] = seqs[-1].out
         B = len(prompts)

@@ -182,8 +182,8 @@ def render_chat_template(
         text = compiled.render(**variables)
     except ChatTemplateError:
         raise
-    except jinja2.TemplateError as exc:
-        raise ChatTemplateError(f"chat template failed: {exc}") from exc
+    except Exception as exc:  # sandbox violations, undefined names, type errors inside the template
+        raise ChatTemplateError(f"chat template failed: {type(exc).__name__}: {exc}") from exc
     if not return_spans:
         return RenderedChat(text)
     return _extract_spans(text)

@@ -7,9 +7,9 @@ system or tool text, or tool definitions, are encoded as plain text, so a user c
 
 from __future__ import annotations
 
+import bisect
 import json
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,8 +53,14 @@ def _token_content(value: Any) -> str | None:
 class Tokenizer:
     """Encode/decode text and chats for one checkpoint."""
 
-    def __init__(self, tokenizer: HFTokenizer, config: dict | None = None, chat_template: str | None = None,
-                 template_in_file: bool = False, special_tokens_map: dict | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: HFTokenizer,
+        config: dict | None = None,
+        chat_template: str | None = None,
+        template_in_file: bool = False,
+        special_tokens_map: dict | None = None,
+    ) -> None:
         self._tk = tokenizer
         self.config: dict = dict(config or {})
         self._chat_template = chat_template
@@ -65,12 +71,11 @@ class Tokenizer:
         self._tk_plain.encode_special_tokens = True
         added = tokenizer.get_added_tokens_decoder()
         self._added: dict[int, Any] = dict(added)
-        # encode_special_tokens still matches *non-special* added tokens, so those force the slow plain path.
-        self._all_added_special = all(tok.special for tok in added.values())
-        controls = sorted({t.content for t in added.values() if t.content and not t.content.isspace()},
-                          key=len, reverse=True)
-        self._control_re = re.compile("|".join(map(re.escape, controls)) or "(?!)")
-        self._marked_re = re.compile(f"{_MARK_OPEN}({self._control_re.pattern}){_MARK_CLOSE}|[{_MARK_OPEN}{_MARK_CLOSE}]")
+        # encode_special_tokens still matches *non-special* added tokens: text containing one takes the slow path.
+        self._nonspecial_re = _alternation(t.content for t in added.values() if not t.special and t.content)
+        self._control_re = _alternation(t.content for t in added.values() if t.content and not t.content.isspace())
+        marked = f"{_MARK_OPEN}({self._control_re.pattern}){_MARK_CLOSE}"
+        self._marked_re = re.compile(f"{marked}|[{_MARK_OPEN}{_MARK_CLOSE}]")
         self._skip_ids = frozenset(i for i, t in added.items() if t.special and t.content not in KEEP_ON_SKIP)
         self.bos_token = self._config_token("bos_token")
         self.eos_token = self._config_token("eos_token")
@@ -183,7 +188,7 @@ class Tokenizer:
     def _encode_plain(self, text: str) -> list[int]:
         if not text:
             return []
-        if self._all_added_special:
+        if not self._nonspecial_re.search(text):
             return self._tk_plain.encode(text, add_special_tokens=False).ids
         # Slow path that bypasses the added vocabulary entirely: normalize, pre-tokenize, run the model per piece.
         tk = self._tk
@@ -215,14 +220,18 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
                             add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
         """Render and tokenize a chat; only template-written control tokens become control ids."""
-        return self.encode_chat(messages, tools, add_generation_prompt, **kwargs).ids
+        return self._encode_chat(messages, tools, add_generation_prompt, False, kwargs).ids
 
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None,
                     add_generation_prompt: bool = False, **kwargs: Any) -> ChatEncoding:
-        """Like `apply_chat_template`, also returning the assistant-token mask for training."""
+        """Like `apply_chat_template`, also returning the `{% generation %}` (assistant) token mask for training."""
+        return self._encode_chat(messages, tools, add_generation_prompt, True, kwargs)
+
+    def _encode_chat(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool,
+                     with_mask: bool, kwargs: dict) -> ChatEncoding:
         marked_messages = [m if m.get("role") in _TRUSTED_ROLES else self._mark(m) for m in messages]
         marked_tools = self._mark(tools) if tools is not None else None
-        rendered = self._render(marked_messages, marked_tools, add_generation_prompt, True, kwargs)
+        rendered = self._render(marked_messages, marked_tools, add_generation_prompt, with_mask, kwargs)
         ids: list[int] = []
         starts: list[int] = []
         pos = 0
@@ -232,9 +241,16 @@ class Tokenizer:
                 self._encode_piece(match.group(1), match.start(1), True, ids, starts)
             pos = match.end()
         self._encode_piece(rendered.text[pos:], pos, False, ids, starts)
+        if not with_mask:
+            return ChatEncoding(ids, [])
         spans = rendered.generation_spans
-        mask = [int(any(a <= s < b for a, b in spans)) for s in starts]
-        return ChatEncoding(ids, mask)
+        span_starts = [a for a, _ in spans]
+
+        def inside(pos: int) -> int:
+            k = bisect.bisect_right(span_starts, pos) - 1
+            return int(k >= 0 and pos < spans[k][1])
+
+        return ChatEncoding(ids, [inside(pos) for pos in starts])
 
     def _encode_piece(self, piece: str, offset: int, as_text: bool, ids: list[int], starts: list[int]) -> None:
         """Append a piece's ids, and each token's start character (in the marked text) to `starts`."""
@@ -281,10 +297,7 @@ def _read_json(path: Path, required: bool) -> dict | None:
         raise TokenizerError(f"invalid JSON in {path}: {exc}") from exc
 
 
-def copy_tokenizer_files(src: str | Path, dst: str | Path) -> None:
-    """Copy the tokenizer files a checkpoint needs from `src` to `dst` (those that exist)."""
-    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
-    Path(dst).mkdir(parents=True, exist_ok=True)
-    for name in names:
-        if (Path(src) / name).is_file():
-            shutil.copy2(Path(src) / name, Path(dst) / name)
+def _alternation(tokens: Any) -> re.Pattern:
+    """A regex matching any of `tokens`, longest first (so a token wins over the tokens it contains)."""
+    ordered = sorted(set(tokens), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, ordered)) or "(?!)")  # (?!) never matches
