@@ -63,3 +63,22 @@ def test_bad_input_is_one_line_not_a_traceback(tmp_path):
     assert p.returncode == 2 and "hf download" in p.stderr and "Traceback" not in p.stderr
     p = lfm("generate", str(tmp_path), "hi", "--max-tokens", "0", ok=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr
+
+
+def test_cli_on_a_checkpoint_saved_by_transformers(tmp_path, tokenizer_dir):
+    """The user path the issue names: a model and tokenizer written by transformers' save_pretrained."""
+    import torch
+    from transformers import AutoTokenizer, Lfm2Config, Lfm2ForCausalLM
+
+    from .conftest import DENSE
+
+    cfg = Lfm2Config(**{k: v for k, v in DENSE.items() if k != "model_type"})
+    torch.manual_seed(0)
+    Lfm2ForCausalLM(cfg).save_pretrained(tmp_path / "hf")
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp_path / "hf")
+    d = str(tmp_path / "hf")
+    assert "[lfm2; config.json]" in lfm("info", d).stdout
+    out = lfm("generate", d, "Hello there", "--max-tokens", "6", "--temperature", "0").stdout
+    assert out.startswith("Hello there")
+    p = lfm("chat", d, "--max-tokens", "4", "--temperature", "0", stdin="hi\n")
+    assert p.stdout.count("> ") == 2
