@@ -50,6 +50,36 @@ def _hub_error(repo: str, err: Exception) -> CheckpointError:
         f"then pass ./{local} to lfm instead of the Hub id.")
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check, so an offline machine fails in seconds instead of after the Hub client's retries."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_fetch(repo: str, fn):
+    """Run a huggingface_hub download: from the local cache when it has the files, else online if reachable."""
+    try:
+        return fn(local_files_only=True)
+    except Exception:
+        pass
+    if not _hub_reachable():
+        raise _hub_error(repo, ConnectionError("the Hub is not reachable from this machine")) from None
+    try:
+        return fn(local_files_only=False)
+    except Exception as e:  # unknown repo, gated repo, network failure: all end in the same advice
+        raise _hub_error(repo, e) from None
+
+
 def resolve(path_or_id: str | Path) -> Path:
     """A local checkpoint directory for a path or a Hub id (downloaded with a progress bar, then cached)."""
     p = Path(path_or_id).expanduser()
@@ -58,12 +88,9 @@ def resolve(path_or_id: str | Path) -> Path:
     s = str(path_or_id)
     if not _is_hub_id(s):
         raise CheckpointError(f"{s}: no such file or directory (and it is not a Hugging Face Hub id like 'LiquidAI/LFM2.5-350M')")
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(s, allow_patterns=["*.json", "*.safetensors", "*.jinja"]))
-    except Exception as e:  # offline, unknown repo, gated repo: all end in the same advice
-        raise _hub_error(s, e) from None
+    return Path(_hub_fetch(s, lambda **kw: snapshot_download(s, allow_patterns=["*.json", "*.safetensors", "*.jinja"], **kw)))
 
 
 def resolve_config(path_or_id: str | Path) -> LfmConfig:
@@ -76,14 +103,9 @@ def resolve_config(path_or_id: str | Path) -> LfmConfig:
     s = str(path_or_id)
     if not _is_hub_id(s):
         raise CheckpointError(f"{s}: no such file or directory")
-    try:
-        from huggingface_hub import hf_hub_download
+    from huggingface_hub import hf_hub_download
 
-        return LfmConfig.from_file(hf_hub_download(s, "config.json"))
-    except ConfigError:
-        raise
-    except Exception as e:
-        raise _hub_error(s, e) from None
+    return LfmConfig.from_file(_hub_fetch(s, lambda **kw: hf_hub_download(s, "config.json", **kw)))
 
 
 def weight_files(d: Path) -> list[Path]:
