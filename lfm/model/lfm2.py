@@ -88,20 +88,28 @@ class Attention(nn.Module):
         self.q_layernorm = RMSNorm(self.hd, c.norm_eps)
         self.k_layernorm = RMSNorm(self.hd, c.norm_eps)
 
-    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv: tuple[torch.Tensor, torch.Tensor] | None,
-                start: int, mask: torch.Tensor | None) -> torch.Tensor:
+    def qkv(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Projections, per-head norms and RoPE: q [B, H, T, hd], k and v [B, KV, T, hd]."""
         B, T, _ = h.shape
         q = self.q_layernorm(self.q_proj(h).view(B, T, self.nh, self.hd)).transpose(1, 2)
         k = self.k_layernorm(self.k_proj(h).view(B, T, self.nkv, self.hd)).transpose(1, 2)
         v = self.v_proj(h).view(B, T, self.nkv, self.hd).transpose(1, 2)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        return apply_rope(q, *rope), apply_rope(k, *rope), v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        causal = mask is None and q.shape[2] > 1
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.nh != self.nkv)
+
+    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv: tuple[torch.Tensor, torch.Tensor] | None,
+                start: int, mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = h.shape
+        q, k, v = self.qkv(h, rope)
         if kv is not None:
             kc, vc = kv
             kc[:, :, start:start + T] = k
             vc[:, :, start:start + T] = v
             k, v = kc[:, :, :start + T], vc[:, :, :start + T]
-        causal = mask is None and T > 1
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.nh != self.nkv)
+        o = self.attend(q, k, v, mask)
         return self.out_proj(o.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
@@ -272,6 +280,44 @@ class LfmForCausalLM(nn.Module):
         if cache is not None:
             cache.pos = start + T
         return self.model.embedding_norm(x)
+
+    def decode_many(self, tokens: torch.Tensor, caches: list[HybridCache]) -> torch.Tensor:
+        """One decode step for n independent sequences, each with its own batch-1 cache at its own length.
+
+        What continuous batching needs: sequences join and leave between steps, and each owns exactly the KV it
+        uses. Everything but the attention core runs batched; the core runs per sequence over its own prefix.
+        tokens [n] -> logits [n, vocab].
+        """
+        c = self.config
+        pos = torch.tensor([k.pos for k in caches], device=tokens.device)
+        for k in caches:
+            if k.pos + 1 > k.max_len:
+                raise ValueError(f"cache holds {k.max_len} positions; all are used")
+        rope = rope_cos_sin(pos[:, None], c.head_size, c.rope_theta, self.dtype)
+        x = self.model.embed_tokens(tokens[:, None])
+        n = len(caches)
+        for i, layer in enumerate(self.model.layers):
+            h = layer.operator_norm(x)
+            if layer.is_attn:
+                a = layer.self_attn
+                q, k, v = a.qkv(h, rope)
+                outs = []
+                for b, kc in enumerate(caches):
+                    p = kc.pos
+                    kc.k[i][:, :, p] = k[b:b + 1, :, 0]
+                    kc.v[i][:, :, p] = v[b:b + 1, :, 0]
+                    outs.append(a.attend(q[b:b + 1], kc.k[i][:, :, :p + 1], kc.v[i][:, :, :p + 1], None))
+                h = a.out_proj(torch.cat(outs).transpose(1, 2).reshape(n, 1, a.nh * a.hd))
+            else:
+                state = torch.cat([kc.conv[i] for kc in caches])
+                h = layer.conv(h, state, None)
+                for b, kc in enumerate(caches):
+                    kc.conv[i].copy_(state[b:b + 1])
+            x = x + h
+            x = x + layer.feed_forward(layer.ffn_norm(x))
+        for kc in caches:
+            kc.pos += 1
+        return self.lm_head(self.model.embedding_norm(x))[:, 0]
 
     @staticmethod
     def _positions_and_mask(B: int, T: int, start: int, mask: torch.Tensor | None, cache: HybridCache | None,
