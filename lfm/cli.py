@@ -67,7 +67,7 @@ def _load(a: argparse.Namespace):
     from .engine.llm import LLM
 
     print(f"loading {a.model} ...", file=sys.stderr, flush=True)
-    return LLM(a.model, dtype=a.dtype, device=a.device)
+    return LLM(a.model, dtype=a.dtype, device=a.device, quantization=a.quantization)
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
@@ -138,6 +138,19 @@ def cmd_init(a: argparse.Namespace) -> None:
     print(f"wrote a random-weight {a.preset} checkpoint ({cfg.param_counts()['total']:,} parameters) to {out}")
 
 
+def cmd_quantize(a: argparse.Namespace) -> None:
+    from .model.checkpoint import load_model, resolve, save_model
+    from .model.quant import quantize_model
+
+    src = resolve(a.model)
+    model = load_model(src, dtype=a.dtype)
+    print(f"quantizing {a.model} to int{a.bits}" + (f" (group size {a.group_size})" if a.bits == 4 else ""), file=sys.stderr)
+    quantize_model(model, a.bits, a.group_size, progress=True)
+    save_model(model, a.output, tokenizer_dir=src)
+    size = sum(p.stat().st_size for p in Path(a.output).glob("*.safetensors"))
+    print(f"wrote {a.output} ({size / 2**20:.1f} MiB of weights)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lfm", description="Run Liquid AI's LFM2 / LFM2.5 models.", epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -159,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--repetition-penalty", type=float)
         s.add_argument("--seed", type=int, help="same seed, same output")
         s.add_argument("--stop", action="append", help="stop string (repeatable)")
+        s.add_argument("--quantization", choices=["int8", "int4"], help="quantize the weights on load (CPU)")
 
     s = sub.add_parser("generate", help="complete a prompt, streaming the text")
     model_args(s)
@@ -170,6 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--system", help="system prompt")
     s.set_defaults(fn=cmd_chat)
 
+    s = sub.add_parser("quantize", help="write a weight-only int8 / int4 copy of a checkpoint (loads with lfm directly)")
+    s.add_argument("model", help="checkpoint directory or Hub id")
+    s.add_argument("--bits", type=int, choices=[4, 8], default=4)
+    s.add_argument("--group-size", type=int, choices=[32, 64, 128], default=64, help="int4 group size (default 64)")
+    s.add_argument("--dtype", default="auto", help="activation dtype the quantized model computes in (default: the checkpoint's)")
+    s.add_argument("-o", "--output", required=True, help="directory to write")
+    s.set_defaults(fn=cmd_quantize)
+
     s = sub.add_parser("init", help="write a random-weight checkpoint of a preset shape (for trials without a download)")
     s.add_argument("preset", help="tiny, tiny-moe, LFM2.5-350M, LFM2.5-1.2B, LFM2-2.6B, LFM2-8B-A1B, LFM2.5-8B-A1B")
     s.add_argument("-o", "--output", required=True, help="directory to write")
@@ -177,6 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--std", type=float, default=0.02, help="standard deviation of the random weights")
     s.set_defaults(fn=cmd_init)
+    from .gguf.cli import add_export_parser
+    add_export_parser(sub)
     return p
 
 

@@ -16,6 +16,8 @@ import torch
 
 from ..model.checkpoint import CheckpointError, load_model, resolve
 from ..model.lfm2 import LfmForCausalLM
+from ..model.quant import prepare as prepare_quantized
+from ..model.quant import quantize_model
 from ..text import IncrementalDetokenizer, Tokenizer, ToolCall, parse_tool_calls
 from .sampling import Sampler, SamplingParams
 
@@ -80,17 +82,27 @@ class LLM:
     """An LFM2 model ready to generate: `LLM("LiquidAI/LFM2.5-350M")`, a local directory, or an in-memory model."""
 
     def __init__(self, model: str | Path | LfmForCausalLM, dtype: str | torch.dtype = "auto", device: str = "cpu",
-                 tokenizer: str | Path | Tokenizer | None = None, max_model_len: int | None = None) -> None:
+                 tokenizer: str | Path | Tokenizer | None = None, max_model_len: int | None = None,
+                 quantization: str | None = None, group_size: int = 64) -> None:
         self.path: Path | None = None
         if isinstance(model, LfmForCausalLM):
             self.model = model.eval()
         else:
             self.path = resolve(model)
             self.model = load_model(self.path, dtype=dtype, device=device)
+        if quantization is not None:  # quantize on load: "int8" or "int4" (weight-only, CPU kernels)
+            bits = {"int8": 8, "int4": 4}.get(quantization)
+            if bits is None:
+                raise ValueError(f"quantization must be 'int8' or 'int4', got {quantization!r}")
+            quantize_model(self.model, bits, group_size)
+            prepare_quantized(self.model)
         self.config = self.model.config
         tok_src = tokenizer if tokenizer is not None else self.path
         if isinstance(tok_src, Tokenizer):
             self.tokenizer: Tokenizer | None = tok_src
+        elif tok_src is not None and str(tok_src).endswith(".gguf"):  # the tokenizer travels inside the file
+            from ..gguf import load_gguf_tokenizer
+            self.tokenizer = load_gguf_tokenizer(tok_src)
         elif tok_src is not None and Path(tok_src, "tokenizer.json").exists():
             self.tokenizer = Tokenizer.from_dir(tok_src)
         else:

@@ -15,6 +15,8 @@ import torch
 
 from .config import ConfigError, LfmConfig
 from .lfm2 import LfmForCausalLM, MoE
+from .quant import prepare as prepare_quantized
+from .quant import quantized_skeleton
 from .safetensors_io import Entry, SafetensorsError, read_header, read_into, save_file
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -86,7 +88,7 @@ def resolve(path_or_id: str | Path) -> Path:
     if p.exists():
         return p
     s = str(path_or_id)
-    if not _is_hub_id(s):
+    if not _is_hub_id(s) or s.endswith(".gguf"):
         raise CheckpointError(f"{s}: no such file or directory (and it is not a Hugging Face Hub id like 'LiquidAI/LFM2.5-350M')")
     from huggingface_hub import snapshot_download
 
@@ -131,7 +133,10 @@ def weight_files(d: Path) -> list[Path]:
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu",
                config: LfmConfig | None = None) -> LfmForCausalLM:
-    """The torch.nn.Module of a checkpoint directory or Hub id, in eval mode."""
+    """The torch.nn.Module of a checkpoint directory, Hub id or `.gguf` file, in eval mode."""
+    if str(path).endswith(".gguf"):  # lazy: lfm.gguf builds on this module, not the other way round
+        from ..gguf import load_gguf_model
+        return load_gguf_model(resolve(path), dtype, device)
     d = resolve(path)
     if d.is_file():
         raise CheckpointError(f"{d}: expected a checkpoint directory (config.json + *.safetensors)")
@@ -161,7 +166,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", devic
                         continue
                     t = targets[key][ex]
                     t = t if w == "w2" else (t[:I] if w == "w1" else t[I:])
-                elif name == "lm_head.weight" and config.tie_word_embeddings:
+                elif name == "lm_head.weight" and name not in targets:
                     continue  # some exporters write the tied head too; the embedding is the one we keep
                 elif name in targets:
                     key, t = name, targets[name]
@@ -178,13 +183,24 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", devic
             raise CheckpointError(f"{d}: tensor {key!r} is missing from the checkpoint")
         if filled[key] > t.numel():
             raise CheckpointError(f"{d}: tensor {key!r} appears more than once")
+    prepare_quantized(model)
     return model.eval()
+
+
+def quantization_of(config: LfmConfig) -> tuple[int, int] | None:
+    """(bits, group size) of a checkpoint quantized by `lfm quantize`, else None."""
+    q = config.extra.get("quantization_config")
+    if not q:
+        return None
+    if q.get("quant_method") != "lfm" or q.get("bits") not in (4, 8):
+        raise CheckpointError(f"quantization_config {q} is not one lfm can load (expected quant_method 'lfm', bits 4 or 8)")
+    return int(q["bits"]), int(q.get("group_size", 64))
 
 
 def _read(f, path: Path, e: Entry, t: torch.Tensor) -> None:
     if tuple(t.shape) != e.shape:
         raise CheckpointError(f"{path}: tensor {e.name!r} has shape {list(e.shape)}, the config implies {list(t.shape)}")
-    if not e.dtype.is_floating_point:
+    if not e.dtype.is_floating_point and e.dtype != t.dtype:
         raise CheckpointError(f"{path}: tensor {e.name!r} is {e.dtype}, expected floating point weights")
     try:
         read_into(f, e, t)
@@ -194,13 +210,16 @@ def _read(f, path: Path, e: Entry, t: torch.Tensor) -> None:
 
 def empty_model(config: LfmConfig, dtype: torch.dtype, device: str | torch.device = "cpu") -> LfmForCausalLM:
     """Allocated once, directly in `dtype` on `device`, values undefined (to be loaded or initialised)."""
+    quant = quantization_of(config)
     with torch.device("meta"):
         model = LfmForCausalLM(config).to(dtype)
+        if quant:
+            quantized_skeleton(model, *quant)
     for mod in model.modules():  # the selection bias stays float32, as in the reference
         if isinstance(mod, MoE) and mod.expert_bias is not None:
             mod.expert_bias = mod.expert_bias.float()
     model.to_empty(device=device)
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and not quant:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model
 
@@ -208,7 +227,7 @@ def empty_model(config: LfmConfig, dtype: torch.dtype, device: str | torch.devic
 def _targets(model: LfmForCausalLM) -> dict[str, torch.Tensor]:
     out = {k: v.data for k, v in model.named_parameters()}
     out.update({k: v for k, v in model.named_buffers()})
-    if model.config.tie_word_embeddings:
+    if getattr(model.lm_head, "weight", 0) is getattr(model.model.embed_tokens, "weight", None):  # tied: stored once
         out.pop("lm_head.weight", None)
     return out
 

@@ -219,11 +219,12 @@ class LfmForCausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        """The activation dtype (the norms are never quantized, unlike the embedding)."""
+        return self.model.embedding_norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.embedding_norm.weight.device
 
     def new_cache(self, batch: int, max_len: int) -> HybridCache:
         return HybridCache.allocate(self.config, batch, max_len, self.dtype, self.device)

@@ -1,0 +1,180 @@
+"""Weight-only quantization as module swaps (the gpt-fast way): the network code never changes, a `nn.Linear` is
+replaced by an `Int8Linear` (per-output-channel scales) or an `Int4Linear` (asymmetric, group-wise), and the token
+embedding by a `QuantEmbedding` that dequantizes only the rows it looks up.
+
+Storage is portable (int8 values; int4 as two nibbles per byte), so a quantized checkpoint is plain safetensors; the
+CPU kernel's packed int4 layout is derived at load time. Matmuls use PyTorch's CPU weight-only kernels
+(`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`), which accept float32, bfloat16 and float16 activations.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+GROUP_SIZES = (32, 64, 128)
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: w ≈ q * scale[:, None]."""
+    w = w.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-10)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric group-wise int4: w ≈ (q - 8) * scale + zero, q in 0..15, one (scale, zero) per `group` inputs."""
+    N, K = w.shape
+    wg = w.float().reshape(N, K // group, group)
+    lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp(min=1e-10)
+    q = torch.round((wg - lo) / scale).clamp(0, 15).to(torch.uint8).reshape(N, K)
+    zero = lo + 8 * scale
+    return q, scale.squeeze(-1), zero.squeeze(-1)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
+    return torch.stack([p & 15, p >> 4], dim=-1).reshape(p.shape[0], -1)
+
+
+class Int8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(out_features, dtype=dtype))
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> Int8Linear:
+        m = cls(lin.in_features, lin.out_features, lin.weight.dtype)
+        q, s = quantize_int8(lin.weight.data)
+        m.weight, m.scales = q, s.to(lin.weight.dtype)
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != self.scales.dtype:
+            x2 = x2.to(self.scales.dtype)
+        return torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, self.scales).view(*shape[:-1], -1)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.weight.float() * self.scales.float()[:, None]
+
+
+class Int4Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, group_size: int = 64, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if in_features % group_size:
+            raise ValueError(f"int4 group size {group_size} does not divide the input width {in_features}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales", torch.ones(out_features, in_features // group_size, dtype=dtype))
+        self.register_buffer("zeros", torch.zeros(out_features, in_features // group_size, dtype=dtype))
+        self._packed: torch.Tensor | None = None
+        self._sz: torch.Tensor | None = None
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, group_size: int) -> Int4Linear:
+        m = cls(lin.in_features, lin.out_features, group_size, lin.weight.dtype)
+        q, s, z = quantize_int4(lin.weight.data, group_size)
+        m.qweight, m.scales, m.zeros = pack_nibbles(q), s.to(lin.weight.dtype), z.to(lin.weight.dtype)
+        return m
+
+    def prepare(self) -> None:
+        """Derive the kernel's packed layout from the portable storage (after loading or quantizing)."""
+        q = unpack_nibbles(self.qweight).to(torch.int32)
+        self._packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        self._sz = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).contiguous()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is None:
+            self.prepare()
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if x2.dtype != self.scales.dtype:
+            x2 = x2.to(self.scales.dtype)
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), self._packed, self.group_size, self._sz)
+        return y.view(*shape[:-1], -1)
+
+    def dequantize(self) -> torch.Tensor:
+        q = unpack_nibbles(self.qweight).float().reshape(self.out_features, -1, self.group_size)
+        w = (q - 8) * self.scales.float()[..., None] + self.zeros.float()[..., None]
+        return w.reshape(self.out_features, self.in_features)
+
+
+class QuantEmbedding(nn.Module):
+    """Token embedding kept as int8 rows + a scale per row; a lookup dequantizes only the rows it needs."""
+
+    def __init__(self, num: int, dim: int, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(num, dim, dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(num, dtype=dtype))
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding) -> QuantEmbedding:
+        m = cls(emb.num_embeddings, emb.embedding_dim, emb.weight.dtype)
+        q, s = quantize_int8(emb.weight.data)
+        m.weight, m.scales = q, s.to(emb.weight.dtype)
+        return m
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight).to(self.scales.dtype) * self.scales[ids][..., None]
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    """Every Linear that holds weights worth quantizing: projections, FFNs and the LM head (not the MoE router,
+    whose few outputs decide routing and cost nothing)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("feed_forward.gate")]
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def quantize_model(model: nn.Module, bits: int, group_size: int = 64, progress: bool = False) -> nn.Module:
+    """Swap linears (and the embedding) for quantized modules in place; the tied head gets its own quantized copy."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if bits == 4 and group_size not in GROUP_SIZES:
+        raise ValueError(f"group size must be one of {GROUP_SIZES}, got {group_size}")
+    from tqdm import tqdm
+
+    for name in tqdm(_linear_names(model), desc=f"int{bits}", unit="layer", disable=not progress):
+        lin = model.get_submodule(name)
+        if bits == 4 and lin.in_features % group_size == 0:
+            _swap(model, name, Int4Linear.from_linear(lin, group_size))
+        else:  # a width the group size does not divide stays usable at 8 bits
+            _swap(model, name, Int8Linear.from_linear(lin))
+    emb = model.model.embed_tokens
+    model.model.embed_tokens = QuantEmbedding.from_embedding(emb)
+    model.config.extra["quantization_config"] = {"quant_method": "lfm", "bits": bits, "group_size": group_size}
+    return model
+
+
+def quantized_skeleton(model: nn.Module, bits: int, group_size: int) -> nn.Module:
+    """The same swaps with empty modules (on whatever device the model is on, meta included), for loading."""
+    dtype = model.model.embed_tokens.weight.dtype
+    for name in _linear_names(model):
+        lin = model.get_submodule(name)
+        if bits == 4 and lin.in_features % group_size == 0:
+            new: nn.Module = Int4Linear(lin.in_features, lin.out_features, group_size, dtype)
+        else:
+            new = Int8Linear(lin.in_features, lin.out_features, dtype)
+        _swap(model, name, new)
+    e = model.model.embed_tokens
+    model.model.embed_tokens = QuantEmbedding(e.num_embeddings, e.embedding_dim, dtype)
+    return model
+
+
+def prepare(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, Int4Linear):
+            m.prepare()
