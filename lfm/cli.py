@@ -151,6 +151,29 @@ def cmd_quantize(a: argparse.Namespace) -> None:
     print(f"wrote {a.output} ({size / 2**20:.1f} MiB of weights)")
 
 
+def cmd_bench(a: argparse.Namespace) -> None:
+    import torch
+
+    from .engine.bench import format_table, run_bench
+    from .engine.llm import LLM
+    from .model.checkpoint import empty_model, resolve_dtype
+    from .model.presets import preset, preset_name
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if preset_name(a.model) is not None and not Path(a.model).exists():  # a shape: random weights, built in memory
+        cfg = preset(a.model)
+        model = empty_model(cfg, resolve_dtype(a.dtype, cfg))
+        model.init_weights(0.02, generator=torch.Generator().manual_seed(0))
+        llm = LLM(model, quantization=a.quantization, group_size=a.group_size)
+    else:
+        llm = LLM(a.model, dtype=a.dtype, quantization=a.quantization, group_size=a.group_size)
+    r = run_bench(llm, a.prompt_len, a.gen_len, a.batch, a.repeats)
+    label = f"{a.model} {llm.model.dtype}".replace("torch.", "") + (f" {a.quantization}" if a.quantization else "")
+    print(format_table(label, r, a.batch))
+    print(f"threads {torch.get_num_threads()}, prompt {a.prompt_len} tokens, {a.gen_len} generated, torch {torch.__version__}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lfm", description="Run Liquid AI's LFM2 / LFM2.5 models.", epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -191,6 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="auto", help="activation dtype the quantized model computes in (default: the checkpoint's)")
     s.add_argument("-o", "--output", required=True, help="directory to write")
     s.set_defaults(fn=cmd_quantize)
+
+    s = sub.add_parser("bench", help="prefill / decode speed, time to first token and peak RSS on this machine")
+    s.add_argument("model", help="checkpoint directory, Hub id, or a preset shape (random weights, e.g. LFM2.5-350M)")
+    s.add_argument("--quantization", choices=["int8", "int4"])
+    s.add_argument("--group-size", type=int, choices=[32, 64, 128], default=64)
+    s.add_argument("--dtype", default="auto")
+    s.add_argument("--prompt-len", type=int, default=512)
+    s.add_argument("--gen-len", type=int, default=128)
+    s.add_argument("--batch", type=int, default=1)
+    s.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    s.add_argument("--repeats", type=int, default=3)
+    s.set_defaults(fn=cmd_bench)
 
     s = sub.add_parser("init", help="write a random-weight checkpoint of a preset shape (for trials without a download)")
     s.add_argument("preset", help="tiny, tiny-moe, LFM2.5-350M, LFM2.5-1.2B, LFM2-2.6B, LFM2-8B-A1B, LFM2.5-8B-A1B")
