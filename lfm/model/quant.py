@@ -143,6 +143,8 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 64, progress: 
     """Swap linears (and the embedding) for quantized modules in place; the tied head gets its own quantized copy."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
+    if model.model.embedding_norm.weight.device.type != "cpu":
+        raise ValueError("weight-only int8/int4 uses PyTorch's CPU kernels: quantize a model on device='cpu'")
     if bits == 4 and group_size not in GROUP_SIZES:
         raise ValueError(f"group size must be one of {GROUP_SIZES}, got {group_size}")
     from tqdm import tqdm
