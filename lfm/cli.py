@@ -26,7 +26,7 @@ def cmd_info(a: argparse.Namespace) -> None:
     from .model.checkpoint import CheckpointError, resolve_config
     from .model.presets import preset, preset_name
 
-    source = "config.json"
+    source = "GGUF metadata" if str(a.model).endswith(".gguf") else "config.json"
     try:
         cfg = resolve_config(a.model)
     except CheckpointError as e:
@@ -236,6 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_init)
     from .gguf.cli import add_export_parser
     add_export_parser(sub)
+    from .serve.cli import add_serve_parser
+    add_serve_parser(sub)
     return p
 
 

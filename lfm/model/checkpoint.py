@@ -102,6 +102,11 @@ def resolve_config(path_or_id: str | Path) -> LfmConfig:
         return LfmConfig.from_file(p / "config.json")
     if p.is_file() and p.suffix == ".json":
         return LfmConfig.from_file(p)
+    if p.is_file() and p.suffix == ".gguf":  # lazy, as in load_model
+        from ..gguf.gguf_file import GGUFFile
+        from ..gguf.reader import config_from_gguf
+
+        return config_from_gguf(GGUFFile(p))
     s = str(path_or_id)
     if not _is_hub_id(s):
         raise CheckpointError(f"{s}: no such file or directory")

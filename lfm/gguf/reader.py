@@ -1,0 +1,152 @@
+"""Load an `lfm2` / `lfm2moe` GGUF file (ours or llama.cpp's) into our model and tokenizer.
+
+Every tensor is dequantised (F32/F16/BF16, Q8_0, Q4_0/1, Q5_0/1, the K-quants: whatever `gguf.quants` can
+dequantise) into the requested float dtype, one tensor at a time, straight into the model allocated once; GGUF's
+block formats do not map onto our int8/int4 layers, which `LLM(..., quantization=)` can apply afterwards. Every way
+a file can be wrong (not GGUF, truncated, another architecture, bad metadata, missing or misshapen tensors) ends in
+one `GGUFError` naming the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..model.checkpoint import CheckpointError, empty_model, resolve_dtype
+from ..model.config import ConfigError, LfmConfig
+from ..model.lfm2 import LfmForCausalLM
+from ..text.tokenizer import Tokenizer
+from .gguf_file import GGUFFile
+from .mapping import GATING_SIGMOID, MODEL_TYPE, GGUFError, tensor_specs
+from .vocab import tokenizer_from_metadata
+from .writer import _SAMPLING
+
+
+def config_from_gguf(g: GGUFFile) -> LfmConfig:
+    """Our config from llama.cpp's metadata; a conv layer is a layer whose head_count_kv is 0 (spec §6)."""
+    try:
+        return _config(g)
+    except GGUFError:
+        raise
+    except (TypeError, ValueError, KeyError, ZeroDivisionError) as e:  # a key of the wrong type or value
+        raise GGUFError(f"{g.path}: invalid model metadata ({type(e).__name__}: {e})") from None
+
+
+def _config(g: GGUFFile) -> LfmConfig:
+    n = int(g.key("block_count"))
+    heads = g.key("attention.head_count")
+    heads = max(heads) if isinstance(heads, list) else int(heads)
+    kv = g.key("attention.head_count_kv", heads)
+    kv = kv if isinstance(kv, list) else [kv] * n
+    if len(kv) != n:
+        raise GGUFError(f"{g.path}: attention.head_count_kv has {len(kv)} entries for {n} layers")
+    attn_kv = {k for k in kv if k}
+    if len(attn_kv) > 1:
+        raise GGUFError(f"{g.path}: attention layers with different kv head counts {sorted(attn_kv)} are not supported")
+    D = int(g.key("embedding_length"))
+    ff = g.key("feed_forward_length", 0)
+    ff = max(ff) if isinstance(ff, list) else int(ff)
+    hd = int(g.key("attention.key_length", D // heads))
+    tokens = g.key("tokenizer.ggml.tokens", [], arch=False)
+    emb = g.tensors.get("token_embd.weight")
+    vocab = g.key("vocab_size", None) or (emb.shape[0] if emb else len(tokens))
+    emb_type = emb.type if emb else "F32"
+    d: dict[str, Any] = dict(
+        model_type=MODEL_TYPE[g.arch], vocab_size=int(vocab), hidden_size=D, num_hidden_layers=n,
+        num_attention_heads=heads, num_key_value_heads=attn_kv.pop() if attn_kv else heads,
+        layer_types=["conv" if k == 0 else "full_attention" for k in kv], intermediate_size=ff or 1,
+        block_auto_adjust_ff_dim=False, head_dim=hd if hd * heads != D else None,
+        conv_L_cache=int(g.key("shortconv.l_cache")), norm_eps=float(g.key("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(g.key("rope.freq_base", 10000.0)), max_position_embeddings=int(g.key("context_length")),
+        tie_word_embeddings="output.weight" not in g.tensors,
+        torch_dtype={"F32": "float32", "F16": "float16"}.get(emb_type, "bfloat16"),
+    )
+    for ours, theirs in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding")):
+        d[ours] = g.key(f"tokenizer.ggml.{theirs}_token_id", None, arch=False)
+    scaling = g.key("rope.scaling.type", "none")
+    if scaling not in ("none", "linear") or float(g.key("rope.scaling.factor", 1.0)) not in (0.0, 1.0):
+        raise GGUFError(f"{g.path}: RoPE scaling {scaling!r} is not supported (lfm runs plain RoPE)")
+    if g.arch == "lfm2moe":
+        gating = int(g.key("expert_gating_func", GATING_SIGMOID))
+        if gating != GATING_SIGMOID:
+            raise GGUFError(f"{g.path}: expert_gating_func {gating} is not supported (LFM2-MoE routes with sigmoid, 2)")
+        d.update(moe_intermediate_size=int(g.key("expert_feed_forward_length")), num_experts=int(g.key("expert_count")),
+                 num_experts_per_tok=int(g.key("expert_used_count")),
+                 num_dense_layers=int(g.key("leading_dense_block_count", 0)), use_expert_bias=True,
+                 norm_topk_prob=True, routed_scaling_factor=1.0)
+    try:
+        return LfmConfig.from_dict(d)
+    except ConfigError as e:
+        raise GGUFError(f"{g.path}: {e}") from None
+
+
+def _fill(g: GGUFFile, model: LfmForCausalLM) -> None:
+    """Dequantise each GGUF tensor straight into its place in the model; every file tensor must be used."""
+    c = model.config
+    params = dict(model.named_parameters())
+    params.update(dict(model.named_buffers()))
+    I = c.moe_intermediate_size
+    used: set[str] = set()
+    for spec in tensor_specs(c):
+        if spec.gguf not in g.tensors:
+            raise GGUFError(f"{g.path}: tensor {spec.gguf!r} is missing (a {g.arch} file of this shape needs it)")
+        a = g.tensor(spec.gguf)
+        if tuple(a.shape) != spec.shape:
+            raise GGUFError(f"{g.path}: tensor {spec.gguf!r} has shape {list(a.shape)}, the metadata implies {list(spec.shape)}")
+        dst = params[spec.hf].data
+        if spec.part == "gate":
+            dst = dst[:, :I]
+        elif spec.part == "up":
+            dst = dst[:, I:]
+        dst.copy_(a.view(dst.shape))
+        used.add(spec.gguf)
+    extra = sorted(set(g.tensors) - used)
+    if extra:
+        raise GGUFError(f"{g.path}: unexpected tensor {extra[0]!r}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+
+
+def generation_defaults(g: GGUFFile) -> dict[str, Any]:
+    """What a checkpoint's generation_config.json would say: special ids and any recommended sampling."""
+    out: dict[str, Any] = {}
+    for ours, theirs in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding")):
+        v = g.key(f"tokenizer.ggml.{theirs}_token_id", None, arch=False)
+        if v is not None:
+            out[ours] = int(v)
+    for ours, (theirs, cast) in _SAMPLING.items():
+        v = g.key(f"general.sampling.{theirs}", None, arch=False)
+        if v is not None:
+            out[ours] = cast(v)
+    return out
+
+
+def _model(g: GGUFFile, dtype: str | torch.dtype | None, device: str | torch.device) -> LfmForCausalLM:
+    c = config_from_gguf(g)
+    try:
+        dt = resolve_dtype(dtype, c)
+    except CheckpointError as e:
+        raise GGUFError(str(e)) from None
+    model = empty_model(c, dt, device)
+    _fill(g, model)
+    return model.eval()
+
+
+def load_gguf_model(path: str | Path, dtype: str | torch.dtype | None = "auto",
+                    device: str | torch.device = "cpu") -> LfmForCausalLM:
+    """The model of a GGUF file, dequantised into `dtype` ("auto": F32 -> float32, F16 -> float16, else bfloat16)."""
+    return _model(GGUFFile(path), dtype, device)
+
+
+def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer (vocabulary, merges, special ids, chat template) embedded in a GGUF file."""
+    g = GGUFFile(path)
+    return tokenizer_from_metadata(g.meta, str(g.path))
+
+
+def load_gguf(path: str | Path, dtype: str | torch.dtype | None = "auto",
+              device: str | torch.device = "cpu") -> tuple[LfmForCausalLM, Tokenizer, dict[str, Any]]:
+    """(model, tokenizer, generation defaults) of a GGUF file, parsing its header once."""
+    g = GGUFFile(path)
+    tok = tokenizer_from_metadata(g.meta, str(g.path))
+    return _model(g, dtype, device), tok, generation_defaults(g)
