@@ -9,11 +9,14 @@ How it measures (both engines exactly alike):
 * One random-weight model of the preset's shape (N(0, 0.02), fixed seed) is saved per dtype as a safetensors
   checkpoint in a temp dir; lfm loads it with `LLM(dir, dtype=...)`, transformers with
   `AutoModelForCausalLM.from_pretrained(dir, dtype=...)`, so both run identical weights.
-* Each timed call is a whole public generate() call, prompt = `--prompt-len` random token ids, batch 1, greedy,
-  EOS ignored. Per repeat and engine: a call with 1 new token (time to first token, TTFT = prefill + one sample) and
-  a call with `--gen-len` new tokens (total). decode tok/s = (gen_len - 1) / (total - TTFT); prefill tok/s =
-  prompt_len / TTFT. Subtracting the 1-token call also cancels each engine's fixed per-call overhead.
-* One warm-up (both call lengths) per engine, then `--repeats` rounds interleaved lfm, transformers, lfm, ...
+* Each timed run is one public generate() call: prompt = `--prompt-len` random token ids, batch 1, greedy, EOS
+  ignored, `--gen-len` new tokens. A forward hook on the engine's nn.Module stamps the end of every forward pass
+  (both engines run exactly one per token, checked). decode tok/s = (gen_len - 1) / (end of last forward - end of
+  the prefill forward), i.e. the steady per-token loop including sampling and engine bookkeeping; prefill tok/s =
+  prompt_len / (call start -> end of the prefill forward), i.e. TTFT minus the first sample, call setup included.
+  (Timing a 1-token call and subtracting it was tried first: on a noisy 2-core box the bf16 prefill is longer than
+  the whole decode and its jitter swamped the difference.)
+* One warm-up per engine, then `--repeats` rounds interleaved lfm, transformers, lfm, ...
 * RSS: a fresh subprocess per engine records ru_maxrss right before and right after loading the bf16 checkpoint
   (imports done beforehand); the growth of that peak is what loading cost.
 """
@@ -97,6 +100,25 @@ def build_checkpoints(preset_name: str, dtypes: list[str], root: Path, seed: int
 
 
 # ---- timing ---------------------------------------------------------------------------------------------------
+class _Clock:
+    """A forward hook on the engine's nn.Module: the time each forward pass ends. Both engines run one forward per
+    generated token (the prefill, then gen_len-1 single-token steps), so one generate() call yields TTFT and the
+    decode time without a second call."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.ends: list[float] = []
+        module.register_forward_hook(lambda *_: self.ends.append(time.perf_counter()))
+
+    def run(self, fn, n: int) -> tuple[float, float, list[int]]:
+        """(seconds to the end of the prefill forward, seconds from there to the end of the last forward, tokens)."""
+        self.ends.clear()
+        t0 = time.perf_counter()
+        toks = fn()
+        assert len(toks) == n, f"produced {len(toks)} tokens, expected {n}"
+        assert len(self.ends) == n, f"{len(self.ends)} forward passes for {n} tokens"
+        return self.ends[0] - t0, self.ends[-1] - self.ends[0], toks
+
+
 class LfmRunner:
     name = "lfm"
 
@@ -104,17 +126,13 @@ class LfmRunner:
         from lfm.engine.llm import LLM
 
         self.llm = LLM(path, dtype=dtype)
+        self.clock = _Clock(self.llm.model)
 
-    def __call__(self, prompt: list[int], n: int) -> tuple[float, list[int]]:
+    def __call__(self, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
         from lfm.engine.sampling import SamplingParams
 
         sp = SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
-        t0 = time.perf_counter()
-        out = self.llm.generate([prompt], sp)
-        dt = time.perf_counter() - t0
-        toks = out[0].token_ids
-        assert len(toks) == n, f"lfm produced {len(toks)} tokens, expected {n}"
-        return dt, toks
+        return self.clock.run(lambda: self.llm.generate([prompt], sp)[0].token_ids, n)
 
 
 class HfRunner:
@@ -125,39 +143,34 @@ class HfRunner:
 
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype)).eval()
         self.model.generation_config.eos_token_id = None
+        self.clock = _Clock(self.model)
 
-    def __call__(self, prompt: list[int], n: int) -> tuple[float, list[int]]:
+    def __call__(self, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
         ids = torch.tensor([prompt], dtype=torch.long)
-        mask = torch.ones_like(ids)
-        t0 = time.perf_counter()
-        out = self.model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-        dt = time.perf_counter() - t0
-        toks = out[0, ids.shape[1]:].tolist()
-        assert len(toks) == n, f"transformers produced {len(toks)} tokens, expected {n}"
-        return dt, toks
+
+        def gen() -> list[int]:
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                      do_sample=False)
+            return out[0, ids.shape[1]:].tolist()
+
+        return self.clock.run(gen, n)
 
 
 def bench_dtype(path: Path, dtype: str, prompt: list[int], gen_len: int, repeats: int) -> dict[str, dict]:
     runners = [LfmRunner(path, dtype), HfRunner(path, dtype)]
-    res: dict[str, dict] = {r.name: {"ttft": [], "total": [], "decode": [], "prefill": []} for r in runners}
+    res: dict[str, dict] = {r.name: {"decode": [], "prefill": []} for r in runners}
     toks: dict[str, list[int]] = {}
-    for r in runners:  # warm-up: both call shapes once
-        r(prompt, 1)
-        _, toks[r.name] = r(prompt, gen_len)
+    for r in runners:  # warm-up
+        toks[r.name] = r(prompt, gen_len)[2]
     for i in range(repeats):
         for r in runners:  # interleaved: lfm, transformers, lfm, transformers, ...
-            ttft, _ = r(prompt, 1)
-            total, _ = r(prompt, gen_len)
-            d = res[r.name]
-            d["ttft"].append(ttft)
-            d["total"].append(total)
-            d["prefill"].append(len(prompt) / ttft)
-            d["decode"].append((gen_len - 1) / max(total - ttft, 1e-9))
+            ttft, decode, _ = r(prompt, gen_len)
+            res[r.name]["prefill"].append(len(prompt) / ttft)
+            res[r.name]["decode"].append((gen_len - 1) / decode)
         print(f"  [{dtype}] repeat {i + 1}/{repeats}: "
               + ", ".join(f"{n} {res[n]['decode'][-1]:.1f} tok/s" for n in res), file=sys.stderr, flush=True)
     a, b = toks["lfm"], toks["transformers"]
-    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
-    res["lfm"]["agree"] = same
+    res["lfm"]["agree"] = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
     del runners
     gc.collect()
     return res
@@ -213,8 +226,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="LFM2.5-350M")
     ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--gen-len", type=int, default=64)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--gen-len", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--seed", type=int, default=0)
@@ -285,8 +298,8 @@ def main() -> None:
     for d in dtypes:
         print(f"{d}: greedy tokens identical for the first {results[d]['lfm']['agree']}/{args.gen_len} "
               f"generated positions (lfm vs transformers)")
-    print("\ndecode tok/s = (gen_len-1) / (t[gen_len tokens] - t[1 token]); prefill tok/s = prompt_len / t[1 token] "
-          "(both whole generate() calls)")
+    print("\ndecode tok/s = (gen_len-1) / (end of last forward - end of prefill forward); prefill tok/s = prompt_len / "
+          "(generate() call start -> end of prefill forward); timestamps from a forward hook, one generate() call each")
     if rss is not None:
         print(f"\n## peak RSS while loading the bfloat16 checkpoint (fresh process each; weights on disk "
               f"{wsize / MiB:.0f} MiB)\n")

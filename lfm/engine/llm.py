@@ -241,6 +241,11 @@ class LLM:
         return SamplingParams(**{k: g[k] for k in keys if g.get(k) is not None})
 
     def _read_generation_config(self) -> dict[str, Any]:
+        if self.path is not None and self.path.suffix == ".gguf":  # sampling defaults travel in the file's metadata
+            from ..gguf.gguf_file import GGUFFile
+            from ..gguf.reader import generation_defaults
+
+            return generation_defaults(GGUFFile(self.path))
         if self.path is None or not (self.path / "generation_config.json").exists():
             return {}
         try:
