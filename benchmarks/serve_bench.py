@@ -1,0 +1,196 @@
+"""Serving benchmark: the same streaming requests sent one at a time, then by N concurrent clients, over loopback.
+
+    python benchmarks/serve_bench.py                         # LFM2.5-350M shape, random weights built in-process
+    python benchmarks/serve_bench.py --model ./rand-350m     # a checkpoint directory (e.g. from `lfm init`)
+
+The server runs in a child process (so client threads never share its GIL) on 127.0.0.1; every request is a
+streamed `/v1/completions` call with a fixed-length token-id prompt, greedy, `ignore_eos` and a fixed `max_tokens`, so
+both phases do exactly the same work. `logprobs=0` makes every generated token arrive as its own chunk even when the
+test tokenizer cannot spell it (random weights pick ids beyond its 512 tokens), which is what TTFT and ITL need.
+Reports requests/s, output tokens/s, TTFT and inter-token latency p50/p99 and errors per phase, and the speedup of
+output tokens/s. Bounded: a fixed number of requests per phase and a wall-clock limit per phase.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------------------------------------ server side
+def serve(a: argparse.Namespace) -> None:
+    """Child process: build or load the model, then serve until killed."""
+    sys.path.insert(0, str(ROOT))
+    import tempfile
+
+    import torch
+    import uvicorn
+
+    from lfm import LLM
+    from lfm.model.checkpoint import empty_model, resolve_dtype
+    from lfm.model.presets import preset
+    from lfm.serve import ServeConfig, ServerState, create_app
+    from lfm.text import Tokenizer, build_tiny_tokenizer
+
+    torch.set_num_threads(a.threads)
+    if a.model:
+        llm = LLM(a.model, dtype=a.dtype)
+    else:
+        cfg = preset(a.preset)
+        model = empty_model(cfg, resolve_dtype(a.dtype, cfg))
+        model.init_weights(0.02, generator=torch.Generator().manual_seed(0))
+        tok = Tokenizer.from_dir(build_tiny_tokenizer(tempfile.mkdtemp(prefix="lfm-bench-tok-")))
+        llm = LLM(model.eval(), tokenizer=tok)
+    state = ServerState(ServeConfig(model=a.model or a.preset, served_model_name="bench",
+                                    max_num_seqs=max(a.concurrency, 1), kv_cache_memory=2 << 30), llm=llm)
+    uvicorn.run(create_app(state), host="127.0.0.1", port=a.port, log_level="warning")
+
+
+# ------------------------------------------------------------------------------------------------ client side
+@dataclass
+class Result:
+    ok: bool = False
+    error: str | None = None
+    tokens: int = 0
+    ttft: float | None = None
+    gaps: list[float] = field(default_factory=list)
+
+
+def one_request(url: str, prompt: list[int], max_tokens: int, deadline: float) -> Result:
+    from openai import OpenAI
+
+    r = Result()
+    client = OpenAI(base_url=url + "/v1", api_key="bench", max_retries=0, timeout=max(1.0, deadline - time.time()))
+    t0 = time.perf_counter()
+    last = None
+    try:
+        stream = client.completions.create(model="bench", prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                           logprobs=0, stream=True, stream_options={"include_usage": True},
+                                           extra_body={"ignore_eos": True})
+        for chunk in stream:
+            now = time.perf_counter()
+            if chunk.usage is not None:
+                r.tokens = chunk.usage.completion_tokens
+            for c in chunk.choices:
+                n = len(c.logprobs.tokens) if c.logprobs and c.logprobs.tokens else 0
+                if n:
+                    if last is None:
+                        r.ttft = now - t0
+                    else:
+                        r.gaps += [(now - last) / n] * n
+                    last = now
+            if time.time() > deadline:
+                stream.close()
+                r.error = "phase time limit"
+                return r
+        r.ok = r.tokens == max_tokens
+        if not r.ok:
+            r.error = f"{r.tokens} tokens instead of {max_tokens}"
+    except Exception as e:  # count it, keep going
+        r.error = f"{type(e).__name__}: {e}"
+    return r
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def run_phase(url: str, prompts: list[list[int]], max_tokens: int, clients: int, limit: float) -> dict:
+    deadline = time.time() + limit
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda p: one_request(url, p, max_tokens, deadline), prompts))
+    wall = time.perf_counter() - t0
+    ok = [r for r in results if r.ok]
+    gaps = [g for r in results for g in r.gaps]
+    ttfts = [r.ttft for r in results if r.ttft is not None]
+    return {"clients": clients, "requests": len(prompts), "errors": len(results) - len(ok), "wall_s": wall,
+            "req_per_s": len(ok) / wall, "out_tok_per_s": sum(r.tokens for r in results) / wall,
+            "ttft_p50": pct(ttfts, 50), "ttft_p99": pct(ttfts, 99), "itl_p50": pct(gaps, 50), "itl_p99": pct(gaps, 99),
+            "first_error": next((r.error for r in results if r.error), None)}
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with code {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise SystemExit("server did not become ready in time")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="checkpoint directory (default: random weights of --preset, built in-process)")
+    p.add_argument("--preset", default="LFM2.5-350M")
+    p.add_argument("--dtype", default="float32", help="float32 (default: fastest batched matmuls on most CPUs) or "
+                                                      "bfloat16")
+    p.add_argument("--threads", type=int, default=1, help="torch threads in the server (default 1)")
+    p.add_argument("--requests", type=int, default=16, help="requests per phase (default 16)")
+    p.add_argument("--concurrency", type=int, default=16, help="clients in the concurrent phase (default 16)")
+    p.add_argument("--prompt-tokens", type=int, default=8, help="prompt length (default 8: a short chat turn)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (default 64)")
+    p.add_argument("--phase-limit", type=float, default=900, help="seconds allowed per phase (default 900)")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--_serve", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a._serve:
+        return serve(a)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        a.port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{a.port}"
+    cmd = [sys.executable, __file__, "--_serve", "--port", str(a.port), "--preset", a.preset, "--dtype", a.dtype,
+           "--threads", str(a.threads), "--concurrency", str(a.concurrency)] + (["--model", a.model] if a.model else [])
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        wait_ready(url, proc, timeout=600)
+        rng = random.Random(0)
+        prompts = [[1] + [rng.randrange(14, 512) for _ in range(a.prompt_tokens - 1)] for _ in range(a.requests)]
+        one_request(url, prompts[0][:4], 2, time.time() + 300)  # warm-up
+        rows = [("one at a time", run_phase(url, prompts, a.max_tokens, 1, a.phase_limit)),
+                (f"{a.concurrency} concurrent", run_phase(url, prompts, a.max_tokens, a.concurrency, a.phase_limit))]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    src = a.model or f"{a.preset} (random weights)"
+    print(f"\n{src}, {a.dtype}, {a.threads} torch thread(s); {a.requests} requests x {a.prompt_tokens} prompt "
+          f"tokens -> {a.max_tokens} output tokens, streamed over loopback\n")
+    print("| mode | clients | req/s | output tok/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | errors | wall (s) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in rows:
+        print(f"| {name} | {r['clients']} | {r['req_per_s']:.2f} | {r['out_tok_per_s']:.1f} | "
+              f"{r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} | {r['itl_p50'] * 1e3:.0f} / {r['itl_p99'] * 1e3:.0f} | "
+              f"{r['errors']} | {r['wall_s']:.1f} |")
+    speedup = rows[1][1]["out_tok_per_s"] / max(rows[0][1]["out_tok_per_s"], 1e-9)
+    print(f"\noutput tok/s, concurrent / one at a time: {speedup:.2f}x")
+    for name, r in rows:
+        if r["first_error"]:
+            print(f"{name}: first error: {r['first_error']}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"rows": dict(rows), "speedup": speedup}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,305 @@
+"""Constrained decoding with xgrammar on CPU: JSON schemas, JSON objects and LFM2 tool calls.
+
+`GrammarBackend` compiles grammars against our tokenizer once per server. A request's `ConstraintSpec` (shared by
+its `n` choices) becomes one `Constraint` per sequence: a small program of phases that the sampler consults each step:
+
+- `Force(id)`: exactly this token (the tool-call sentinels and the final `<|im_end|>` in tool_choice=required);
+- `Match(grammar)`: xgrammar's token mask; the phase ends when the grammar accepts its end token;
+- `Trigger(id, phases)`: free text until the model itself writes `id`, then `phases` run (the lazy grammar of
+  tool_choice=auto: once `<|tool_call_start|>` appears, the call is constrained to the tools' schemas).
+
+Termination: a random or confused model can wander inside a string forever. In a sequence's last 64 tokens of
+budget, `must_close` plays a *closing policy* forward on a fork of the matcher (end token first, then closing quotes and
+brackets, then commas and minimal values, else the longest allowed token) to count the tokens it needs; once that
+nearly fills what is left, the row follows the policy for good, so the output still parses and validates. If even that
+does not fit, the finish_reason is honestly "length". Raw control bytes are banned inside constrained phases.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import xgrammar as xgr
+
+from ..text import Tokenizer
+from .tool_grammar import ToolSchemaError, tool_call_ebnf
+
+__all__ = ["GrammarBackend", "GrammarError", "ConstraintSpec", "Constraint", "Force", "Match", "Trigger"]
+
+
+class GrammarError(ValueError):
+    """A schema or tool list that cannot be compiled (reported to the client as a 400)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Force:
+    token_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    grammar: Any  # xgr.CompiledGrammar
+    end_ids: tuple[int, ...]  # tokens that close the phase once the grammar is complete
+
+
+@dataclass(frozen=True, slots=True)
+class Trigger:
+    token_id: int
+    then: tuple[Any, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ConstraintSpec:
+    """What a request asks for: phases to run, and token ids that may never be sampled."""
+
+    phases: tuple[Any, ...] = ()
+    banned: tuple[int, ...] = ()
+
+    def start(self) -> Constraint:
+        return Constraint(self)
+
+
+@dataclass(slots=True)
+class Constraint:
+    """One sequence's progress through its spec; also tracks whether the constrained text is inside a string."""
+
+    spec: ConstraintSpec
+    todo: list[Any] = field(default_factory=list)
+    matcher: Any = None  # xgr.GrammarMatcher of the current Match phase
+    failed: bool = False
+    in_string: bool = False  # inside a double-quoted literal of the current Match phase (for closing mode)
+    escaped: bool = False
+    closing: bool = False  # sticky: this Match phase now steers to its end (see GrammarBackend.must_close)
+
+    def __post_init__(self) -> None:
+        self.todo = list(self.spec.phases)
+        self._enter()
+
+    def _enter(self) -> None:
+        self.matcher = None
+        self.in_string = self.escaped = self.closing = False
+        if self.todo and isinstance(self.todo[0], Match):
+            m = self.todo[0]
+            self.matcher = xgr.GrammarMatcher(m.grammar, override_stop_tokens=list(m.end_ids))
+
+    @property
+    def head(self) -> Any:
+        return self.todo[0] if self.todo and not self.failed else None
+
+    def forced(self) -> int | None:
+        h = self.head
+        return h.token_id if isinstance(h, Force) else None
+
+    def fill(self, bitmask: torch.Tensor, row: int) -> bool:
+        """Write this step's allowed tokens into bitmask[row]; False when the step is unconstrained."""
+        if self.matcher is None or self.failed:
+            return False
+        self.matcher.fill_next_token_bitmask(bitmask, row)
+        return True
+
+    def accept(self, token: int, text: bytes = b"") -> None:
+        h = self.head
+        if h is None:
+            return
+        if isinstance(h, Force):
+            self.todo.pop(0)
+            self._enter()
+        elif isinstance(h, Match):
+            if not self.matcher.accept_token(token):
+                self.failed = True  # cannot happen when the mask was applied; never block generation on it
+                return
+            self._scan(text)
+            if self.matcher.is_terminated():
+                self.todo.pop(0)
+                self._enter()
+        elif isinstance(h, Trigger) and token == h.token_id:
+            self.todo[0:0] = list(h.then)  # the trigger stays armed after the call closes
+            self._enter()
+
+    def _scan(self, text: bytes) -> None:
+        self.in_string, self.escaped = scan_quotes(text, self.in_string, self.escaped)
+
+
+def scan_quotes(text: bytes, in_string: bool, escaped: bool) -> tuple[bool, bool]:
+    """Track double-quoted literals (our grammars quote only with `"` and escape with a backslash)."""
+    for c in text:
+        if escaped:
+            escaped = False
+        elif in_string and c == 0x5C:
+            escaped = True
+        elif c == 0x22:
+            in_string = not in_string
+    return in_string, escaped
+
+
+class GrammarBackend:
+    """Compiles grammars for one tokenizer and vocabulary; thread-safe (compilation runs off the event loop)."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, stop_ids: list[int]) -> None:
+        be = tokenizer.backend
+        vocab = be.get_vocab(with_added_tokens=True)
+        encoded = [""] * vocab_size
+        specials = set()
+        for text, i in vocab.items():
+            if i < vocab_size:
+                encoded[i] = text
+        for i, added in be.get_added_tokens_decoder().items():
+            if added.special and i < vocab_size:
+                encoded[i] = ""  # a control token never spells grammar text; only forced or as an end token
+                specials.add(i)
+        meta = xgr.TokenizerInfo._detect_metadata_from_hf(be.to_str())
+        # Every matcher gets its end tokens explicitly (override_stop_tokens). The info's own stop list must not name
+        # a blanked control token: xgrammar would then accept it anywhere as an empty string. So it names a plain
+        # token, which the explicit override turns back into ordinary text.
+        plain = next(i for i, t in enumerate(encoded) if t and i not in specials)
+        self.info = xgr.TokenizerInfo(encoded, meta["vocab_type"], vocab_size=vocab_size, stop_token_ids=[plain],
+                                      add_prefix_space=meta["add_prefix_space"])
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=1)
+        self.vocab_size = vocab_size
+        self.stop_ids = tuple(stop_ids)
+        self.start_id = tokenizer.token_to_id("<|tool_call_start|>")
+        self.end_id = tokenizer.token_to_id("<|tool_call_end|>")
+        self.im_end_id = tokenizer.im_end_id
+        self.token_bytes: list[bytes] = self.info.decoded_vocab  # what each id spells (b"" for control tokens)
+        # Raw control bytes are never valid inside our grammars' strings (JSON forbids them; xgrammar's length-limited
+        # string rule lets them through), and no whitespace is free with any_whitespace=False: banned in Match phases.
+        self.control = torch.tensor([any(c < 0x20 for c in b) for b in self.token_bytes[:vocab_size]]
+                                    + [False] * (vocab_size - len(self.token_bytes)))
+        lengths = [len(b) for b in self.token_bytes[:vocab_size]]
+        self.token_len = torch.tensor(lengths + [0] * (vocab_size - len(lengths)))
+        self.closing_score, self.closing_score_in_string = _closing_scores(self.token_bytes, vocab_size, specials)
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------------------------------- compile
+    def json_schema(self, schema: dict) -> Any:
+        if not isinstance(schema, dict):
+            raise GrammarError("json_schema.schema must be a JSON object")
+        try:
+            with self._lock:
+                return self.compiler.compile_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=True)
+        except Exception as e:  # xgrammar raises RuntimeError / ValueError with a readable message
+            raise GrammarError(f"unsupported or invalid JSON schema: {_first_line(e)}") from None
+
+    def json_object(self) -> Any:
+        """Any JSON object (OpenAI's json_object mode), compact: no free whitespace for a model to wander in."""
+        with self._lock:
+            return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+
+    def tool_calls(self, tools: list[dict], parallel: bool = True) -> Any:
+        try:
+            ebnf = tool_call_ebnf(tools, parallel)
+        except ToolSchemaError as e:
+            raise GrammarError(str(e)) from None
+        try:
+            with self._lock:
+                return self.compiler.compile_grammar(ebnf)
+        except Exception as e:
+            raise GrammarError(f"cannot build a grammar for these tools: {_first_line(e)}") from None
+
+    # ------------------------------------------------------------------------------------------- specs
+    def spec_json(self, grammar: Any) -> ConstraintSpec:
+        return ConstraintSpec((Match(grammar, self.stop_ids),))
+
+    def spec_tools_required(self, grammar: Any) -> ConstraintSpec:
+        """`<|tool_call_start|>` [calls] `<|tool_call_end|>` `<|im_end|>`: always one well-formed call block."""
+        self._need_sentinels()
+        tail = (Force(self.im_end_id),) if self.im_end_id is not None else ()
+        return ConstraintSpec((Force(self.start_id), Match(grammar, (self.end_id,)), *tail))
+
+    def spec_tools_auto(self, grammar: Any) -> ConstraintSpec:
+        """Free text; a call block the model opens is constrained to the tools' schemas (lazy grammar)."""
+        self._need_sentinels()
+        return ConstraintSpec((Trigger(self.start_id, (Match(grammar, (self.end_id,)),)),))
+
+    def spec_no_tools(self) -> ConstraintSpec:
+        """tool_choice=none: the call sentinel is never sampled."""
+        return ConstraintSpec(banned=tuple(i for i in (self.start_id,) if i is not None))
+
+    def _need_sentinels(self) -> None:
+        if self.start_id is None or self.end_id is None:
+            raise GrammarError("this tokenizer has no <|tool_call_start|>/<|tool_call_end|> tokens")
+
+    def new_bitmask(self, rows: int) -> torch.Tensor:
+        return xgr.allocate_token_bitmask(rows, self.vocab_size)
+
+    # ------------------------------------------------------------------------------------------- closing mode
+    def closing_pick(self, allowed: torch.Tensor, in_string: bool, end_ids: tuple[int, ...]) -> int:
+        """Among allowed tokens (bool [V]), the one that ends the structure soonest; else
+        the longest allowed one (then the grammar usually dictates the text, e.g. a required key: fewest tokens)."""
+        score = (self.closing_score_in_string if in_string else self.closing_score).clone()
+        for t in end_ids:
+            if 0 <= t < score.numel():
+                score[t] = 100.0
+        score = score.masked_fill(~allowed, -1.0)
+        best = int(score.argmax())
+        if score[best] > 0:
+            return best
+        return int(self.token_len.masked_fill(~allowed, -1).argmax())
+
+    def allowed(self, matcher: Any) -> torch.Tensor:
+        bm = self.new_bitmask(1)
+        matcher.fill_next_token_bitmask(bm, 0)
+        bits = (bm[0, :, None] >> torch.arange(32, dtype=torch.int32)) & 1
+        return bits.flatten()[: self.vocab_size].bool() & ~self.control
+
+    def tokens_to_close(self, c: Constraint, limit: int) -> int:
+        """How many tokens the closing policy needs from here to finish the current Match phase (> limit: too many)."""
+        m = c.matcher.fork()
+        end_ids = c.head.end_ids
+        in_string, escaped = c.in_string, c.escaped
+        for n in range(1, limit + 1):
+            t = self.closing_pick(self.allowed(m), in_string, end_ids)
+            if not m.accept_token(t):
+                return limit + 1
+            if m.is_terminated():
+                return n
+            in_string, escaped = scan_quotes(self.token_bytes[t], in_string, escaped)
+        return limit + 1
+
+    def must_close(self, c: Constraint, left: int) -> bool:
+        """Whether a constrained sequence with `left` tokens of budget must steer to its end now (sticky).
+        Checked by simulation in the last 64 tokens (every 4th step until the last 16), with a margin of 4."""
+        if c.matcher is None or c.failed:
+            return False
+        if not c.closing and left <= 64 and (left <= 16 or left % 4 == 0):
+            c.closing = self.tokens_to_close(c, left) + 4 >= left
+        return c.closing
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int], control: torch.Tensor) -> None:
+    """Mask disallowed tokens (and raw control bytes) to -inf in logits[rows] (float32, in place)."""
+    xgr.apply_token_bitmask_inplace(logits, bitmask, indices=rows)
+    idx = torch.as_tensor(rows, dtype=torch.long)
+    logits[idx] = logits[idx].masked_fill(control, float("-inf"))
+
+
+def _closing_scores(decoded: list[bytes], vocab_size: int, specials: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """How strongly each token moves a structured output towards its end (0 = not at all): one table for the
+    position outside any string, one for inside a string (where only a closing quote helps)."""
+    out, inside = torch.zeros(vocab_size), torch.zeros(vocab_size)
+    for i, b in enumerate(decoded[:vocab_size]):
+        if i in specials or not b:
+            continue
+        t = b.decode("utf-8", "replace")
+        if t.startswith('"') and all(c in "}])" for c in t[1:]):
+            inside[i] = 10 + len(t)
+        t = t.strip(" ")
+        if t and all(c in "}])" for c in t):
+            out[i] = 10 + len(t)
+        elif t == ",":
+            out[i] = 7  # allowed only where no closer is: the next required member must come
+        elif t in ("[]", "{}", '""', "()"):
+            out[i] = 6
+        elif t in ("0", "None", "null", "False", "false"):
+            out[i] = 5
+        elif t == '"':
+            out[i] = 4
+    return out, inside
+
+
+def _first_line(e: Exception) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:300]

@@ -1,0 +1,74 @@
+"""`lfm serve MODEL`: the OpenAI-compatible HTTP server (argparse wiring; `lfm.cli` calls `add_serve_parser`)."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000**4, "tib": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """'4GiB', '512M', '1e9' or a plain byte count -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 4GiB, 512MiB, 1000000)")
+    n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if n <= 0:
+        raise argparse.ArgumentTypeError("size must be positive")
+    return n
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
+
+
+def add_serve_parser(sub) -> argparse.ArgumentParser:
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, tools, JSON output)")
+    s.add_argument("model", help="checkpoint directory or Hugging Face Hub id")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
+    s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    s.add_argument("--served-model-name", help="the model id clients send (default: MODEL as given)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    s.add_argument("--max-num-seqs", type=_positive, default=64, help="most sequences decoded together (64)")
+    s.add_argument("--max-model-len", type=_positive, help="context length (default: the model's)")
+    s.add_argument("--kv-cache-memory", type=parse_size, default=4 << 30,
+                   help="memory for sequence caches, e.g. 4GiB (default); requests beyond it wait")
+    s.add_argument("--max-waiting", type=_positive, default=256,
+                   help="requests allowed to wait for a slot; more get HTTP 429 (default 256)")
+    s.add_argument("--prefill-chunk", type=_positive, default=256, help="prompt tokens per engine step (256)")
+    s.add_argument("--max-body-bytes", type=parse_size, default=4 << 20, help="largest request body (4MiB)")
+    s.add_argument("--threads", type=_positive,
+                   help="torch CPU threads (default: torch's choice; 1 is often fastest on a busy or small machine)")
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(fn=cmd_serve)
+    return s
+
+
+def cmd_serve(a: argparse.Namespace) -> None:
+    try:
+        import uvicorn
+
+        from .app import create_app
+        from .state import ServeConfig, ServerState
+    except ImportError as e:  # the server's dependencies are optional for the library
+        raise ValueError(f"`lfm serve` needs fastapi, uvicorn, prometheus-client, xgrammar and jsonschema "
+                         f"({e.name} is missing)") from None
+    cfg = ServeConfig(model=a.model, served_model_name=a.served_model_name, host=a.host, port=a.port, dtype=a.dtype,
+                      device=a.device, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
+                      kv_cache_memory=a.kv_cache_memory, max_waiting=a.max_waiting, prefill_chunk=a.prefill_chunk,
+                      api_key=a.api_key, max_body_bytes=a.max_body_bytes, threads=a.threads)
+    print(f"loading {a.model} ...", file=sys.stderr, flush=True)
+    state = ServerState(cfg)
+    print(f"serving '{state.model_name}' on http://{a.host}:{a.port}/v1", file=sys.stderr, flush=True)
+    uvicorn.run(create_app(state), host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=5)
