@@ -237,3 +237,39 @@ def test_llm_and_cli_run_a_gguf_file(checkpoints, tmp_path, capsys):
 
 def test_cli_choices_are_the_writer_types():
     assert TYPE_CHOICES == tuple(TYPES)
+
+
+def _model_bytes(model: torch.nn.Module) -> int:
+    seen = {t.data_ptr(): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("type", ["q4_0", "q4_1"])
+@pytest.mark.parametrize("name", ["dense", "moe-top1-untied-kernel4"])
+def test_q4_linears_load_as_int4_layers(name, type, checkpoints, tmp_path):
+    """Q4_0 / Q4_1 linears become Int4Linear(group 32) filled from the blocks: same logits as dequantising them."""
+    from lfm.gguf import load_gguf_model
+    from lfm.model.quant import Int4Linear
+
+    path = _export(checkpoints[name], tmp_path / "m.gguf", type=type)
+    g = GGUFFile(path)
+    q4 = [s.hf[:-len(".weight")] for s in tensor_specs(load_gguf(path, dtype="float32")[0].config)
+          if g.tensors[s.gguf].type == TYPES[type][0] and not s.part and len(s.shape) == 2
+          and s.gguf != "token_embd.weight"]
+    assert q4  # the file does hold Q4 linears
+    kept = load_gguf_model(path, dtype="float32", keep_quantized=True)
+    deq = load_gguf_model(path, dtype="float32", keep_quantized=False)
+    for n in q4:
+        assert isinstance(kept.get_submodule(n), Int4Linear), n
+        assert kept.get_submodule(n).group_size == 32
+        assert isinstance(deq.get_submodule(n), torch.nn.Linear), n
+        torch.testing.assert_close(kept.get_submodule(n).dequantize(), deq.get_submodule(n).weight, rtol=0, atol=1e-6)
+    assert isinstance(kept.model.embed_tokens, torch.nn.Embedding)
+    if kept.config.tie_word_embeddings:
+        assert kept.lm_head.weight is kept.model.embed_tokens.weight
+    a, b = kept(IDS), deq(IDS)
+    assert ((a - b).abs().max() / b.abs().max()).item() <= 1e-4
+    assert _model_bytes(kept) < _model_bytes(deq)
+    # a float file keeps its float layers
+    f32 = load_gguf_model(_export(checkpoints[name], tmp_path / "f.gguf"), dtype="float32")
+    assert not any(isinstance(m, Int4Linear) for m in f32.modules())

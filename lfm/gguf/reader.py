@@ -1,8 +1,9 @@
 """Load an `lfm2` / `lfm2moe` GGUF file (ours or llama.cpp's) into our model and tokenizer.
 
 Every tensor is dequantised (F32/F16/BF16, Q8_0, Q4_0/1, Q5_0/1, the K-quants: whatever `gguf.quants` can
-dequantise) into the requested float dtype, one tensor at a time, straight into the model allocated once; GGUF's
-block formats do not map onto our int8/int4 layers, which `LLM(..., quantization=)` can apply afterwards. Every way
+dequantise) into the requested float dtype, one tensor at a time, straight into the model allocated once. On the CPU,
+a linear weight stored as Q4_0 or Q4_1 is kept quantised instead (`keep_quantized`): both are blocks of 32 inputs with
+an affine dequantisation, exactly an `Int4Linear` with group size 32, filled from the blocks' bytes. Every way
 a file can be wrong (not GGUF, truncated, another architecture, bad metadata, missing or misshapen tensors) ends in
 one `GGUFError` naming the file.
 """
@@ -12,11 +13,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from torch import nn
 
 from ..model.checkpoint import CheckpointError, empty_model, resolve_dtype
 from ..model.config import ConfigError, LfmConfig
 from ..model.lfm2 import LfmForCausalLM
+from ..model.quant import Int4Linear, pack_nibbles, prepare
 from ..text.tokenizer import Tokenizer
 from .gguf_file import GGUFFile
 from .mapping import GATING_SIGMOID, MODEL_TYPE, GGUFError, tensor_specs
@@ -82,8 +86,53 @@ def _config(g: GGUFFile) -> LfmConfig:
         raise GGUFError(f"{g.path}: {e}") from None
 
 
-def _fill(g: GGUFFile, model: LfmForCausalLM) -> None:
-    """Dequantise each GGUF tensor straight into its place in the model; every file tensor must be used."""
+_INT4_TYPES = ("Q4_0", "Q4_1")  # GGUF block types an Int4Linear(group_size=32) holds exactly
+
+
+def _int4_from_blocks(raw: np.ndarray, qtype: str, out_features: int, in_features: int,
+                      dtype: torch.dtype) -> Int4Linear:
+    """An Int4Linear(group_size=32) holding a Q4_0 / Q4_1 tensor's blocks as they are (no float weight in between).
+
+    A Q4_0 block is fp16 d, then 16 bytes of nibbles: byte j holds element j (low nibble) and element j + 16 (high),
+    w = d * (q - 8), so scale = d, zero = 0. A Q4_1 block puts fp16 m after d, w = d * q + m, so scale = d and
+    zero = m + 8 * d (ours is w = (q - 8) * scale + zero). Our storage pairs adjacent columns instead: repacked.
+    """
+    head = 2 if qtype == "Q4_0" else 4
+    blocks = np.ascontiguousarray(raw).reshape(out_features, in_features // 32, head + 16)
+    d = torch.from_numpy(np.ascontiguousarray(blocks[..., 0:2]).view(np.float16)[..., 0].astype(np.float32))
+    qs = torch.from_numpy(np.ascontiguousarray(blocks[..., head:]))
+    q = torch.cat([qs & 15, qs >> 4], dim=-1).reshape(out_features, in_features)  # element order within each block
+    m = Int4Linear(in_features, out_features, 32, dtype)
+    m.qweight = pack_nibbles(q)
+    if qtype == "Q4_0":
+        zero = torch.zeros_like(d)
+    else:
+        zero = torch.from_numpy(np.ascontiguousarray(blocks[..., 2:4]).view(np.float16)[..., 0].astype(np.float32)) + 8 * d
+    m.scales, m.zeros = d.to(dtype), zero.to(dtype)
+    return m
+
+
+def _int4_target(g: GGUFFile, model: LfmForCausalLM, spec) -> str | None:
+    """The name of the nn.Linear a Q4_0 / Q4_1 GGUF tensor can become an Int4Linear for, or None (dequantise it)."""
+    t = g.tensors[spec.gguf]
+    if t.type not in _INT4_TYPES or spec.part or spec.keep_f32 or len(spec.shape) != 2 or not spec.hf.endswith(".weight"):
+        return None
+    name = spec.hf[:-len(".weight")]
+    try:
+        mod = model.get_submodule(name)
+    except AttributeError:
+        return None
+    if type(mod) is not nn.Linear or mod.bias is not None or mod.in_features % 32 \
+            or (mod.out_features, mod.in_features) != spec.shape:
+        return None
+    if mod.weight is model.model.embed_tokens.weight:  # a head tied to the embedding stays with it
+        return None
+    return name
+
+
+def _fill(g: GGUFFile, model: LfmForCausalLM, keep_quantized: bool = False) -> None:
+    """Dequantise each GGUF tensor straight into its place in the model (or, with `keep_quantized`, swap a Q4_0 / Q4_1
+    linear for an Int4Linear holding its blocks); every file tensor must be used."""
     c = model.config
     params = dict(model.named_parameters())
     params.update(dict(model.named_buffers()))
@@ -92,9 +141,19 @@ def _fill(g: GGUFFile, model: LfmForCausalLM) -> None:
     for spec in tensor_specs(c):
         if spec.gguf not in g.tensors:
             raise GGUFError(f"{g.path}: tensor {spec.gguf!r} is missing (a {g.arch} file of this shape needs it)")
+        shape = g.tensors[spec.gguf].shape
+        if tuple(shape) != spec.shape:
+            raise GGUFError(f"{g.path}: tensor {spec.gguf!r} has shape {list(shape)}, the metadata implies {list(spec.shape)}")
+        target = _int4_target(g, model, spec) if keep_quantized else None
+        if target is not None:
+            lin = model.get_submodule(target)
+            new = _int4_from_blocks(g.raw(spec.gguf), g.tensors[spec.gguf].type, lin.out_features, lin.in_features,
+                                    lin.weight.dtype)
+            parent, _, child = target.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+            used.add(spec.gguf)
+            continue
         a = g.tensor(spec.gguf)
-        if tuple(a.shape) != spec.shape:
-            raise GGUFError(f"{g.path}: tensor {spec.gguf!r} has shape {list(a.shape)}, the metadata implies {list(spec.shape)}")
         dst = params[spec.hf].data
         if spec.part == "gate":
             dst = dst[:, :I]
@@ -105,6 +164,8 @@ def _fill(g: GGUFFile, model: LfmForCausalLM) -> None:
     extra = sorted(set(g.tensors) - used)
     if extra:
         raise GGUFError(f"{g.path}: unexpected tensor {extra[0]!r}" + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
+    if keep_quantized:
+        prepare(model)
 
 
 def generation_defaults(g: GGUFFile) -> dict[str, Any]:
@@ -121,21 +182,24 @@ def generation_defaults(g: GGUFFile) -> dict[str, Any]:
     return out
 
 
-def _model(g: GGUFFile, dtype: str | torch.dtype | None, device: str | torch.device) -> LfmForCausalLM:
+def _model(g: GGUFFile, dtype: str | torch.dtype | None, device: str | torch.device,
+           keep_quantized: bool = True) -> LfmForCausalLM:
     c = config_from_gguf(g)
     try:
         dt = resolve_dtype(dtype, c)
     except CheckpointError as e:
         raise GGUFError(str(e)) from None
     model = empty_model(c, dt, device)
-    _fill(g, model)
+    # the int4 kernels are PyTorch's CPU ones: on any other device everything is dequantised
+    _fill(g, model, keep_quantized and torch.device(device).type == "cpu")
     return model.eval()
 
 
-def load_gguf_model(path: str | Path, dtype: str | torch.dtype | None = "auto",
-                    device: str | torch.device = "cpu") -> LfmForCausalLM:
-    """The model of a GGUF file, dequantised into `dtype` ("auto": F32 -> float32, F16 -> float16, else bfloat16)."""
-    return _model(GGUFFile(path), dtype, device)
+def load_gguf_model(path: str | Path, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu",
+                    keep_quantized: bool = True) -> LfmForCausalLM:
+    """The model of a GGUF file, dequantised into `dtype` ("auto": F32 -> float32, F16 -> float16, else bfloat16);
+    with `keep_quantized` on the CPU, Q4_0 / Q4_1 linear weights become Int4Linear layers (scales in `dtype`)."""
+    return _model(GGUFFile(path), dtype, device, keep_quantized)
 
 
 def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
@@ -144,9 +208,9 @@ def load_gguf_tokenizer(path: str | Path) -> Tokenizer:
     return tokenizer_from_metadata(g.meta, str(g.path))
 
 
-def load_gguf(path: str | Path, dtype: str | torch.dtype | None = "auto",
-              device: str | torch.device = "cpu") -> tuple[LfmForCausalLM, Tokenizer, dict[str, Any]]:
-    """(model, tokenizer, generation defaults) of a GGUF file, parsing its header once."""
+def load_gguf(path: str | Path, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu",
+              keep_quantized: bool = True) -> tuple[LfmForCausalLM, Tokenizer, dict[str, Any]]:
+    """(model, tokenizer, generation defaults) of a GGUF file, parsing its header once (see `load_gguf_model`)."""
     g = GGUFFile(path)
     tok = tokenizer_from_metadata(g.meta, str(g.path))
-    return _model(g, dtype, device), tok, generation_defaults(g)
+    return _model(g, dtype, device, keep_quantized), tok, generation_defaults(g)
