@@ -27,7 +27,7 @@ def llm(checkpoints) -> LLM:
 
 
 def _scheduler(llm: LLM, **kw) -> Scheduler:
-    return Scheduler(llm.model, llm.tokenizer, llm._stop_ids(False), llm._stop_ids(True), **kw)
+    return Scheduler(llm.model, llm.tokenizer, llm.stop_ids(False), llm.stop_ids(True), **kw)
 
 
 def _run(s: Scheduler, reqs: list[EngineRequest], on_step=None) -> dict[str, tuple[list[int], str, str]]:
@@ -150,7 +150,7 @@ def test_streaming_tool_splitter_handles_split_sentinels_and_trailing_text():
 
 def test_constrained_generation_from_random_weights_always_parses(llm):
     """Required tool calls and JSON schemas complete and validate even from noise, within max_tokens."""
-    g = GrammarBackend(llm.tokenizer, llm.config.vocab_size, sorted(llm._stop_ids(True)))
+    g = GrammarBackend(llm.tokenizer, llm.config.vocab_size, sorted(llm.stop_ids(True)))
     s = _scheduler(llm, grammar=g)
     schema = {"type": "object", "properties": {"name": {"type": "string"}, "n": {"type": "integer"},
                                                "xs": {"type": "array", "items": {"type": "number"}}},

@@ -36,7 +36,7 @@ class RequestOutput:
     content: str | None = None  # chat only: the text outside tool-call blocks
 
 
-class _Seq:
+class SeqState:
     """One request's progress: tokens, incremental text, and the stop rules."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, stop_ids: set[int], max_new: int,
@@ -166,7 +166,7 @@ class LLM:
                outputs: dict[int, RequestOutput] | None = None) -> Iterator[tuple[int, str]]:
         """Yield (request index, new text) after every decoded token of every running request."""
         model, dev = self.model, self.model.device
-        stop = self._stop_ids(chat)
+        stop = self.stop_ids(chat)
         longest = max(len(p) for p in prompts)
         budget = self.max_model_len - longest
         if budget <= 0:
@@ -174,7 +174,7 @@ class LLM:
         seqs = []
         for p, sp in zip(prompts, params):
             max_new = min(sp.max_tokens or budget, budget)
-            seqs.append(_Seq(p, sp, stop, max_new, self.tokenizer, skip_special=sp.skip_special_tokens))
+            seqs.append(SeqState(p, sp, stop, max_new, self.tokenizer, skip_special=sp.skip_special_tokens))
             if outputs is not None:
                 outputs[len(seqs) - 1] = seqs[-1].out
         B = len(prompts)
@@ -253,7 +253,7 @@ class LLM:
         except json.JSONDecodeError:
             raise CheckpointError(f"{self.path / 'generation_config.json'} is not valid JSON") from None
 
-    def _stop_ids(self, chat: bool) -> set[int]:
+    def stop_ids(self, chat: bool) -> set[int]:
         ids: set[int] = set()
         for src in (self.generation_config.get("eos_token_id"), self.config.eos_token_id):
             if src is not None:

@@ -23,7 +23,7 @@ from ..model.cache import HybridCache
 from ..model.lfm2 import LfmForCausalLM
 from ..text import Tokenizer
 from .grammar import ConstraintSpec, GrammarBackend
-from .llm import _Seq
+from .llm import SeqState
 from .sampling import SamplingParams
 from .step_sampler import RowState, TokenLogprob, sample_step
 
@@ -63,7 +63,7 @@ class _Running:
 
     __slots__ = ("req", "seq", "cache", "done_prompt", "logits", "next_token", "row", "nbytes")
 
-    def __init__(self, req: EngineRequest, seq: _Seq, cache: HybridCache, row: RowState, nbytes: int) -> None:
+    def __init__(self, req: EngineRequest, seq: SeqState, cache: HybridCache, row: RowState, nbytes: int) -> None:
         self.req, self.seq, self.cache, self.row, self.nbytes = req, seq, cache, row, nbytes
         self.done_prompt = 0
         self.logits: torch.Tensor | None = None  # [V] pending sample
@@ -161,7 +161,7 @@ class Scheduler:
                 out.append(RequestDelta(req.request_id, finish_reason="error", error=f"cannot start: {e}"))
                 continue
             stops = self.stop_chat if req.chat else self.stop_text
-            seq = _Seq(req.prompt_ids, req.params, stops, req.params.max_tokens, self.tokenizer,
+            seq = SeqState(req.prompt_ids, req.params, stops, req.params.max_tokens, self.tokenizer,
                        skip_special=req.params.skip_special_tokens)
             self.running.append(_Running(req, seq, cache, row, need))
             self.cache_used += need

@@ -67,10 +67,10 @@ class ServerState:
         self.max_model_len = self.llm.max_model_len
         self.created = int(time.time())
         vocab = self.llm.config.vocab_size
-        self.chat_stops = self.llm._stop_ids(True)
+        self.chat_stops = self.llm.stop_ids(True)
         self.grammar = (GrammarBackend(self.tokenizer, vocab, sorted(self.chat_stops))
                         if self.tokenizer is not None else None)
-        self.scheduler = Scheduler(self.llm.model, self.tokenizer, self.llm._stop_ids(False), self.chat_stops,
+        self.scheduler = Scheduler(self.llm.model, self.tokenizer, self.llm.stop_ids(False), self.chat_stops,
                                    max_num_seqs=cfg.max_num_seqs, cache_budget=cfg.kv_cache_memory,
                                    prefill_chunk=cfg.prefill_chunk, max_model_len=self.max_model_len,
                                    grammar=self.grammar)
