@@ -2,7 +2,7 @@
 """Batch-1 greedy decode speed of lfm against transformers on the same random-weight checkpoint, plus peak RSS while
 loading.
 
-    python benchmarks/decode_bench.py [--preset LFM2.5-350M] [--prompt-len 128] [--gen-len 64] [--repeats 5]
+    python benchmarks/decode_bench.py [--preset LFM2.5-350M] [--prompt-len 128] [--gen-len 32] [--repeats 3]
                                       [--threads N] [--dtypes float32,bfloat16]
 
 How it measures (both engines exactly alike):
@@ -17,8 +17,12 @@ How it measures (both engines exactly alike):
   (Timing a 1-token call and subtracting it was tried first: on a noisy 2-core box the bf16 prefill is longer than
   the whole decode and its jitter swamped the difference.)
 * One warm-up per engine, then `--repeats` rounds interleaved lfm, transformers, lfm, ...
-* RSS: a fresh subprocess per engine records ru_maxrss right before and right after loading the bf16 checkpoint
-  (imports done beforehand); the growth of that peak is what loading cost.
+* RSS: a fresh subprocess per engine loads a tiny checkpoint once (a first model build in a process pages in ~150 MiB
+  of library code and allocator state, whatever the size), then the bf16 checkpoint, and reports the growth of its
+  peak RSS over the RSS just before that load. The peak is VmHWM reset right before the load, not ru_maxrss:
+  Linux carries ru_maxrss across fork+exec, so the child would inherit this process's multi-GB peak. Also reported:
+  RSS after reading every weight once (transformers maps the file lazily, so its load alone touches almost nothing).
+* Defaults are gen-len 32 / 3 repeats: 64 / 5 took 20 min on a shared 2-core box (2 min for 32 / 3 when idle).
 """
 
 from __future__ import annotations
@@ -177,24 +181,27 @@ def bench_dtype(path: Path, dtype: str, prompt: list[int], gen_len: int, repeats
 
 
 # ---- peak RSS while loading (child process) -------------------------------------------------------------------
-def rss_child(engine: str, path: str, threads: int) -> None:
+def rss_child(engine: str, path: str, warmup: str, threads: int) -> None:
     torch.set_num_threads(threads)
     if engine == "lfm":
         from lfm.model.checkpoint import load_model
 
-        def load():
-            return load_model(path, dtype="bfloat16")
+        def load(d):
+            return load_model(d, dtype="bfloat16")
     else:
-        import transformers.models.lfm2.modeling_lfm2  # noqa: F401  (import cost outside the measurement)
         from transformers import AutoModelForCausalLM
 
-        def load():
-            return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+        def load(d):
+            return AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16)
+    # one load of a tiny checkpoint first: a process's first model build pages in ~150 MiB of library code and
+    # allocator state whatever the model's size; that one-time cost is not what loading this model costs
+    del_me = load(warmup)
+    del del_me
     gc.collect()
     _reset_peak()
     peak0, rss0 = _peak_rss(), _rss_now()
     t0 = time.perf_counter()
-    model = load()
+    model = load(path)
     dt = time.perf_counter() - t0
     peak1, rss1 = _peak_rss(), _rss_now()
     params = list({id(p): p for p in model.parameters()}.values())
@@ -208,10 +215,11 @@ def rss_child(engine: str, path: str, threads: int) -> None:
                       "load_s": dt}))
 
 
-def measure_rss(path: Path, threads: int) -> list[dict]:
+def measure_rss(path: Path, warmup: Path, threads: int) -> list[dict]:
     out = []
     for engine in ("lfm", "transformers"):
-        p = subprocess.run([sys.executable, __file__, "--_rss-child", engine, str(path), "--threads", str(threads)],
+        p = subprocess.run([sys.executable, __file__, "--_rss-child", engine, str(path), str(warmup),
+                            "--threads", str(threads)],
                            capture_output=True, text=True, check=True)
         out.append(json.loads(p.stdout.strip().splitlines()[-1]))
     return out
@@ -232,7 +240,7 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-rss", action="store_true", help="skip the load-memory measurement")
-    ap.add_argument("--_rss-child", nargs=2, metavar=("ENGINE", "DIR"), help=argparse.SUPPRESS)
+    ap.add_argument("--_rss-child", nargs=3, metavar=("ENGINE", "DIR", "WARMUP_DIR"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args._rss_child:
         rss_child(*args._rss_child, threads=args.threads)
@@ -269,7 +277,8 @@ def main() -> None:
         rss = None
         if not args.skip_rss:
             print("measuring load RSS (bfloat16) ...", file=sys.stderr, flush=True)
-            rss = measure_rss(dirs["bfloat16"], args.threads)
+            rss = measure_rss(dirs["bfloat16"], build_checkpoints("tiny", ["bfloat16"], Path(tmp) / "tiny", args.seed)
+                              ["bfloat16"], args.threads)
             wsize = sum(f.stat().st_size for f in dirs["bfloat16"].glob("*.safetensors"))
 
     cpu = platform.processor() or platform.machine()
@@ -309,7 +318,8 @@ def main() -> None:
         for r in rss:
             print(f"| {r['engine']} | {r['load_s']:.2f} | {r['peak_growth'] / MiB:.0f} | {r['rss_growth'] / MiB:.0f} "
                   f"| {r['touched_growth'] / MiB:.0f} | {r['peak_growth'] / wsize:.2f} |")
-        print("\n(peak = VmHWM reset right before the load call; growth is over the RSS just before it, imports done)")
+        print("\n(peak = VmHWM reset right before the load call; growth is over the RSS just before it, after imports and one "
+              "tiny-checkpoint load)")
     print(f"\n(total wall time {time.perf_counter() - t_start:.0f} s)")
 
 

@@ -65,12 +65,9 @@ class ShortConv(nn.Module):
         else:
             full = torch.cat([state, u], dim=-1)  # [B, D, L-1+T]
             state.copy_(full[..., full.shape[-1] - state.shape[-1]:])
-            if T == 1:  # decode: a dot product per channel is cheaper than a conv call
-                z = (full * w[:, 0]).sum(-1, keepdim=True)
-                if self.conv.bias is not None:
-                    z = z + self.conv.bias[:, None]
-            else:
-                z = F.conv1d(full, w, self.conv.bias, groups=u.shape[1])
+            # the same conv call for one token as for many: its accumulation order is the reference's, so bf16
+            # decoding rounds exactly as transformers does
+            z = F.conv1d(full, w, self.conv.bias, groups=u.shape[1])
         return self.out_proj(c * z.transpose(1, 2))
 
 
