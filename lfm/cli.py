@@ -238,11 +238,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
     from .serve.cli import add_serve_parser
     add_serve_parser(sub)
+    from .train.cli import add_train_parser
+    add_train_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    a = build_parser().parse_args(argv)
+    return run_command(build_parser().parse_args(argv))
+
+
+def run_command(a: argparse.Namespace) -> int:
+    """Run a parsed command; errors a user can fix become one line on stderr and exit status 2."""
     from .model.checkpoint import CheckpointError
     from .model.config import ConfigError
     from .text import TokenizerError

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .cache import HybridCache
 from .config import LfmConfig
@@ -52,7 +53,9 @@ class ShortConv(nn.Module):
         self.conv = nn.Conv1d(d, d, kernel_size=self.L, groups=d, bias=c.conv_bias, padding=self.L - 1)
         self.out_proj = nn.Linear(d, d, bias=c.conv_bias)
 
-    def forward(self, h: torch.Tensor, state: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, state: torch.Tensor | None, mask: torch.Tensor | None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """positions [B, T] (packed documents, restarting at 0) keep the convolution inside each document."""
         T = h.shape[1]
         b, c, x = self.in_proj(h).chunk(3, dim=-1)
         u = b * x
@@ -60,7 +63,15 @@ class ShortConv(nn.Module):
             u = torch.where(mask[..., None], u, torch.zeros((), dtype=u.dtype, device=u.device))
         u = u.transpose(1, 2)  # [B, D, T]
         w = self.conv.weight
-        if state is None:
+        if positions is not None:
+            # tap s reads the token s steps back, which is in the same document iff its position is >= s
+            z = u * w[:, :, -1]
+            for s in range(1, self.L):
+                back = F.pad(u, (s, 0))[..., :T]
+                z = z + torch.where((positions >= s)[:, None, :], back, 0.0) * w[:, :, -1 - s]
+            if self.conv.bias is not None:
+                z = z + self.conv.bias[:, None]
+        elif state is None:
             z = F.conv1d(u, w, self.conv.bias, padding=self.L - 1, groups=u.shape[1])[..., :T]
         else:
             full = torch.cat([state, u], dim=-1)  # [B, D, L-1+T]
@@ -159,6 +170,9 @@ class MoE(nn.Module):
         self.gate = nn.Linear(c.hidden_size, c.num_experts, bias=False)
         self.experts = Experts(c.num_experts, c.hidden_size, c.moe_intermediate_size)
         self.expert_bias: torch.Tensor | None
+        self.tokens_per_expert: torch.Tensor | None = None  # plain attributes, not state: see _account
+        self.aux_loss_coef = 0.0
+        self.aux_loss: torch.Tensor | None = None
         if c.use_expert_bias:
             self.register_buffer("expert_bias", torch.zeros(c.num_experts, dtype=torch.float32))
         else:
@@ -179,7 +193,19 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         w, idx = self.route(x)
+        if self.training:
+            self._account(x, idx)
         return self.experts(x, idx, w).view(shape)
+
+    def _account(self, x: torch.Tensor, idx: torch.Tensor) -> None:
+        """Training bookkeeping: tokens per expert since the last bias update, and the optional auxiliary loss."""
+        E = self.gate.weight.shape[0]
+        counts = torch.bincount(idx.reshape(-1), minlength=E).float()
+        self.tokens_per_expert = counts if self.tokens_per_expert is None else self.tokens_per_expert + counts
+        if self.aux_loss_coef > 0:  # switch-style: E * sum_e (fraction of picks of e) * (mean normalised score of e)
+            s = self.gate(x).sigmoid()
+            p = (s / s.sum(-1, keepdim=True)).mean(0)
+            self.aux_loss = self.aux_loss_coef * E * (counts / counts.sum() * p).sum()
 
 
 class Block(nn.Module):
@@ -196,6 +222,19 @@ class Block(nn.Module):
             self.feed_forward: nn.Module = MoE(c)
         else:
             self.feed_forward = MLP(c.hidden_size, c.ff_dim)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: HybridCache | None, i: int,
+                start: int, attn_mask: torch.Tensor | None, mask: torch.Tensor | None,
+                positions: torch.Tensor | None) -> torch.Tensor:
+        """One residual block. A module call (not inlined) so FSDP2 and activation checkpointing can wrap it."""
+        h = self.operator_norm(x)
+        if self.is_attn:
+            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            h = self.self_attn(h, rope, kv, start, attn_mask)
+        else:
+            h = self.conv(h, cache.conv[i] if cache is not None else None, mask, positions)
+        x = x + h
+        return x + self.feed_forward(self.ffn_norm(x))
 
 
 class LfmModel(nn.Module):
@@ -216,6 +255,7 @@ class LfmForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.activation_checkpointing = False  # recompute each block's activations in backward (training memory)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -244,16 +284,19 @@ class LfmForCausalLM(nn.Module):
                 b.zero_()
 
     def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None, attention_mask: torch.Tensor | None = None,
-                logits_to_keep: int = 0) -> torch.Tensor:
+                logits_to_keep: int = 0, position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T]. attention_mask [B, T] (1 = token, 0 = left padding) is only needed for padded rows.
-        logits_to_keep=n returns logits for the last n positions only (generation needs 1)."""
-        h = self.hidden_states(input_ids, cache, attention_mask)
+        logits_to_keep=n returns logits for the last n positions only (generation needs 1).
+        position_ids [B, T] marks packed documents for training: each restarts at 0, and neither attention nor the
+        convolution crosses from one document into the next (spec section 3)."""
+        h = self.hidden_states(input_ids, cache, attention_mask, position_ids)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return self.lm_head(h)
 
     def hidden_states(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
-                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                      attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None) -> torch.Tensor:
         c = self.config
         B, T = input_ids.shape
         dev = input_ids.device
@@ -265,19 +308,22 @@ class LfmForCausalLM(nn.Module):
             mask = attention_mask.to(device=dev, dtype=torch.bool)
             if bool(mask.all()):
                 mask = None
-        positions, attn_mask = self._positions_and_mask(B, T, start, mask, cache, dev)
+        doc_pos = None
+        if position_ids is not None:
+            if cache is not None or mask is not None:
+                raise ValueError("position_ids (packed documents) are for training: no cache, no attention_mask")
+            positions, attn_mask = position_ids.to(dev), self._document_mask(position_ids.to(dev))
+            doc_pos = positions
+        else:
+            positions, attn_mask = self._positions_and_mask(B, T, start, mask, cache, dev)
         rope = rope_cos_sin(positions, c.head_size, c.rope_theta, self.dtype)
 
         x = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
-            h = layer.operator_norm(x)
-            if layer.is_attn:
-                kv = (cache.k[i], cache.v[i]) if cache is not None else None
-                h = layer.self_attn(h, rope, kv, start, attn_mask)
+            if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
+                x = checkpoint(layer, x, rope, None, i, start, attn_mask, mask, doc_pos, use_reentrant=False)
             else:
-                h = layer.conv(h, cache.conv[i] if cache is not None else None, mask)
-            x = x + h
-            x = x + layer.feed_forward(layer.ffn_norm(x))
+                x = layer(x, rope, cache, i, start, attn_mask, mask, doc_pos)
         if cache is not None:
             cache.pos = start + T
         return self.model.embedding_norm(x)
@@ -319,6 +365,14 @@ class LfmForCausalLM(nn.Module):
         for kc in caches:
             kc.pos += 1
         return self.lm_head(self.model.embedding_norm(x))[:, 0]
+
+    @staticmethod
+    def _document_mask(position_ids: torch.Tensor) -> torch.Tensor:
+        """[B, 1, T, T] causal attention that stays inside each document (a new one starts where position is 0)."""
+        doc = (position_ids == 0).cumsum(-1)
+        T = position_ids.shape[-1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
+        return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
 
     @staticmethod
     def _positions_and_mask(B: int, T: int, start: int, mask: torch.Tensor | None, cache: HybridCache | None,

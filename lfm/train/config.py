@@ -1,0 +1,208 @@
+"""A training run in one TOML file: every value that changes the result is here, so a config reproduces a run.
+
+Sections mirror the parts of the loop (`model`, `data`, `optim`, `lora`, `moe`) plus top-level run settings. The
+run directory keeps a copy (`config.toml`), which is what `--resume` reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class TrainConfigError(ValueError):
+    """A config value a user must fix; the message names the key."""
+
+
+@dataclass
+class ModelSection:
+    init: str = "tiny"  # a preset name (from scratch), or a checkpoint directory / Hub id to continue from
+    tokenizer: str = ""  # tokenizer directory; defaults to the checkpoint's own
+    dtype: str = "float32"  # parameter dtype; bfloat16 autocast is a separate switch
+    seed: int = 0
+    init_std: float = 0.02
+    activation_checkpointing: bool = False
+    overrides: dict[str, Any] = field(default_factory=dict)  # config fields changed on a preset (hidden_size, ...)
+
+
+@dataclass
+class DataSection:
+    task: str = "pretrain"  # "pretrain" (documents) or "sft" (chat jsonl: messages, optional tools)
+    train: list[str] = field(default_factory=list)  # files (.txt .jsonl .json .parquet), globs, or hf:NAME[:SPLIT]
+    eval: list[str] = field(default_factory=list)
+    text_key: str = "text"
+    seq_len: int = 512
+    shuffle: bool = True
+    streaming: bool = False  # read sources lazily (large corpora); resume then skips already used rows
+
+
+@dataclass
+class OptimSection:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    schedule: str = "cosine"  # cosine | wsd | constant (all after linear warmup)
+    warmup_steps: int = 100
+    decay_fraction: float = 0.2  # wsd: the final fraction of steps that decays
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = False
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["in_proj", "out_proj", "q_proj", "k_proj", "v_proj",
+                                                          "w1", "w2", "w3"])
+    merge: bool = False  # also write the merged full model at the end
+
+
+@dataclass
+class MoeSection:
+    bias_update_rate: float = 1e-3  # aux-loss-free balancing; 0 turns it off
+    aux_loss_coef: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/run"
+    steps: int = 1000
+    batch_size: int = 8  # rows per micro-batch on each rank
+    grad_accum: int = 1
+    bf16_autocast: bool = False
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 20
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    threads: int = 0  # torch threads per process; 0 = torch's default
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    moe: MoeSection = field(default_factory=MoeSection)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        return _build(cls, d, "")
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "TrainConfig":
+        p = Path(path)
+        if not p.is_file():
+            raise TrainConfigError(f"{p}: no such config file")
+        try:
+            d = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise TrainConfigError(f"{p}: not valid TOML ({e})") from None
+        cfg = cls.from_dict(d)
+        base = p.resolve().parent  # relative data paths are relative to the config file
+        cfg.data.train = [_rel(base, s) for s in cfg.data.train]
+        cfg.data.eval = [_rel(base, s) for s in cfg.data.eval]
+        return cfg
+
+    def set(self, assignment: str) -> None:
+        """Apply one `section.key=value` override (value parsed as TOML, bare words as strings)."""
+        key, sep, raw = assignment.partition("=")
+        if not sep:
+            raise TrainConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. optim.lr=1e-3")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        *path, last = key.strip().split(".")
+        obj: Any = self
+        for part in path:
+            if not hasattr(obj, part) or not dataclasses.is_dataclass(getattr(obj, part)):
+                raise TrainConfigError(f"--set {key}: no section {part!r}")
+            obj = getattr(obj, part)
+        if last not in {f.name for f in dataclasses.fields(obj)}:
+            raise TrainConfigError(f"--set {key}: unknown key {last!r}")
+        setattr(obj, last, _coerce(getattr(obj, last), value, key))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        top = {k: v for k, v in self.to_dict().items() if not isinstance(v, dict)}
+        lines = [f"{k} = {_toml_value(v)}" for k, v in top.items()]
+        for name, sec in self.to_dict().items():
+            if isinstance(sec, dict):
+                lines.append(f"\n[{name}]")
+                for k, v in sec.items():
+                    if isinstance(v, dict):
+                        inner = ", ".join(f"{ik} = {_toml_value(iv)}" for ik, iv in v.items())
+                        lines.append(f"{k} = {{ {inner} }}")
+                    else:
+                        lines.append(f"{k} = {_toml_value(v)}")
+        return "\n".join(lines) + "\n"
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise TrainConfigError("steps, batch_size and grad_accum must be >= 1")
+        if self.data.task not in ("pretrain", "sft"):
+            raise TrainConfigError(f"data.task = {self.data.task!r}: expected 'pretrain' or 'sft'")
+        if not self.data.train:
+            raise TrainConfigError("data.train is empty: give training files (--data FILE or data.train in the config)")
+        if self.data.seq_len < 2:
+            raise TrainConfigError("data.seq_len must be >= 2")
+        if self.optim.schedule not in ("cosine", "wsd", "constant"):
+            raise TrainConfigError(f"optim.schedule = {self.optim.schedule!r}: expected cosine, wsd or constant")
+        if self.model.dtype not in ("float32", "bfloat16"):
+            raise TrainConfigError(f"model.dtype = {self.model.dtype!r}: expected float32 or bfloat16")
+
+
+def _rel(base: Path, s: str) -> str:
+    if s.startswith("hf:") or Path(s).is_absolute():
+        return s
+    return str(base / s)
+
+
+def _build(cls: type, d: dict[str, Any], where: str) -> Any:
+    if not isinstance(d, dict):
+        raise TrainConfigError(f"[{where}] must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for k, v in d.items():
+        name = f"{where}.{k}" if where else k
+        if k not in fields:
+            raise TrainConfigError(f"unknown config key {name!r}")
+        default = fields[k].default_factory() if fields[k].default_factory is not dataclasses.MISSING else fields[k].default  # type: ignore[misc]
+        if dataclasses.is_dataclass(default):
+            kwargs[k] = _build(type(default), v, name)
+        else:
+            kwargs[k] = _coerce(default, v, name)
+    return cls(**kwargs)
+
+
+def _coerce(default: Any, value: Any, key: str) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise TrainConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, list) and isinstance(value, str):
+        return [value]
+    if default is not None and not isinstance(value, type(default)):
+        raise TrainConfigError(f"{key}: expected {type(default).__name__}, got {value!r}")
+    return value
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} to TOML")
