@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 EXAMPLES = """examples:
+  lfm chat                                       # the built-in demo model, offline (a 6M-parameter LFM2)
   lfm info LiquidAI/LFM2.5-350M                 # layout, parameters, memory (needs only config.json)
   lfm init tiny -o ./tiny-lfm                    # random-weight checkpoint + test tokenizer, no download
   lfm generate ./tiny-lfm "Once upon a time" --max-tokens 64 --temperature 0.7
@@ -66,7 +67,7 @@ def _sampling(a: argparse.Namespace, llm) -> object:
 def _load(a: argparse.Namespace):
     from .engine.llm import LLM
 
-    print(f"loading {a.model} ...", file=sys.stderr, flush=True)
+    print(f"loading {a.model or 'the built-in demo model'} ...", file=sys.stderr, flush=True)
     return LLM(a.model, dtype=a.dtype, device=a.device, quantization=a.quantization)
 
 
@@ -184,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=cmd_info)
 
     def model_args(s: argparse.ArgumentParser) -> None:
-        s.add_argument("model", help="checkpoint directory or Hugging Face Hub id")
+        s.add_argument("model", nargs="?", help="checkpoint directory or Hugging Face Hub id (default: the built-in "
+                       "demo model, offline)")
         s.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's; default)")
         s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
         s.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")

@@ -79,9 +79,10 @@ class SeqState:
 
 
 class LLM:
-    """An LFM2 model ready to generate: `LLM("LiquidAI/LFM2.5-350M")`, a local directory, or an in-memory model."""
+    """An LFM2 model ready to generate: `LLM("LiquidAI/LFM2.5-350M")`, a local directory, an in-memory model, or
+    `LLM()`: the built-in demo model (offline)."""
 
-    def __init__(self, model: str | Path | LfmForCausalLM, dtype: str | torch.dtype = "auto", device: str = "cpu",
+    def __init__(self, model: str | Path | LfmForCausalLM | None = None, dtype: str | torch.dtype = "auto", device: str = "cpu",
                  tokenizer: str | Path | Tokenizer | None = None, max_model_len: int | None = None,
                  quantization: str | None = None, group_size: int = 64) -> None:
         self.path: Path | None = None

@@ -82,8 +82,23 @@ def _hub_fetch(repo: str, fn):
         raise _hub_error(repo, e) from None
 
 
-def resolve(path_or_id: str | Path) -> Path:
-    """A local checkpoint directory for a path or a Hub id (downloaded with a progress bar, then cached)."""
+# The demo model that ships inside the package (built by `python -m lfm.train.demo.build`): the default whenever no
+# model is named, so every command works offline on a fresh clone.
+DEMO_MODEL = Path(__file__).resolve().parent.parent / "assets" / "demo"
+
+
+def default_model() -> Path:
+    if not (DEMO_MODEL / "config.json").is_file():
+        raise CheckpointError(f"the built-in demo model is missing from {DEMO_MODEL}; name a model, or rebuild it "
+                              "with: python -m lfm.train.demo.build")
+    return DEMO_MODEL
+
+
+def resolve(path_or_id: str | Path | None) -> Path:
+    """A local checkpoint directory for a path or a Hub id (downloaded with a progress bar, then cached);
+    None means the built-in demo model."""
+    if path_or_id is None:
+        return default_model()
     p = Path(path_or_id).expanduser()
     if p.exists():
         return p

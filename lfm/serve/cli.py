@@ -33,7 +33,8 @@ def _positive(text: str) -> int:
 
 def add_serve_parser(sub) -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, tools, JSON output)")
-    s.add_argument("model", help="checkpoint directory or Hugging Face Hub id")
+    s.add_argument("model", nargs="?", help="checkpoint directory or Hugging Face Hub id (default: the built-in demo "
+                   "model, offline)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
@@ -68,7 +69,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
                       device=a.device, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
                       kv_cache_memory=a.kv_cache_memory, max_waiting=a.max_waiting, prefill_chunk=a.prefill_chunk,
                       api_key=a.api_key, max_body_bytes=a.max_body_bytes, threads=a.threads)
-    print(f"loading {a.model} ...", file=sys.stderr, flush=True)
+    print(f"loading {a.model or 'the built-in demo model'} ...", file=sys.stderr, flush=True)
     state = ServerState(cfg)
     print(f"serving '{state.model_name}' on http://{a.host}:{a.port}/v1", file=sys.stderr, flush=True)
     uvicorn.run(create_app(state), host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=5)

@@ -27,7 +27,7 @@ from .protocol import _Sampling
 
 @dataclass
 class ServeConfig:
-    model: str
+    model: str | None  # None: the built-in demo model
     served_model_name: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
@@ -63,7 +63,7 @@ class ServerState:
         if cfg.max_model_len:
             self.llm.max_model_len = cfg.max_model_len
         self.tokenizer = self.llm.tokenizer
-        self.model_name = cfg.served_model_name or cfg.model
+        self.model_name = cfg.served_model_name or cfg.model or "lfm-demo"
         self.max_model_len = self.llm.max_model_len
         self.created = int(time.time())
         vocab = self.llm.config.vocab_size

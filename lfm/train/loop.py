@@ -247,12 +247,13 @@ class Trainer:
             from tqdm import tqdm
             bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                        file=sys.stderr)
-        busy, tok0 = 0.0, self.tokens_seen  # training time only: evals and checkpoints are not in tokens/s
+        busy, steps0 = 0.0, self.step  # training time only: evals and checkpoints are not in tokens/s
+        row_tokens = self.global_batch * cfg.data.seq_len  # processed per step (the loss may cover fewer)
         while self.step < cfg.steps:
             t0 = time.perf_counter()
             rec = self.train_step()
             busy += time.perf_counter() - t0
-            rec["tokens_per_s"] = round((self.tokens_seen - tok0) / max(busy, 1e-9), 1)
+            rec["tokens_per_s"] = round((self.step - steps0) * row_tokens / max(busy, 1e-9), 1)
             if cfg.eval_every and self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                 rec.update(self.evaluate())
             self.log(rec)

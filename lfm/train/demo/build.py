@@ -1,0 +1,153 @@
+"""Build the demo model from nothing but this Python install, in one command (about an hour on 2 CPU cores):
+
+    python -m lfm.train.demo.build                       # -> lfm/assets/demo (the offline default model)
+
+corpus + tokenizer + chat data (`prepare_demo_data`), pretraining (`pretrain.toml`), chat SFT (`sft.toml`), then a
+bfloat16 export with its config, tokenizer, metrics, loss plots, held-out perplexity and sample chats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_OUT = HERE.parent.parent / "assets" / "demo"
+
+SAMPLE_TOOLS = [{"type": "function", "function": {
+    "name": "lookup_doc", "description": "Look up the documentation of a Python standard library object.",
+    "parameters": {"type": "object", "properties": {"name": {"type": "string", "description": "qualified name"}},
+                   "required": ["name"]}}}]
+SAMPLES = [
+    {"messages": [{"role": "user", "content": "Hi! Who are you?"}]},
+    {"messages": [{"role": "user", "content": "What does json.dumps do?"}]},
+    {"messages": [{"role": "user", "content": "Look up the documentation of os.path.join."}], "tools": SAMPLE_TOOLS},
+]
+
+
+def _eval(model_dir: Path, sources: list[str], task: str, seq_len: int) -> float:
+    """Mean loss per trained token of a saved model on held-out data (as it ships: bfloat16)."""
+    import torch.nn.functional as F
+
+    from ...model.checkpoint import load_model
+    from ...text.tokenizer import Tokenizer
+    from ..data import IGNORE, build_rows
+
+    model = load_model(model_dir)
+    rows = build_rows(Tokenizer.from_dir(model_dir), sources, task, seq_len)
+    tot, n = 0.0, 0
+    with torch.no_grad():
+        for lo in range(0, len(rows), 16):
+            b = rows.take(list(range(lo, min(lo + 16, len(rows)))))
+            logits = model(b["input_ids"], position_ids=b["position_ids"]).float()
+            tot += F.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(), ignore_index=IGNORE, reduction="sum").item()
+            n += int((b["labels"] != IGNORE).sum())
+    return tot / max(n, 1)
+
+
+def _samples(model_dir: Path) -> list[dict]:
+    """Greedy replies to the sample chats, as a user of `lfm chat` would see them (tool calls parsed)."""
+    from ...engine.llm import LLM
+    from ...engine.sampling import SamplingParams
+
+    llm = LLM(str(model_dir))
+    out = []
+    for s in SAMPLES:
+        r = llm.chat(s["messages"], SamplingParams(max_tokens=96, temperature=0.0), tools=s.get("tools"))
+        out.append({"messages": s["messages"], "tools": [t["function"]["name"] for t in s.get("tools", [])],
+                    "raw": llm.tokenizer.decode(r.token_ids, skip_special_tokens=False),
+                    "content": r.content, "tool_calls": [c.to_openai() for c in r.tool_calls],
+                    "finish_reason": r.finish_reason})
+    return out
+
+
+def build(out: Path, work: Path, pretrain_steps: int | None, sft_steps: int | None, threads: int | None,
+          max_chars: int | None) -> dict:
+    from ...model.checkpoint import load_model, save_model
+    from ..config import TrainConfig
+    from ..loop import train
+    from . import prepare_demo_data
+
+    t_start = time.perf_counter()
+    data = work / "data"
+    print(f"[1/4] data -> {data}", flush=True)
+    stats = prepare_demo_data(data, max_chars=max_chars, progress=lambda line: print("      " + line, flush=True))
+
+    pre = TrainConfig.from_toml(HERE / "pretrain.toml")
+    pre.out_dir, pre.model.tokenizer = str(work / "pretrain"), str(data / "tokenizer")
+    pre.data.train, pre.data.eval = [str(data / "corpus.jsonl")], [str(data / "corpus.heldout.jsonl")]
+    sft = TrainConfig.from_toml(HERE / "sft.toml")
+    sft.out_dir = str(work / "sft")
+    sft.data.train, sft.data.eval = [str(data / "chat.jsonl")], [str(data / "chat.heldout.jsonl")]
+    for cfg, steps in ((pre, pretrain_steps), (sft, sft_steps)):
+        if steps:
+            cfg.steps = steps
+            cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, max(1, steps // 10))
+        if threads:
+            cfg.threads = threads
+    print(f"[2/4] pretraining {pre.steps} steps x {pre.batch_size} x {pre.data.seq_len} tokens", flush=True)
+    t0 = time.perf_counter()
+    pre_final = train(pre)
+    t_pre = time.perf_counter() - t0
+    sft.model.init = str(pre_final)
+    print(f"[3/4] chat fine-tuning {sft.steps} steps", flush=True)
+    t0 = time.perf_counter()
+    sft_final = train(sft)
+    t_sft = time.perf_counter() - t0
+
+    print(f"[4/4] export -> {out}", flush=True)
+    shutil.rmtree(out, ignore_errors=True)
+    save_model(load_model(sft_final, dtype="bfloat16"), out, sft_final)
+    for name, cfg in (("pretrain", pre), ("sft", sft)):
+        shutil.copy(Path(cfg.out_dir) / "metrics.jsonl", out / f"{name}-metrics.jsonl")
+        shutil.copy(Path(cfg.out_dir) / "loss.png", out / f"{name}-loss.png")
+        (out / f"{name}.toml").write_text(cfg.to_toml())
+
+    def rate(name: str) -> float:
+        rows = [json.loads(x) for x in (out / f"{name}-metrics.jsonl").read_text().splitlines()]
+        return rows[-1]["tokens_per_s"]
+
+    corpus_loss = _eval(out, [str(data / "corpus.heldout.jsonl")], "pretrain", pre.data.seq_len)
+    chat_loss = _eval(out, [str(data / "chat.heldout.jsonl")], "sft", sft.data.seq_len)
+    card = {
+        "parameters": sum(p.numel() for p in load_model(out).parameters()),
+        "heldout_corpus_loss": corpus_loss, "heldout_corpus_perplexity": math.exp(corpus_loss),
+        "heldout_chat_loss": chat_loss, "heldout_chat_perplexity": math.exp(chat_loss),
+        "pretrain_tokens_per_s": rate("pretrain"), "sft_tokens_per_s": rate("sft"),
+        "pretrain_minutes": t_pre / 60, "sft_minutes": t_sft / 60,
+        "total_minutes": (time.perf_counter() - t_start) / 60, "threads": torch.get_num_threads(),
+        "python": sys.version.split()[0], "torch": torch.__version__,
+        "data": {k: {kk: vv for kk, vv in v.items() if not isinstance(vv, (dict, list))} if isinstance(v, dict) else v
+                 for k, v in stats.items()},
+        "samples": _samples(out),
+    }
+    (out / "card.json").write_text(json.dumps(card, indent=1) + "\n")
+    size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
+    print(f"done in {card['total_minutes']:.1f} min: {out} ({size:.1f} MiB), held-out corpus perplexity "
+          f"{card['heldout_corpus_perplexity']:.1f}, chat perplexity {card['heldout_chat_perplexity']:.2f}")
+    return card
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m lfm.train.demo.build", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"where the model goes (default {DEFAULT_OUT})")
+    p.add_argument("--work", type=Path, default=Path("runs/demo"), help="data and run directories")
+    p.add_argument("--pretrain-steps", type=int, help="override pretrain.toml's steps (for a quick trial)")
+    p.add_argument("--sft-steps", type=int, help="override sft.toml's steps")
+    p.add_argument("--threads", type=int, help="torch threads (default: the configs' 2)")
+    p.add_argument("--max-chars", type=int, help="cap the corpus size (for a quick trial)")
+    a = p.parse_args(argv)
+    build(a.out, a.work, a.pretrain_steps, a.sft_steps, a.threads, a.max_chars)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
