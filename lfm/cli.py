@@ -83,13 +83,27 @@ def cmd_generate(a: argparse.Namespace) -> None:
 
 
 def cmd_chat(a: argparse.Namespace) -> None:
+    import dataclasses
+    import json
+
     from .text import parse_tool_calls
 
+    tools = None
+    if a.tools:
+        try:
+            tools = json.loads(Path(a.tools).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"--tools {a.tools}: expected a JSON list of OpenAI tool definitions ({e})") from None
+        if not isinstance(tools, list):
+            raise ValueError(f"--tools {a.tools}: expected a JSON list of OpenAI tool definitions")
     llm = _load(a)
     sp = _sampling(a, llm)
+    if tools:  # keep the call sentinels in the text so the call can be shown and parsed
+        sp = dataclasses.replace(sp, skip_special_tokens=False)
     system = a.system
     history: list[dict] = []
-    print("chat: /reset clears the history, /system TEXT sets the system prompt, Ctrl-D quits", file=sys.stderr)
+    print("chat: /reset clears the history, /system TEXT sets the system prompt, "
+          + ("/tool TEXT answers a tool call, " if tools else "") + "Ctrl-D quits", file=sys.stderr)
     while True:
         try:
             line = input("> ")
@@ -109,18 +123,26 @@ def cmd_chat(a: argparse.Namespace) -> None:
             continue
         if line.strip() in ("/quit", "/exit"):
             return
-        history.append({"role": "user", "content": line})
+        if line.startswith("/tool "):
+            history.append({"role": "tool", "content": line[len("/tool "):]})
+        else:
+            history.append({"role": "user", "content": line})
         msgs = ([{"role": "system", "content": system}] if system else []) + history
         reply = ""
-        for delta in llm.stream_chat(msgs, sp):
+        for delta in llm.stream_chat(msgs, sp, tools=tools):
             reply += delta
             sys.stdout.write(delta)
             sys.stdout.flush()
         sys.stdout.write("\n")
+        reply = reply.removesuffix("<|im_end|>")
         calls, content = parse_tool_calls(reply)
         for c in calls:
-            print(f"  [tool call] {c.name}({c.arguments})", file=sys.stderr)
-        history.append({"role": "assistant", "content": reply})
+            print(f"  [tool call] {c.name}({json.dumps(c.arguments)})", file=sys.stderr)
+        msg: dict = {"role": "assistant", "content": content if calls else reply}
+        if calls:
+            msg["tool_calls"] = [{"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+                                 for c in calls]  # a mapping: the template writes it back in the model's syntax
+        history.append(msg)
 
 
 def cmd_init(a: argparse.Namespace) -> None:
@@ -207,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("chat", help="interactive multi-turn chat through the checkpoint's chat template")
     model_args(s)
     s.add_argument("--system", help="system prompt")
+    s.add_argument("--tools", metavar="FILE", help="JSON list of OpenAI-style tool definitions the model may call")
     s.set_defaults(fn=cmd_chat)
 
     s = sub.add_parser("quantize", help="write a weight-only int8 / int4 copy of a checkpoint (loads with lfm directly)")

@@ -60,7 +60,7 @@ def small_cfg(tmp_path: Path, tokenizer_dir: Path, **kw) -> TrainConfig:
         "data": {"train": [str(write_docs(tmp_path / "docs.jsonl"))], "seq_len": 64},
         "optim": {"lr": 3e-3, "warmup_steps": 2}})
     for k, v in kw.items():
-        cfg.set(f"{k}={json.dumps(v) if isinstance(v, str) else v}")
+        cfg.set(f"{k}={json.dumps(v)}")
     return cfg
 
 
@@ -251,3 +251,70 @@ def test_moe_training_logs_expert_load_and_aux_loss(tmp_path, tokenizer_dir):
     assert len(load) == 8 and sum(load) == 4 * 64 * 2  # every token picks 2 experts
     bias = dict(t.model.named_buffers())[layer + ".expert_bias"]
     assert bias.abs().sum() > 0  # the update ran
+
+
+# ---------------------------------------------------------------- sources and options
+
+
+def test_sources_parquet_txt_and_streaming_rows_agree(tmp_path, tokenizer_dir):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lfm.train.data import StreamingRows, iter_records
+
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    docs = [json.loads(x)["text"] for x in write_docs(tmp_path / "d.jsonl", 120).read_text().splitlines()]
+    pq.write_table(pa.table({"text": docs}), tmp_path / "d.parquet")
+    (tmp_path / "t").mkdir()
+    for i, d in enumerate(docs[:3]):
+        (tmp_path / "t" / f"{i}.txt").write_text(d)
+    assert [r["text"] for r in iter_records([str(tmp_path / "d.parquet")])] == docs
+    assert list(iter_records([str(tmp_path / "t" / "*.txt")])) == docs[:3]
+    whole = build_rows(tok, [str(tmp_path / "d.parquet")], "pretrain", 32)
+    same = build_rows(tok, [str(tmp_path / "d.jsonl")], "pretrain", 32)
+    assert (whole.tokens == same.tokens).all() and (whole.labels == same.labels).all()
+    stream = StreamingRows(tok, [str(tmp_path / "d.parquet")], 32)
+    got = [stream.take_range(i, 4) for i in range(0, 40, 4)]
+    assert torch.equal(torch.cat([g["input_ids"] for g in got]), whole.take(list(range(40)))["input_ids"])
+    # a resumed stream (fresh object, starts mid-way) serves the same rows
+    again = StreamingRows(tok, [str(tmp_path / "d.parquet")], 32).take_range(20, 4)
+    assert torch.equal(again["labels"], whole.take(list(range(20, 24)))["labels"])
+    with pytest.raises(DataError, match="unsupported"):
+        (tmp_path / "x.csv").write_text("a")
+        list(iter_records([str(tmp_path / "x.csv")]))
+    with pytest.raises(DataError, match="not valid JSON"):
+        (tmp_path / "bad.jsonl").write_text('{"text": 1\n')
+        list(iter_records([str(tmp_path / "bad.jsonl")]))
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    model = random_model(CONFIGS["moe"]).train()
+    x = torch.randint(14, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(24).repeat(2, 1)
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.activation_checkpointing = ckpt
+        F.cross_entropy(model(x, position_ids=pos).flatten(0, 1), x.flatten()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_autocast_step_runs_and_learns(tmp_path, tokenizer_dir):
+    cfg = small_cfg(tmp_path, tokenizer_dir, steps=8, bf16_autocast=True)
+    t = Trainer(cfg, progress=False)
+    losses = [t.train_step()["loss"] for _ in range(8)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_expert_counts_are_not_doubled_by_activation_checkpointing():
+    model = random_model(CONFIGS["moe"]).train()
+    x = torch.randint(14, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    counts = []
+    for ckpt in (False, True):
+        model.activation_checkpointing = ckpt
+        model(x, position_ids=torch.arange(16).repeat(2, 1)).sum().backward()
+        counts.append(update_expert_bias(model, 0.0, World()))
+    assert counts[0] == counts[1]

@@ -161,6 +161,10 @@ class Experts(nn.Module):
         return x.new_zeros(x.shape).index_add(0, tok, ys.to(x.dtype))
 
 
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1
+
+
 class MoE(nn.Module):
     """Sigmoid router; the fp32 expert bias only chooses experts, the weights are the unbiased scores."""
 
@@ -193,7 +197,7 @@ class MoE(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         w, idx = self.route(x)
-        if self.training:
+        if self.training and not _in_backward():  # activation checkpointing re-runs forward inside backward
             self._account(x, idx)
         return self.experts(x, idx, w).view(shape)
 
