@@ -46,13 +46,13 @@ def serve(a: argparse.Namespace) -> None:
 
     torch.set_num_threads(a.threads)
     if a.model:
-        llm = LLM(a.model, dtype=a.dtype)
+        llm = LLM(a.model, dtype=a.dtype, quantization=a.quantization)
     else:
         cfg = preset(a.preset)
         model = empty_model(cfg, resolve_dtype(a.dtype, cfg))
         model.init_weights(0.02, generator=torch.Generator().manual_seed(0))
         tok = Tokenizer.from_dir(build_tiny_tokenizer(tempfile.mkdtemp(prefix="lfm-bench-tok-")))
-        llm = LLM(model.eval(), tokenizer=tok)
+        llm = LLM(model.eval(), tokenizer=tok, quantization=a.quantization)
     state = ServerState(ServeConfig(model=a.model or a.preset, served_model_name="bench",
                                     max_num_seqs=max(a.concurrency, 1), kv_cache_memory=2 << 30), llm=llm)
     uvicorn.run(create_app(state), host="127.0.0.1", port=a.port, log_level="warning")
@@ -145,6 +145,7 @@ def main() -> None:
     p.add_argument("--preset", default="LFM2.5-350M")
     p.add_argument("--dtype", default="float32", help="float32 (default: fastest batched matmuls on most CPUs) or "
                                                       "bfloat16")
+    p.add_argument("--quantization", choices=["int8", "int4"], help="weight-only quantization on load")
     p.add_argument("--threads", type=int, default=1, help="torch threads in the server (default 1)")
     p.add_argument("--requests", type=int, default=16, help="requests per phase (default 16)")
     p.add_argument("--concurrency", type=int, default=16, help="clients in the concurrent phase (default 16)")
@@ -162,7 +163,8 @@ def main() -> None:
         a.port = s.getsockname()[1]
     url = f"http://127.0.0.1:{a.port}"
     cmd = [sys.executable, __file__, "--_serve", "--port", str(a.port), "--preset", a.preset, "--dtype", a.dtype,
-           "--threads", str(a.threads), "--concurrency", str(a.concurrency)] + (["--model", a.model] if a.model else [])
+           "--threads", str(a.threads), "--concurrency", str(a.concurrency)] + (["--model", a.model] if a.model else []) \
+        + (["--quantization", a.quantization] if a.quantization else [])
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         wait_ready(url, proc, timeout=600)
@@ -175,7 +177,7 @@ def main() -> None:
         proc.terminate()
         proc.wait(timeout=30)
     src = a.model or f"{a.preset} (random weights)"
-    print(f"\n{src}, {a.dtype}, {a.threads} torch thread(s); {a.requests} requests x {a.prompt_tokens} prompt "
+    print(f"\n{src}, {a.dtype}{' ' + a.quantization if a.quantization else ''}, {a.threads} torch thread(s); {a.requests} requests x {a.prompt_tokens} prompt "
           f"tokens -> {a.max_tokens} output tokens, streamed over loopback\n")
     print("| mode | clients | req/s | output tok/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | errors | wall (s) |")
     print("|---|---|---|---|---|---|---|---|")

@@ -187,3 +187,14 @@ def test_api_key_is_enforced(checkpoints):
         ok = OpenAI(base_url=s.url + "/v1", api_key="sekret", max_retries=0)
         assert ok.models.list().data[0].id == MODEL
         assert raw(s, "/health")[0] == 200  # health and metrics stay open for probes
+
+
+def test_quantized_server_equals_quantized_offline_llm(checkpoints):
+    cfg = ServeConfig(model=str(checkpoints["dense"]), served_model_name=MODEL, dtype="float32", quantization="int8",
+                      threads=1)
+    ref = LLM(str(checkpoints["dense"]), dtype="float32", quantization="int8").chat(
+        MSGS, SamplingParams(temperature=0, max_tokens=16))
+    with ServerThread(ServerState(cfg)) as s:
+        c = OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        r = c.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=16, **GREEDY)
+    assert r.choices[0].message.content == ref.text

@@ -41,6 +41,7 @@ class ServeConfig:
     api_key: str | None = None
     max_body_bytes: int = 4 << 20
     threads: int | None = None  # torch CPU threads (process-wide); None leaves torch's choice
+    quantization: str | None = None  # "int8" / "int4": weight-only, quantized on load (CPU)
 
 
 @dataclass
@@ -59,7 +60,8 @@ class ServerState:
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.llm = llm or LLM(cfg.model, dtype=cfg.dtype, device=cfg.device, max_model_len=cfg.max_model_len)
+        self.llm = llm or LLM(cfg.model, dtype=cfg.dtype, device=cfg.device, max_model_len=cfg.max_model_len,
+                              quantization=cfg.quantization)
         if cfg.max_model_len:
             self.llm.max_model_len = cfg.max_model_len
         self.tokenizer = self.llm.tokenizer
