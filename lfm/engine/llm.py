@@ -109,6 +109,7 @@ class LLM:
         else:
             self.tokenizer = None  # token-id prompts still work
         self.max_model_len = max_model_len or self.config.max_position_embeddings
+        self.prefill_chunk = 2048  # prompt tokens per forward: bounds prefill activations at any prompt length
         self.generation_config = self._read_generation_config()
 
     # ---- public API -------------------------------------------------------------------------------------------
@@ -187,7 +188,10 @@ class LLM:
         ids, mask = ids.to(dev), mask.to(dev)
         cache = model.new_cache(B, longest + max(s.max_new for s in seqs))
         sampler = Sampler(params, prompts, self.config.vocab_size, dev)
-        logits = model(ids, cache, attention_mask=mask if not bool(mask.all()) else None, logits_to_keep=1)[:, -1]
+        padded = not bool(mask.all())
+        for a in range(0, longest, self.prefill_chunk):  # chunks bound activation memory (a 32K prompt, say)
+            b = min(a + self.prefill_chunk, longest)
+            logits = model(ids[:, a:b], cache, attention_mask=mask[:, a:b] if padded else None, logits_to_keep=1)[:, -1]
         active = list(range(B))
         while True:
             tokens = sampler(logits)
