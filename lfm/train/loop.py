@@ -60,7 +60,7 @@ def build_model(cfg: TrainConfig, tok: Tokenizer) -> LfmForCausalLM:
     if _is_preset(m.init):
         ids = {"vocab_size": tok.vocab_size, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id,
                "pad_token_id": tok.pad_token_id}
-        config = preset(m.init, **{k: v for k, v in ids.items() if v is not None}, **m.overrides)
+        config = preset(m.init, **{**{k: v for k, v in ids.items() if v is not None}, **m.overrides})
         if config.vocab_size < tok.vocab_size:
             raise TrainConfigError(f"model vocab_size {config.vocab_size} < tokenizer vocabulary {tok.vocab_size}")
         g = torch.Generator().manual_seed(m.seed)
