@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import kernels as _kernels  # lfm.kernels: AVX2 GEMV for decode-sized batches (None = use the torch op)
+
 GROUP_SIZES = (32, 64, 128)
 
 
@@ -58,6 +60,11 @@ class Int8Linear(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # --- lfm.kernels dispatch ---
+        y = _kernels.int8_linear(x, self.weight, self.scales)
+        if y is not None:
+            return y
+        # --- end lfm.kernels dispatch ---
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if x2.dtype != self.scales.dtype:
@@ -94,6 +101,11 @@ class Int4Linear(nn.Module):
         self._sz = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # --- lfm.kernels dispatch (reads qweight / scales / zeros as stored) ---
+        y = _kernels.int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size)
+        if y is not None:
+            return y
+        # --- end lfm.kernels dispatch ---
         if self._packed is None:
             self.prepare()
         shape = x.shape

@@ -1,0 +1,84 @@
+"""AVX2 weight-only int8 / int4 GEMV kernels for decode-sized batches (a C++ extension built at first use).
+
+`Int8Linear` / `Int4Linear` call `int8_linear` / `int4_linear` first; these return None whenever the kernels do not
+apply (more than `MAX_ROWS` rows, autograd, non-CPU tensors, kernels unavailable or disabled), and the layer then
+uses PyTorch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu`.
+
+`LFM_KERNELS=0` disables the kernels for a process; `set_enabled(False)` / `with disabled():` inside one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+from types import ModuleType
+
+import torch
+
+INT4_ACT_BITS = 8  # activation precision of the int4 kernel for bfloat16 / float16 inputs (8 or 16)
+# rows of activations (tokens) up to which the kernels are used: measured faster than PyTorch's weight-only ops at
+# every M tried (1 to 1024, bfloat16, one thread: ~2x at M = 32..256, 1.5-2x at 1024); 2048 = LLM's prefill chunk
+MAX_ROWS = 2048
+
+_lock = threading.Lock()
+_ext: ModuleType | None = None
+_tried = False
+_enabled = True
+
+
+def extension() -> ModuleType | None:
+    """The loaded extension (built on first call), or None when unavailable or disabled."""
+    global _ext, _tried
+    if not _tried:
+        with _lock:
+            if not _tried:
+                from .build import load
+
+                _ext = load()
+                _tried = True
+    return _ext if _enabled else None
+
+
+def available() -> bool:
+    return extension() is not None
+
+
+def set_enabled(flag: bool) -> None:
+    """Turn the kernels on or off for this process (off: the torch fallback, e.g. to compare)."""
+    global _enabled
+    _enabled = bool(flag)
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    global _enabled
+    old, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = old
+
+
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+    """x @ (weight * scales[:, None]).T in scales' dtype (as the torch path returns), or None where the kernel does not
+    apply. float32 activations are multiplied in float (PyTorch's precision); bfloat16 / float16 ones as int16."""
+    if not _enabled:
+        return None
+    ext = _ext if _tried else extension()
+    if ext is None:
+        return None
+    return ext.int8_linear(x, weight, scales, MAX_ROWS)
+
+
+def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                group_size: int) -> torch.Tensor | None:
+    """x @ W.T with W[n, k] = (q - 8) * scale + zero per group (portable nibble layout), or None where the kernel does
+    not apply. float32 activations are multiplied in float (PyTorch's precision); bfloat16 / float16 ones as int8
+    (INT4_ACT_BITS: an error of the order of bfloat16's own rounding, and half the instructions of int16)."""
+    if not _enabled:
+        return None
+    ext = _ext if _tried else extension()
+    if ext is None:
+        return None
+    return ext.int4_linear(x, qweight, scales, zeros, group_size, MAX_ROWS, INT4_ACT_BITS)

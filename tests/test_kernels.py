@@ -1,0 +1,212 @@
+"""lfm.kernels: the AVX2 GEMV kernels equal the layers' dequantized weights, the fallback gives the same results, and
+every way of not having the kernels degrades to PyTorch's ops with one warning.
+
+Where the extension cannot be built the kernel tests skip (with the reason), except under CI=true, where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from lfm import kernels
+from lfm.kernels import build
+from lfm.model.quant import Int4Linear, Int8Linear
+
+torch.set_grad_enabled(False)
+
+# max |kernel - x @ dequantized.T| / max |x @ dequantized.T|: float32 activations are multiplied in float; bfloat16
+# ones are quantized (int8 weights: to int16; int4 weights: to int8, about bfloat16's own rounding) and the output
+# is rounded to bfloat16 (2^-9 relative)
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1.5e-2, torch.float16: 1.5e-2}
+
+
+@pytest.fixture(scope="module")
+def ext():
+    """The built extension, whatever LFM_KERNELS says (the tests of the fallback set it themselves)."""
+    ok, why = build.cpu_supported()
+    reason = f"the AVX2 kernels cannot run here: {why}"
+    if ok:
+        try:
+            return build.compile_and_load()
+        except Exception as e:  # noqa: BLE001
+            reason = f"the AVX2 kernels cannot be built here: {e}"
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def on(ext, monkeypatch):
+    """Dispatch to the built extension in this process (even under LFM_KERNELS=0)."""
+    monkeypatch.setattr(kernels, "_ext", ext)
+    monkeypatch.setattr(kernels, "_tried", True)
+    monkeypatch.setattr(kernels, "_enabled", True)
+    return ext
+
+
+def layer(kind: str, k: int, n: int, dtype: torch.dtype, seed: int = 0) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(k, n, bias=False)
+    lin.weight.copy_(torch.randn(n, k, generator=g) * 0.05)
+    lin = lin.to(dtype)
+    return Int8Linear.from_linear(lin) if kind == "int8" else Int4Linear.from_linear(lin, int(kind.split("-")[1]))
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return (got.float() - want).abs().max().item() / want.abs().max().item()
+
+
+# (kind, K, N): K not a multiple of 64 wherever the format allows (int8: any K; int4: a multiple of the group)
+SHAPES = [("int8", 256, 96), ("int8", 100, 37), ("int8", 200, 24), ("int8", 7, 5),
+          ("int4-32", 256, 96), ("int4-32", 96, 48), ("int4-32", 160, 33),
+          ("int4-64", 256, 96), ("int4-64", 192, 17), ("int4-128", 384, 48), ("int4-128", 128, 9)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("kind,k,n", SHAPES)
+def test_kernel_equals_dequantized_reference_and_fallback(on, kind, k, n, dtype):
+    q = layer(kind, k, n, dtype)
+    w = q.dequantize()
+    for m in (1, 2, 5):
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+        want = x.float() @ w.t()
+        direct = (kernels.int8_linear(x, q.weight, q.scales) if kind == "int8"
+                  else kernels.int4_linear(x, q.qweight, q.scales, q.zeros, q.group_size))
+        assert direct is not None, "the kernel did not take a decode-sized input"
+        got = q(x)
+        assert got.dtype == dtype and got.shape == (m, n)
+        assert torch.equal(got, direct)
+        assert rel_err(got, want) <= TOL[dtype], (m, rel_err(got, want))
+        if kind == "int8" and dtype == torch.bfloat16 and k % 8:
+            continue  # torch 2.13's bfloat16 _weight_int8pack_mm crashes (SIGSEGV) when K % 8 != 0
+        if kind != "int8" and n % 16:
+            continue  # torch's int4 packing needs N % 16 == 0 (the kernel does not)
+        with kernels.disabled():
+            ref = q(x)  # PyTorch's weight-only op
+        assert ref.dtype == got.dtype
+        assert rel_err(ref, want) <= TOL[dtype]
+        assert (got.float() - ref.float()).abs().max().item() <= 2 * TOL[dtype] * want.abs().max().item()
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_int4_int16_activations(ext, group):
+    """The int16-activation int4 path (for bf16 inputs, optional) is as precise as the int8 kernel's."""
+    q = layer(f"int4-{group}", 384, 40, torch.bfloat16)
+    x = torch.randn(3, 384).to(torch.bfloat16)
+    want = x.float() @ q.dequantize().t()
+    y16 = ext.int4_gemv(x, q.qweight, q.scales, q.zeros, group, torch.float32, 16)
+    y8 = ext.int4_gemv(x, q.qweight, q.scales, q.zeros, group, torch.float32, 8)
+    assert rel_err(y16, want) <= 2e-4
+    assert rel_err(y8, want) <= 1.5e-2
+
+
+def test_float32_kernels_match_float_math(ext):
+    """float32 activations: the kernels only differ from x @ dequantized.T by float rounding."""
+    for kind in ("int8", "int4-32", "int4-128"):
+        q = layer(kind, 512, 64, torch.float32)
+        x = torch.randn(4, 512)
+        y = ext.int8_gemv(x, q.weight, q.scales, torch.float32, 32) if kind == "int8" else \
+            ext.int4_gemv(x, q.qweight, q.scales, q.zeros, q.group_size, torch.float32, 32)
+        assert rel_err(y, x @ q.dequantize().t()) <= 2e-6
+
+
+def test_shapes_rows_and_threads(on):
+    q8, q4 = layer("int8", 512, 1024, torch.bfloat16), layer("int4-64", 512, 2048, torch.bfloat16)
+    x = torch.randn(2, 3, 512).to(torch.bfloat16)  # a [batch, seq, K] input keeps its leading dims
+    for q in (q8, q4):
+        y = q(x)
+        assert y.shape == (2, 3, q.out_features)
+        assert torch.equal(y.reshape(6, -1), q(x.reshape(6, 512)))
+    big = torch.randn(20, 512).to(torch.bfloat16)  # more rows than MAX_ROWS: PyTorch's op
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(kernels, "MAX_ROWS", 16)
+        assert kernels.int8_linear(big, q8.weight, q8.scales) is None
+        y_torch = q8(big)
+    y = q8(big)  # the kernels, with 5 tiles of 4 rows (each weight row read once, see by_row_tiles)
+    assert rel_err(y, big.float() @ q8.dequantize().t()) <= TOL[torch.bfloat16]
+    assert rel_err(y_torch, big.float() @ q8.dequantize().t()) <= TOL[torch.bfloat16]
+    threads = torch.get_num_threads()
+    try:  # the row split over threads does not change a single bit
+        torch.set_num_threads(1)
+        one = [q(x) for q in (q8, q4)]
+        torch.set_num_threads(2)
+        two = [q(x) for q in (q8, q4)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one, two))
+    with torch.enable_grad():  # autograd is left to PyTorch
+        assert kernels.int8_linear(torch.randn(1, 512, requires_grad=True), q8.weight, q8.scales) is None
+    # weights not in the expected layout: PyTorch's op, not an error
+    strided = torch.zeros(512, 1024, dtype=torch.int8).t()
+    assert kernels.int8_linear(x, strided, q8.scales) is None
+    assert kernels.int4_linear(x, q4.qweight, q4.scales, q4.zeros[:, :1], 64) is None
+
+
+def test_zero_and_constant_activations(on):
+    q = layer("int4-32", 96, 8, torch.bfloat16)
+    assert torch.equal(q(torch.zeros(1, 96, dtype=torch.bfloat16)), torch.zeros(1, 8, dtype=torch.bfloat16))
+    q8 = layer("int8", 70, 8, torch.float32)
+    x = torch.full((1, 70), 3.0)
+    assert rel_err(q8(x), x @ q8.dequantize().t()) <= 1e-5
+
+
+def test_fallback_when_unavailable_warns_once(monkeypatch):
+    def boom(verbose: bool = False):
+        raise RuntimeError("compiler exploded\nsecond line")
+
+    monkeypatch.setattr(build, "compile_and_load", boom)
+    monkeypatch.setattr(build, "cpu_supported", lambda: (True, ""))
+    monkeypatch.delenv("LFM_KERNELS", raising=False)
+    monkeypatch.setattr(kernels, "_ext", None)
+    monkeypatch.setattr(kernels, "_tried", False)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        q = layer("int4-64", 128, 16, torch.float32)
+        x = torch.randn(1, 128)
+        y = q(x)
+        q(x)
+        assert kernels.extension() is None
+    msgs = [str(r.message) for r in rec if issubclass(r.category, build.KernelWarning)]
+    assert len(msgs) == 1 and "compiler exploded" in msgs[0] and "\n" not in msgs[0]
+    assert rel_err(y, x @ q.dequantize().t()) <= 1e-4
+
+    monkeypatch.setattr(build, "cpu_supported", lambda: (False, "the CPU lacks avx2"))
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        assert build.load() is None
+    assert [str(r.message) for r in rec] == ["lfm.kernels: the CPU lacks avx2; using PyTorch's weight-only kernels"]
+
+
+def _run(code: str, *args: str, **env: str) -> subprocess.CompletedProcess:
+    e = dict(os.environ, **env)
+    return subprocess.run([sys.executable, "-c", code, *args], env=e, capture_output=True, text=True, timeout=120)
+
+
+def test_disabled_by_env_in_a_fresh_process_gives_the_same_results(ext, tmp_path):
+    """LFM_KERNELS=0: no build, no warning, PyTorch's ops; a cached build is loaded without the compiler."""
+    code = """
+import sys, torch
+from lfm import kernels
+from lfm.model.quant import Int4Linear, Int8Linear
+torch.manual_seed(0)
+lin = torch.nn.Linear(256, 48, bias=False).to(torch.bfloat16)
+x = torch.randn(2, 256).to(torch.bfloat16)
+ys = [Int8Linear.from_linear(lin)(x), Int4Linear.from_linear(lin, 64)(x)]
+print(kernels.available())
+torch.save(ys, sys.argv[1])
+"""
+    off = _run(code, str(tmp_path / "off.pt"), LFM_KERNELS="0")
+    assert off.returncode == 0, off.stderr
+    assert off.stdout.strip() == "False" and "Warning" not in off.stderr
+    on = _run(code, str(tmp_path / "on.pt"), LFM_KERNELS="1", CXX="/nonexistent-compiler")  # from the build cache
+    assert on.returncode == 0, on.stderr
+    assert on.stdout.strip() == "True" and "Warning" not in on.stderr
+    for a, b in zip(torch.load(tmp_path / "off.pt"), torch.load(tmp_path / "on.pt")):
+        assert a.dtype == b.dtype == torch.bfloat16
+        assert (a.float() - b.float()).abs().max().item() <= 3e-2 * a.float().abs().max().item()
