@@ -85,3 +85,13 @@ def checkpoints(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
         save_model(random_model(cfg), d, tokenizer_dir=tokenizer_dir)
         out[name] = d
     return out
+
+
+@pytest.fixture(autouse=True)
+def _training_tests_get_autograd(request):
+    """Inference test modules switch autograd off at import (collection), process-wide; training tests need it on."""
+    if request.module.__name__.rsplit(".", 1)[-1].startswith("test_train"):
+        with torch.enable_grad():
+            yield
+    else:
+        yield

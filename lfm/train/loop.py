@@ -167,6 +167,7 @@ class Trainer:
             b = self.rows.take(self.order.indices(start, B))
         return {k: v.to(w.device) for k, v in b.items()}
 
+    @torch.enable_grad()
     def train_step(self) -> dict[str, Any]:
         cfg, w = self.cfg, self.world
         torch.manual_seed(cfg.model.seed * 7919 + self.step * w.size + w.rank)  # dropout: a function of the step
