@@ -52,12 +52,15 @@ ENGINES: dict[str, tuple[str, str, dict]] = {
     "lfm-bf16": ("lfm bfloat16", "lfm", {"dtype": "bfloat16"}),
     "lfm-int8": ("lfm int8", "lfm", {"dtype": "float32", "quantization": "int8"}),
     "lfm-int4": ("lfm int4 g64", "lfm", {"dtype": "float32", "quantization": "int4", "group_size": 64}),
+    # bfloat16 activations: the int kernels then quantize activations too (int16 for int8, int8 for int4 weights)
+    "lfm-int8-bf16": ("lfm int8, bf16 act.", "lfm", {"dtype": "bfloat16", "quantization": "int8"}),
+    "lfm-int4-bf16": ("lfm int4 g64, bf16 act.", "lfm", {"dtype": "bfloat16", "quantization": "int4", "group_size": 64}),
     "hf-bf16": ("transformers bfloat16", "hf", {}),
     "llama-f16": ("llama.cpp F16", "llama", {"file": "f16.gguf"}),
     "llama-q8_0": ("llama.cpp Q8_0", "llama", {"file": "q8_0.gguf"}),
     "llama-q4_k_m": ("llama.cpp Q4_K_M", "llama", {"file": "q4_k_m.gguf"}),
 }
-RATIOS = [("lfm int4 / llama.cpp Q4_K_M", "lfm-int4", "llama-q4_k_m"), ("lfm int8 / llama.cpp Q8_0", "lfm-int8", "llama-q8_0"),
+RATIOS = [("lfm int4 / llama.cpp Q4_K_M", "lfm-int4*", "llama-q4_k_m"), ("lfm int8 / llama.cpp Q8_0", "lfm-int8*", "llama-q8_0"),
           ("lfm bf16 / llama.cpp F16", "lfm-bf16", "llama-f16"), ("lfm bf16 / transformers bf16", "lfm-bf16", "hf-bf16"),
           ("best lfm / transformers bf16", "lfm*", "hf-bf16"), ("best lfm / best llama.cpp", "lfm*", "llama*")]
 CHECK_TOKENS = 8
