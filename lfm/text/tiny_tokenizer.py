@@ -10,6 +10,7 @@ Hugging Face layout (`tokenizer.json`, `tokenizer_config.json`, `special_tokens_
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -80,6 +81,11 @@ def training_corpus() -> list[str]:
 
 def train_tiny_tokenizer(vocab_size: int = TINY_VOCAB_SIZE) -> HFTokenizer:
     """Train the byte-level BPE in memory (deterministic for a given corpus and size)."""
+    return train_lfm2_bpe(training_corpus(), vocab_size)
+
+
+def train_lfm2_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
+    """A byte-level BPE with LFM2's control tokens at ids 0..13 and a BOS post-processor (deterministic)."""
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
@@ -90,7 +96,7 @@ def train_tiny_tokenizer(vocab_size: int = TINY_VOCAB_SIZE) -> HFTokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(training_corpus(), trainer=trainer)
+    tok.train_from_iterator(texts, trainer=trainer)
     bos = SPECIAL_TOKENS[1]
     tok.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A:0",
@@ -99,7 +105,7 @@ def train_tiny_tokenizer(vocab_size: int = TINY_VOCAB_SIZE) -> HFTokenizer:
     )
     for i, token in enumerate(SPECIAL_TOKENS):
         if tok.token_to_id(token) != i:
-            raise RuntimeError(f"tiny tokenizer: {token} got id {tok.token_to_id(token)}, expected {i}")
+            raise RuntimeError(f"BPE training: {token} got id {tok.token_to_id(token)}, expected {i}")
     return tok
 
 

@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.checkpoint import load_model, save_model
-from ..model.config import LfmConfig
 from ..model.lfm2 import LfmForCausalLM
 from ..model.presets import PRESETS, preset
 from ..text.tokenizer import Tokenizer
@@ -307,5 +306,3 @@ def config_of_run(run_dir: str | Path) -> TrainConfig:
         raise TrainConfigError(f"{run_dir}: not a run directory (no config.toml)")
     return TrainConfig.from_toml(p)
 
-
-_ = LfmConfig  # re-exported type for annotations in callers

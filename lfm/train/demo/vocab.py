@@ -13,10 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from lfm.text.templates import TEMPLATES
-from lfm.text.tiny_tokenizer import MODEL_MAX_LENGTH, SPECIAL_TOKENS, _added_tokens_decoder
+from lfm.text.tiny_tokenizer import MODEL_MAX_LENGTH, SPECIAL_TOKENS, _added_tokens_decoder, train_lfm2_bpe
 from lfm.text.tokenizer import Tokenizer
 from lfm.train.demo.corpus import read_jsonl
 
@@ -48,24 +47,7 @@ def train_bpe(texts: Iterator[str], vocab_size: int = DEMO_VOCAB_SIZE) -> HFToke
     """Byte-level BPE with LFM2's control tokens first (ids 0..13) and a BOS post-processor."""
     if vocab_size < len(SPECIAL_TOKENS) + 256:
         raise ValueError(f"vocab_size must be at least {len(SPECIAL_TOKENS) + 256} (control + byte tokens)")
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    bos = SPECIAL_TOKENS[1]
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A:0", pair=f"{bos} $A:0 {bos} $B:1", special_tokens=[(bos, 1)])
-    for i, token in enumerate(SPECIAL_TOKENS):
-        if tok.token_to_id(token) != i:
-            raise RuntimeError(f"demo tokenizer: {token} got id {tok.token_to_id(token)}, expected {i}")
-    return tok
+    return train_lfm2_bpe(texts, vocab_size)
 
 
 def tokenizer_config() -> dict:
