@@ -210,3 +210,51 @@ torch.save(ys, sys.argv[1])
     for a, b in zip(torch.load(tmp_path / "off.pt"), torch.load(tmp_path / "on.pt")):
         assert a.dtype == b.dtype == torch.bfloat16
         assert (a.float() - b.float()).abs().max().item() <= 3e-2 * a.float().abs().max().item()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# bfloat16 weights (lfm.model.cpu_linear): float32 products of the bfloat16 values, output rounded once
+
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("k,n,bias", [(1024, 96, False), (100, 37, True), (17, 5, True), (48, 3, False)])
+def test_bf16_kernel_equals_float_math_on_bf16_values(on, xdtype, k, n, bias):
+    g = torch.Generator().manual_seed(k + n)
+    w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16() if bias else None
+    for rows in (1, 2, 3, 4, 5, 9, 16):  # every row tile, an odd last weight row, K tails of 1..15
+        x = torch.randn(rows, k, generator=g).to(xdtype)
+        want = x.double() @ w.double().t() + (b.double() if bias else 0)
+        y = kernels.bf16_linear(x, w, b)
+        assert y is not None and y.dtype == xdtype and y.shape == (rows, n)
+        # float32 output: float32 accumulation only; 16-bit outputs: one rounding (2^-9 / 2^-12 relative)
+        tol = 1e-5 if xdtype == torch.float32 else 8e-3
+        assert rel_err(y, want) <= tol, (rows, rel_err(y, want))
+        if xdtype == torch.float32:  # and it is what F.linear gives on the same values, up to float32 order
+            assert rel_err(y, torch.nn.functional.linear(x, w.float(), None if b is None else b.float())) <= 1e-5
+
+
+def test_bf16_linear_swap_keeps_the_module_and_defers_where_it_should(on, monkeypatch):
+    from lfm.model.cpu_linear import Bf16Linear, use_cpu_kernels
+
+    monkeypatch.setattr(kernels, "bf16_faster", lambda: True)
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8, bias=False))
+    for p in model.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    model = model.bfloat16()
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(3, 5, 64, generator=g).bfloat16()
+    want = model(x)  # PyTorch's bfloat16 matmul
+    assert use_cpu_kernels(model) == 2 and all(type(model[i]) is Bf16Linear for i in (0, 2))
+    assert model.state_dict().keys() == keys.keys() and all(torch.equal(model.state_dict()[k], keys[k]) for k in keys)
+    y = model(x)
+    assert y.shape == want.shape and rel_err(y, want) <= 1.5e-2
+    with torch.enable_grad():  # training: plain nn.Linear, gradients flow
+        xg = x.float().bfloat16().requires_grad_()
+        model(xg).sum().backward()
+        assert model[0].weight.grad is not None and xg.grad is not None
+    f32 = torch.nn.Linear(4, 4)
+    assert use_cpu_kernels(f32) == 0 and type(f32) is torch.nn.Linear  # only bfloat16 weights
+    monkeypatch.setattr(kernels, "bf16_faster", lambda: False)  # a CPU with native bfloat16: leave nn.Linear alone
+    other = torch.nn.Linear(4, 4).bfloat16()
+    assert use_cpu_kernels(other) == 0 and type(other) is torch.nn.Linear

@@ -16,6 +16,7 @@ import torch
 
 from ..model.checkpoint import CheckpointError, load_model, resolve
 from ..model.lfm2 import LfmForCausalLM
+from ..model.cpu_linear import use_cpu_kernels
 from ..model.quant import prepare as prepare_quantized
 from ..model.quant import quantize_model
 from ..text import IncrementalDetokenizer, Tokenizer, ToolCall, parse_tool_calls
@@ -97,6 +98,7 @@ class LLM:
                 raise ValueError(f"quantization must be 'int8' or 'int4', got {quantization!r}")
             quantize_model(self.model, bits, group_size)
             prepare_quantized(self.model)
+        use_cpu_kernels(self.model)  # bfloat16 linears on CPUs without bfloat16 arithmetic
         self.config = self.model.config
         tok_src = tokenizer if tokenizer is not None else self.path
         if isinstance(tok_src, Tokenizer):

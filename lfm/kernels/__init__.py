@@ -1,4 +1,5 @@
-"""AVX2 weight-only int8 / int4 GEMV kernels for decode-sized batches (a C++ extension built at first use).
+"""AVX2 kernels (a C++ extension built at first use): weight-only int8 / int4 GEMV for decode-sized batches, and a
+bfloat16-weight GEMM for CPUs without bfloat16 arithmetic (`lfm.model.cpu_linear`).
 
 `Int8Linear` / `Int4Linear` call `int8_linear` / `int4_linear` first; these return None whenever the kernels do not
 apply (more than `MAX_ROWS` rows, autograd, non-CPU tensors, kernels unavailable or disabled), and the layer then
@@ -82,3 +83,23 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     if ext is None:
         return None
     return ext.int4_linear(x, qweight, scales, zeros, group_size, MAX_ROWS, INT4_ACT_BITS)
+
+
+def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """F.linear(x, weight, bias) for a bfloat16 weight, multiplied in float32 and returned in x's dtype, or None
+    where the kernel does not apply (autograd, non-CPU tensors, more than MAX_ROWS rows, kernels unavailable)."""
+    if not _enabled:
+        return None
+    ext = _ext if _tried else extension()
+    if ext is None:
+        return None
+    return ext.bf16_linear(x, weight, bias, MAX_ROWS)
+
+
+def bf16_faster() -> bool:
+    """Whether `bf16_linear` beats PyTorch's bfloat16 matmul here: kernels available and no native bfloat16 (AVX-512
+    BF16 or AMX), where oneDNN's own kernels are the better choice."""
+    from .build import cpu_flags
+
+    flags = cpu_flags()
+    return available() and not ({"avx512_bf16", "amx_bf16"} & flags)

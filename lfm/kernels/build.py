@@ -23,7 +23,8 @@ from types import ModuleType
 
 import torch
 
-SOURCES = [Path(__file__).with_name("gemv.cpp")]
+SOURCES = [Path(__file__).with_name("gemv.cpp"), Path(__file__).with_name("bf16.cpp")]
+HEADERS = [Path(__file__).with_name("common.h")]
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
@@ -42,22 +43,26 @@ def disabled_by_env() -> bool:
     return os.environ.get("LFM_KERNELS", "1").strip().lower() in ("0", "false", "no", "off")
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
 def cpu_supported() -> tuple[bool, str]:
     """Whether this CPU runs AVX2 + FMA + F16C code, and if not, why."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False, f"not an x86-64 CPU ({platform.machine()})"
-    try:
-        flags: set[str] = set()
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-        if flags:
-            missing = [f for f in REQUIRED_CPU_FLAGS if f not in flags]
-            return (not missing), f"the CPU lacks {', '.join(missing)}" if missing else ""
-    except OSError:
-        pass
+    flags = cpu_flags()
+    if flags:
+        missing = [f for f in REQUIRED_CPU_FLAGS if f not in flags]
+        return (not missing), f"the CPU lacks {', '.join(missing)}" if missing else ""
     cap = torch.backends.cpu.get_cpu_capability()  # no /proc/cpuinfo: trust ATen's own dispatch level
     return cap in ("AVX2", "AVX512"), f"the CPU's vector capability is {cap}, not AVX2"
 
@@ -72,7 +77,7 @@ def cache_root() -> Path:
 
 def build_key() -> str:
     h = hashlib.sha256()
-    for src in SOURCES:
+    for src in SOURCES + HEADERS:
         h.update(src.read_bytes())
     h.update(" ".join(CFLAGS + LDFLAGS).encode())
     h.update(torch.__version__.encode())
