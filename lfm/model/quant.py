@@ -1,6 +1,7 @@
 """Weight-only quantization as module swaps (the gpt-fast way): the network code never changes, a `nn.Linear` is
-replaced by an `Int8Linear` (per-output-channel scales) or an `Int4Linear` (asymmetric, group-wise), and the token
-embedding by a `QuantEmbedding` that dequantizes only the rows it looks up.
+replaced by an `Int8Linear` (per-output-channel scales) or an `Int4Linear` (asymmetric, group-wise), the token
+embedding by a `QuantEmbedding` that dequantizes only the rows it looks up, and a MoE layer's stacked `Experts` by
+`QuantExperts` (each expert's matrices in the same int4 / int8 layouts, stacked; only the chosen experts run).
 
 Storage is portable (int8 values; int4 as two nibbles per byte), so a quantized checkpoint is plain safetensors; the
 CPU kernel's packed int4 layout is derived at load time. Matmuls use PyTorch's CPU weight-only kernels
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels as _kernels  # lfm.kernels: AVX2 GEMV for decode-sized batches (None = use the torch op)
+from .lfm2 import Experts
 
 GROUP_SIZES = (32, 64, 128)
 
@@ -140,10 +142,122 @@ class QuantEmbedding(nn.Module):
         return F.embedding(ids, self.weight).to(self.scales.dtype) * self.scales[ids][..., None]
 
 
+class QuantStack(nn.Module):
+    """E stacked [N, K] matrices (one per expert), each quantized as an Int4Linear (`qweight` [E, N, K/2], `scales` /
+    `zeros` [E, N, K/group]) or, where the group does not divide K or bits = 8, an Int8Linear (`weight` [E, N, K],
+    `scales` [E, N]). `mm(x, e)` multiplies by expert e's slice in place: the kernels read the slice as it is."""
+
+    def __init__(self, n: int, out_features: int, in_features: int, bits: int, group_size: int = 64,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        self.bits = 4 if bits == 4 and in_features % group_size == 0 else 8
+        if self.bits == 4:
+            self.register_buffer("qweight", torch.zeros(n, out_features, in_features // 2, dtype=torch.uint8))
+            self.register_buffer("scales", torch.ones(n, out_features, in_features // group_size, dtype=dtype))
+            self.register_buffer("zeros", torch.zeros(n, out_features, in_features // group_size, dtype=dtype))
+        else:
+            self.register_buffer("weight", torch.zeros(n, out_features, in_features, dtype=torch.int8))
+            self.register_buffer("scales", torch.ones(n, out_features, dtype=dtype))
+
+    @classmethod
+    def from_float(cls, w: torch.Tensor, bits: int, group_size: int) -> QuantStack:
+        """Quantize [E, N, K] one expert at a time (no float copy of the whole stack)."""
+        m = cls(w.shape[0], w.shape[1], w.shape[2], bits, group_size, w.dtype)
+        for e in range(w.shape[0]):
+            if m.bits == 4:
+                q, s, z = quantize_int4(w[e], group_size)
+                m.qweight[e], m.scales[e], m.zeros[e] = pack_nibbles(q), s, z
+            else:
+                m.weight[e], m.scales[e] = quantize_int8(w[e])
+        return m
+
+    def mm(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """x [M, K] @ W_e.T -> [M, N] in the scales' dtype (as Int4Linear / Int8Linear)."""
+        if self.bits == 4:
+            y = _kernels.int4_linear(x, self.qweight[e], self.scales[e], self.zeros[e], self.group_size)
+            if y is not None:
+                return y
+            # no packed copy is kept for the torch op (it would double the experts' memory): dequantize this expert
+            return F.linear(x.float(), self.dequantize(e)).to(self.scales.dtype)
+        y = _kernels.int8_linear(x, self.weight[e], self.scales[e])
+        if y is not None:
+            return y
+        x2 = x.to(self.scales.dtype) if x.dtype != self.scales.dtype else x
+        return torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight[e], self.scales[e])
+
+    def dequantize(self, e: int | None = None) -> torch.Tensor:
+        """Float32 weights of expert e [N, K], or of all experts [E, N, K]."""
+        if e is None:
+            return torch.stack([self.dequantize(i) for i in range(self.scales.shape[0])])
+        if self.bits == 8:
+            return self.weight[e].float() * self.scales[e].float()[:, None]
+        q = unpack_nibbles(self.qweight[e]).float().reshape(self.out_features, -1, self.group_size)
+        w = (q - 8) * self.scales[e].float()[..., None] + self.zeros[e].float()[..., None]
+        return w.reshape(self.out_features, self.in_features)
+
+
+class QuantExperts(nn.Module):
+    """`Experts` with quantized weights: `gate_up` [E, 2I, D] and `down` [E, D, I] as QuantStacks. Same forward: only
+    the chosen experts are computed; one token (batch-1 decode) runs its k experts directly, more tokens are grouped
+    by expert (one multiplication per chosen expert)."""
+
+    def __init__(self, n: int, d: int, inter: int, bits: int, group_size: int = 64,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.num_experts = n
+        self.gate_up = QuantStack(n, 2 * inter, d, bits, group_size, dtype)
+        self.down = QuantStack(n, d, inter, bits, group_size, dtype)
+
+    @classmethod
+    def from_experts(cls, ex: Experts, bits: int, group_size: int) -> QuantExperts:
+        E, I2, D = ex.gate_up_proj.shape
+        m = cls(0, D, I2 // 2, bits, group_size, ex.gate_up_proj.dtype)  # empty stacks, replaced:
+        m.num_experts = E
+        m.gate_up = QuantStack.from_float(ex.gate_up_proj.data, bits, group_size)
+        m.down = QuantStack.from_float(ex.down_proj.data, bits, group_size)
+        return m
+
+    def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert e's SwiGLU of x [M, D]."""
+        g, u = self.gate_up.mm(x, e).chunk(2, dim=-1)
+        return self.down.mm(F.silu(g) * u, e)
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x [N, D]; idx, weight [N, k] (as Experts.forward)."""
+        N, k = idx.shape
+        if N == 1:
+            ys = torch.cat([self.expert(x, e) for e in idx[0].tolist()])  # [k, D]
+            return (weight.to(ys.dtype) @ ys).to(x.dtype)
+        flat = idx.reshape(-1)
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        tok = order // k
+        xs = x[tok]
+        parts, s = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                parts.append(self.expert(xs[s:s + n], e))
+                s += n
+        ys = torch.cat(parts) * weight.reshape(-1)[order, None]
+        return x.new_zeros(x.shape).index_add(0, tok, ys.to(x.dtype))
+
+    def dequantize(self) -> Experts:
+        """A float `Experts` holding the dequantized weights (float32), for references."""
+        gu, dn = self.gate_up.dequantize(), self.down.dequantize()
+        ex = Experts(gu.shape[0], gu.shape[2], dn.shape[2])
+        ex.gate_up_proj.data, ex.down_proj.data = gu, dn
+        return ex
+
+
 def _linear_names(model: nn.Module) -> list[str]:
     """Every Linear that holds weights worth quantizing: projections, FFNs and the LM head (not the MoE router,
     whose few outputs decide routing and cost nothing)."""
     return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.endswith("feed_forward.gate")]
+
+
+def _expert_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, Experts)]
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -152,7 +266,8 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def quantize_model(model: nn.Module, bits: int, group_size: int = 64, progress: bool = False) -> nn.Module:
-    """Swap linears (and the embedding) for quantized modules in place; the tied head gets its own quantized copy."""
+    """Swap linears, MoE experts and the embedding for quantized modules in place (not the MoE router, whose few
+    outputs decide routing); the tied head gets its own quantized copy."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     if model.model.embedding_norm.weight.device.type != "cpu":
@@ -167,6 +282,8 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 64, progress: 
             _swap(model, name, Int4Linear.from_linear(lin, group_size))
         else:  # a width the group size does not divide stays usable at 8 bits
             _swap(model, name, Int8Linear.from_linear(lin))
+    for name in tqdm(_expert_names(model), desc=f"int{bits} experts", unit="layer", disable=not progress):
+        _swap(model, name, QuantExperts.from_experts(model.get_submodule(name), bits, group_size))
     emb = model.model.embed_tokens
     model.model.embed_tokens = QuantEmbedding.from_embedding(emb)
     model.config.extra["quantization_config"] = {"quant_method": "lfm", "bits": bits, "group_size": group_size}
@@ -183,6 +300,9 @@ def quantized_skeleton(model: nn.Module, bits: int, group_size: int) -> nn.Modul
         else:
             new = Int8Linear(lin.in_features, lin.out_features, dtype)
         _swap(model, name, new)
+    for name in _expert_names(model):
+        E, I2, D = model.get_submodule(name).gate_up_proj.shape
+        _swap(model, name, QuantExperts(E, D, I2 // 2, bits, group_size, dtype))
     e = model.model.embed_tokens
     model.model.embed_tokens = QuantEmbedding(e.num_embeddings, e.embedding_dim, dtype)
     return model
