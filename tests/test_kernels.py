@@ -258,3 +258,51 @@ def test_bf16_linear_swap_keeps_the_module_and_defers_where_it_should(on, monkey
     monkeypatch.setattr(kernels, "bf16_faster", lambda: False)  # a CPU with native bfloat16: leave nn.Linear alone
     other = torch.nn.Linear(4, 4).bfloat16()
     assert use_cpu_kernels(other) == 0 and type(other) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("heads,kv,d", [(16, 8, 64), (4, 4, 12), (6, 2, 16)])
+def test_decode_attention_equals_sdpa_per_sequence(on, dtype, heads, kv, d):
+    g = torch.Generator().manual_seed(heads + kv + d)
+    lens, max_len = [1, 7, 40, 300], 320  # sequences at different lengths, each in its own cache
+    n = len(lens)
+    ks = [torch.randn(1, kv, max_len, d, generator=g).to(dtype) for _ in lens]
+    vs = [torch.randn(1, kv, max_len, d, generator=g).to(dtype) for _ in lens]
+    q = torch.randn(n, heads, d, generator=g).to(dtype)
+    kn, vn = torch.randn(n, kv, d, generator=g).to(dtype), torch.randn(n, kv, d, generator=g).to(dtype)
+    before = [(k.clone(), v.clone()) for k, v in zip(ks, vs)]
+    pos = [x - 1 for x in lens]
+    out = kernels.decode_attention(q, kn, vn, ks, vs, pos, d ** -0.5)
+    assert out is not None and out.shape == (n, heads, d) and out.dtype == dtype
+    for b, p in enumerate(pos):
+        k0, v0 = before[b]
+        k0[:, :, p], v0[:, :, p] = kn[b], vn[b]
+        assert torch.equal(ks[b], k0) and torch.equal(vs[b], v0)  # the new key / value went in at p, nothing else moved
+        want = torch.nn.functional.scaled_dot_product_attention(
+            q[b:b + 1, :, None].double(), k0[:, :, :p + 1].double(), v0[:, :, :p + 1].double(), enable_gqa=True)[0, :, 0]
+        assert rel_err(out[b], want) <= (1e-5 if dtype == torch.float32 else 1e-2), (b, rel_err(out[b], want))
+    with torch.enable_grad():  # autograd: left to PyTorch, nothing written
+        assert kernels.decode_attention(q.float().requires_grad_(), kn.float(), vn.float(), [k.float() for k in ks],
+                                        [v.float() for v in vs], pos, 1.0) is None
+
+
+def test_decode_many_same_with_and_without_kernels(on):
+    from lfm.model.checkpoint import empty_model
+    from lfm.model.presets import preset
+
+    model = empty_model(preset("tiny"), torch.bfloat16)
+    model.init_weights(0.05, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    prompts = [[5, 6, 7], list(range(10, 30)), [9]]
+
+    def run() -> list[torch.Tensor]:
+        caches = [model.new_cache(1, 40) for _ in prompts]
+        for p, c in zip(prompts, caches):
+            model(torch.tensor([p]), c, logits_to_keep=1)
+        return [model.decode_many(torch.tensor([3, 4, 5]), caches) for _ in range(4)]
+
+    fast = run()
+    with kernels.disabled():
+        slow = run()
+    for a, b in zip(fast, slow):
+        assert rel_err(a, b) <= 2e-2 and a.argmax(-1).tolist() == b.argmax(-1).tolist()

@@ -1,0 +1,156 @@
+// Decode attention: one new query per sequence against that sequence's own KV cache, for many sequences in one call.
+//
+// What continuous batching needs (every sequence has its own cache and length) and what PyTorch's CPU SDPA does
+// slowly for a single query: on bfloat16 caches it converts and blocks as for a long query (4x slower than float
+// math at 1K keys). Here each (sequence, KV head) pair is one task: the new key and value are written into the
+// cache at the sequence's position, then the G = H / KV query heads of the group read the keys once (scores in
+// float32), softmax, and read the values once. Cache elements are widened to float32 in registers, so a bfloat16
+// cache costs its own bytes and no copy. Output in q's dtype, rounded once.
+
+#include "common.h"
+
+namespace {
+
+inline __m256 load8f(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8f(const BFloat16* p) { return load8(p); }
+inline __m256 load8f(const Half* p) { return load8(p); }
+
+template <typename TQ, typename TC>
+void attend_one(const TQ* q, const TQ* kn, const TQ* vn, TC* kc, TC* vc, int64_t pos, int64_t G, int64_t D,
+                float scale, TQ* out, std::vector<float>& buf) {
+  // write the new key / value at pos (the cache is [max_len, D] for this head)
+  for (int64_t d = 0; d < D; ++d) {
+    kc[pos * D + d] = TC(to_f(kn[d]));
+    vc[pos * D + d] = TC(to_f(vn[d]));
+  }
+  const int64_t L = pos + 1;
+  buf.resize(static_cast<size_t>(G * (L + D)));
+  float* s = buf.data();  // [G, L] scores, then probabilities
+  float* qf = s + G * L;  // [G, D] output accumulator
+  std::vector<float> qv(static_cast<size_t>(G * D));
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t d = 0; d < D; ++d) qv[g * D + d] = to_f(q[g * D + d]) * scale;
+  const bool vec = D % 8 == 0;
+  for (int64_t l = 0; l < L; ++l) {
+    const TC* k = kc + l * D;
+    for (int64_t g = 0; g < G; ++g) {
+      float acc;
+      if (vec) {
+        __m256 a = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(load8f(k + d), _mm256_loadu_ps(&qv[g * D + d]), a);
+        acc = hsum(a);
+      } else {
+        acc = 0.0f;
+        for (int64_t d = 0; d < D; ++d) acc += to_f(k[d]) * qv[g * D + d];
+      }
+      s[g * L + l] = acc;
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {  // softmax per head
+    float* sg = s + g * L;
+    float mx = -INFINITY;
+    for (int64_t l = 0; l < L; ++l) mx = std::max(mx, sg[l]);
+    float sum = 0.0f;
+    for (int64_t l = 0; l < L; ++l) {
+      sg[l] = std::exp(sg[l] - mx);
+      sum += sg[l];
+    }
+    const float inv = 1.0f / sum;
+    for (int64_t l = 0; l < L; ++l) sg[l] *= inv;
+  }
+  std::fill(qf, qf + G * D, 0.0f);
+  for (int64_t l = 0; l < L; ++l) {
+    const TC* v = vc + l * D;
+    for (int64_t g = 0; g < G; ++g) {
+      const float p = s[g * L + l];
+      float* o = qf + g * D;
+      if (vec) {
+        const __m256 pv = _mm256_set1_ps(p);
+        for (int64_t d = 0; d < D; d += 8)
+          _mm256_storeu_ps(o + d, _mm256_fmadd_ps(pv, load8f(v + d), _mm256_loadu_ps(o + d)));
+      } else {
+        for (int64_t d = 0; d < D; ++d) o[d] += p * to_f(v[d]);
+      }
+    }
+  }
+  for (int64_t i = 0; i < G * D; ++i) store_out(out + i, qf[i]);
+}
+
+template <typename TQ, typename TC>
+void run_all(const at::Tensor& q, const at::Tensor& kn, const at::Tensor& vn, const std::vector<at::Tensor>& ks,
+             const std::vector<at::Tensor>& vs, const std::vector<int64_t>& pos, float scale, at::Tensor& out) {
+  const int64_t n = q.size(0), H = q.size(1), D = q.size(2), KV = kn.size(1), G = H / KV;
+  const TQ* qp = q.data_ptr<TQ>();
+  const TQ* kp = kn.data_ptr<TQ>();
+  const TQ* vp = vn.data_ptr<TQ>();
+  TQ* op = out.data_ptr<TQ>();
+  const int64_t tasks = n * KV;
+  int64_t work = 0;
+  for (int64_t b = 0; b < n; ++b) work += (pos[b] + 1) * KV * D;
+  int nt = at::get_num_threads();
+  if (nt < 1 || work < (int64_t(1) << 16)) nt = 1;
+  if (nt > tasks) nt = static_cast<int>(tasks);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    std::vector<float> buf;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t b = t / KV, h = t % KV;
+      const int64_t max_len = ks[b].size(2);
+      TC* kc = ks[b].data_ptr<TC>() + h * max_len * D;
+      TC* vc = vs[b].data_ptr<TC>() + h * max_len * D;
+      attend_one<TQ, TC>(qp + (b * H + h * G) * D, kp + (b * KV + h) * D, vp + (b * KV + h) * D, kc, vc, pos[b], G,
+                         D, scale, op + (b * H + h * G) * D, buf);
+    }
+  }
+}
+
+template <typename F>
+void by_type(at::ScalarType t, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(BFloat16{}); break;
+    case at::kHalf: f(Half{}); break;
+    default: TORCH_CHECK(false, "attention tensors must be float32, bfloat16 or float16, got ", t);
+  }
+}
+
+}  // namespace
+
+// q [n, H, D]; k_new, v_new [n, KV, D] (q's dtype); ks[b], vs[b]: sequence b's cache [1, KV, max_len, D] (one dtype
+// for all); pos[b]: where b's new key goes (it attends over keys 0..pos[b]). Writes the new keys / values into the
+// caches and returns the attention output [n, H, D] in q's dtype.
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
+                            const std::vector<at::Tensor>& ks, const std::vector<at::Tensor>& vs,
+                            const std::vector<int64_t>& pos, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.device().is_cpu(), "q must be a contiguous CPU [n, H, D] tensor");
+  const int64_t n = q.size(0), H = q.size(1), D = q.size(2);
+  TORCH_CHECK(k_new.dim() == 3 && v_new.sizes() == k_new.sizes() && k_new.size(0) == n && k_new.size(2) == D &&
+                  k_new.is_contiguous() && v_new.is_contiguous() && k_new.scalar_type() == q.scalar_type() &&
+                  v_new.scalar_type() == q.scalar_type(),
+              "k_new / v_new must be contiguous [n, KV, D] tensors in q's dtype");
+  const int64_t KV = k_new.size(1);
+  TORCH_CHECK(KV > 0 && H % KV == 0, "query heads must be a multiple of KV heads");
+  TORCH_CHECK(static_cast<int64_t>(ks.size()) == n && static_cast<int64_t>(vs.size()) == n &&
+                  static_cast<int64_t>(pos.size()) == n,
+              "one cache and one position per sequence");
+  at::ScalarType ct = n ? ks[0].scalar_type() : q.scalar_type();
+  for (int64_t b = 0; b < n; ++b) {
+    for (const at::Tensor* c : {&ks[b], &vs[b]}) {
+      TORCH_CHECK(c->device().is_cpu() && c->is_contiguous() && c->dim() == 4 && c->size(0) == 1 &&
+                      c->size(1) == KV && c->size(3) == D && c->scalar_type() == ct,
+                  "each cache must be a contiguous [1, KV, max_len, D] CPU tensor of one dtype");
+    }
+    TORCH_CHECK(vs[b].size(2) == ks[b].size(2) && pos[b] >= 0 && pos[b] < ks[b].size(2), "position outside the cache");
+  }
+  auto out = at::empty({n, H, D}, q.options());
+  if (n == 0) return out;
+  by_type(q.scalar_type(), [&](auto tq) {
+    using TQ = decltype(tq);
+    by_type(ct, [&](auto tc) {
+      using TC = decltype(tc);
+      run_all<TQ, TC>(q, k_new, v_new, ks, vs, pos, static_cast<float>(scale), out);
+    });
+  });
+  return out;
+}
