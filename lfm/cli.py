@@ -68,7 +68,7 @@ def _load(a: argparse.Namespace):
     from .engine.llm import LLM
 
     print(f"loading {a.model or 'the built-in demo model'} ...", file=sys.stderr, flush=True)
-    return LLM(a.model, dtype=a.dtype, device=a.device, quantization=a.quantization)
+    return LLM(a.model, dtype=a.dtype, device=a.device, quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype)
 
 
 def cmd_generate(a: argparse.Namespace) -> None:
@@ -188,13 +188,18 @@ def cmd_bench(a: argparse.Namespace) -> None:
         cfg = preset(a.model)
         model = empty_model(cfg, resolve_dtype(a.dtype, cfg))
         model.init_weights(0.02, generator=torch.Generator().manual_seed(0))
-        llm = LLM(model, quantization=a.quantization, group_size=a.group_size)
+        llm = LLM(model, quantization=a.quantization, group_size=a.group_size, kv_cache_dtype=a.kv_cache_dtype)
     else:
-        llm = LLM(a.model, dtype=a.dtype, quantization=a.quantization, group_size=a.group_size)
+        llm = LLM(a.model, dtype=a.dtype, quantization=a.quantization, group_size=a.group_size,
+                  kv_cache_dtype=a.kv_cache_dtype)
     r = run_bench(llm, a.prompt_len, a.gen_len, a.batch, a.repeats)
-    label = f"{a.model} {llm.model.dtype}".replace("torch.", "") + (f" {a.quantization}" if a.quantization else "")
+    label = f"{a.model} {llm.model.dtype}".replace("torch.", "") + (f" {a.quantization}" if a.quantization else "") \
+        + (" int8 KV" if a.kv_cache_dtype == "int8" else "")
     print(format_table(label, r, a.batch))
     print(f"threads {torch.get_num_threads()}, prompt {a.prompt_len} tokens, {a.gen_len} generated, torch {torch.__version__}")
+
+
+KV_HELP = "KV cache storage: auto (the model's dtype, default) or int8 (half of bf16's memory and read time at long context)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--seed", type=int, help="same seed, same output")
         s.add_argument("--stop", action="append", help="stop string (repeatable)")
         s.add_argument("--quantization", choices=["int8", "int4"], help="quantize the weights on load (CPU)")
+        s.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto", help=KV_HELP)
 
     s = sub.add_parser("generate", help="complete a prompt, streaming the text")
     model_args(s)
@@ -243,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="prefill / decode speed, time to first token and peak RSS on this machine")
     s.add_argument("model", help="checkpoint directory, Hub id, or a preset shape (random weights, e.g. LFM2.5-350M)")
     s.add_argument("--quantization", choices=["int8", "int4"])
+    s.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto", help=KV_HELP)
     s.add_argument("--group-size", type=int, choices=[32, 64, 128], default=64)
     s.add_argument("--dtype", default="auto")
     s.add_argument("--prompt-len", type=int, default=512)

@@ -85,7 +85,7 @@ class LLM:
 
     def __init__(self, model: str | Path | LfmForCausalLM | None = None, dtype: str | torch.dtype = "auto", device: str = "cpu",
                  tokenizer: str | Path | Tokenizer | None = None, max_model_len: int | None = None,
-                 quantization: str | None = None, group_size: int = 64) -> None:
+                 quantization: str | None = None, group_size: int = 64, kv_cache_dtype: str | None = None) -> None:
         self.path: Path | None = None
         if isinstance(model, LfmForCausalLM):
             self.model = model.eval()
@@ -99,6 +99,9 @@ class LLM:
             quantize_model(self.model, bits, group_size)
             prepare_quantized(self.model)
         use_cpu_kernels(self.model)  # bfloat16 linears on CPUs without bfloat16 arithmetic
+        if kv_cache_dtype not in (None, "auto", "int8"):
+            raise ValueError(f"kv_cache_dtype must be 'auto' (the model's dtype) or 'int8', got {kv_cache_dtype!r}")
+        self.model.kv_cache_dtype = torch.int8 if kv_cache_dtype == "int8" else None  # int8: half of bf16's bytes
         self.config = self.model.config
         tok_src = tokenizer if tokenizer is not None else self.path
         if isinstance(tok_src, Tokenizer):

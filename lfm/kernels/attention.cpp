@@ -6,6 +6,10 @@
 // cache at the sequence's position, then the G = H / KV query heads of the group read the keys once (scores in
 // float32), softmax, and read the values once. Cache elements are widened to float32 in registers, so a bfloat16
 // cache costs its own bytes and no copy. Output in q's dtype, rounded once.
+//
+// An int8 cache (LLM(kv_cache_dtype="int8")) holds each key / value vector of a head as int8 times one float32
+// scale (amax / 127, the same rounding as HybridCache.write): the new vectors are quantized here, scores are
+// (q . k_int8) * k_scale, and each probability is multiplied by the value's scale. Half the bytes of bfloat16.
 
 #include "common.h"
 
@@ -14,15 +18,36 @@ namespace {
 inline __m256 load8f(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8f(const BFloat16* p) { return load8(p); }
 inline __m256 load8f(const Half* p) { return load8(p); }
+inline __m256 load8f(const int8_t* p) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline float elem(int8_t v) { return float(v); }
+template <typename T>
+inline float elem(T v) { return to_f(v); }
+
+// one vector of D values into the cache: as is, or as int8 with its scale (amax / 127, round half to even)
+template <typename TQ, typename TC>
+inline void put(const TQ* src, TC* dst, float* scale, int64_t D) {
+  if constexpr (std::is_same_v<TC, int8_t>) {
+    float amax = 0.0f;
+    for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(to_f(src[d])));
+    const float sc = amax / 127.0f;
+    *scale = sc;
+    for (int64_t d = 0; d < D; ++d) {
+      const float r = sc > 0.0f ? std::nearbyint(to_f(src[d]) / sc) : 0.0f;
+      dst[d] = static_cast<int8_t>(std::max(-127.0f, std::min(127.0f, r)));
+    }
+  } else {
+    for (int64_t d = 0; d < D; ++d) dst[d] = TC(to_f(src[d]));
+  }
+}
 
 template <typename TQ, typename TC>
-void attend_one(const TQ* q, const TQ* kn, const TQ* vn, TC* kc, TC* vc, int64_t pos, int64_t G, int64_t D,
-                float scale, TQ* out, std::vector<float>& buf) {
-  // write the new key / value at pos (the cache is [max_len, D] for this head)
-  for (int64_t d = 0; d < D; ++d) {
-    kc[pos * D + d] = TC(to_f(kn[d]));
-    vc[pos * D + d] = TC(to_f(vn[d]));
-  }
+void attend_one(const TQ* q, const TQ* kn, const TQ* vn, TC* kc, TC* vc, float* ksc, float* vsc, int64_t pos,
+                int64_t G, int64_t D, float scale, TQ* out, std::vector<float>& buf) {
+  // write the new key / value at pos (the cache is [max_len, D] for this head; int8: with a scale per vector)
+  put(kn, kc + pos * D, ksc ? ksc + pos : nullptr, D);
+  put(vn, vc + pos * D, vsc ? vsc + pos : nullptr, D);
   const int64_t L = pos + 1;
   buf.resize(static_cast<size_t>(G * (L + D)));
   float* s = buf.data();  // [G, L] scores, then probabilities
@@ -41,9 +66,9 @@ void attend_one(const TQ* q, const TQ* kn, const TQ* vn, TC* kc, TC* vc, int64_t
         acc = hsum(a);
       } else {
         acc = 0.0f;
-        for (int64_t d = 0; d < D; ++d) acc += to_f(k[d]) * qv[g * D + d];
+        for (int64_t d = 0; d < D; ++d) acc += elem(k[d]) * qv[g * D + d];
       }
-      s[g * L + l] = acc;
+      s[g * L + l] = ksc ? acc * ksc[l] : acc;
     }
   }
   for (int64_t g = 0; g < G; ++g) {  // softmax per head
@@ -62,14 +87,14 @@ void attend_one(const TQ* q, const TQ* kn, const TQ* vn, TC* kc, TC* vc, int64_t
   for (int64_t l = 0; l < L; ++l) {
     const TC* v = vc + l * D;
     for (int64_t g = 0; g < G; ++g) {
-      const float p = s[g * L + l];
+      const float p = vsc ? s[g * L + l] * vsc[l] : s[g * L + l];
       float* o = qf + g * D;
       if (vec) {
         const __m256 pv = _mm256_set1_ps(p);
         for (int64_t d = 0; d < D; d += 8)
           _mm256_storeu_ps(o + d, _mm256_fmadd_ps(pv, load8f(v + d), _mm256_loadu_ps(o + d)));
       } else {
-        for (int64_t d = 0; d < D; ++d) o[d] += p * to_f(v[d]);
+        for (int64_t d = 0; d < D; ++d) o[d] += p * elem(v[d]);
       }
     }
   }
@@ -78,7 +103,8 @@ void attend_one(const TQ* q, const TQ* kn, const TQ* vn, TC* kc, TC* vc, int64_t
 
 template <typename TQ, typename TC>
 void run_all(const at::Tensor& q, const at::Tensor& kn, const at::Tensor& vn, const std::vector<at::Tensor>& ks,
-             const std::vector<at::Tensor>& vs, const std::vector<int64_t>& pos, float scale, at::Tensor& out) {
+             const std::vector<at::Tensor>& vs, const std::vector<at::Tensor>& kss, const std::vector<at::Tensor>& vss,
+             const std::vector<int64_t>& pos, float scale, at::Tensor& out) {
   const int64_t n = q.size(0), H = q.size(1), D = q.size(2), KV = kn.size(1), G = H / KV;
   const TQ* qp = q.data_ptr<TQ>();
   const TQ* kp = kn.data_ptr<TQ>();
@@ -99,8 +125,10 @@ void run_all(const at::Tensor& q, const at::Tensor& kn, const at::Tensor& vn, co
       const int64_t max_len = ks[b].size(2);
       TC* kc = ks[b].data_ptr<TC>() + h * max_len * D;
       TC* vc = vs[b].data_ptr<TC>() + h * max_len * D;
-      attend_one<TQ, TC>(qp + (b * H + h * G) * D, kp + (b * KV + h) * D, vp + (b * KV + h) * D, kc, vc, pos[b], G,
-                         D, scale, op + (b * H + h * G) * D, buf);
+      float* ksc = kss.empty() ? nullptr : kss[b].data_ptr<float>() + h * max_len;
+      float* vsc = vss.empty() ? nullptr : vss[b].data_ptr<float>() + h * max_len;
+      attend_one<TQ, TC>(qp + (b * H + h * G) * D, kp + (b * KV + h) * D, vp + (b * KV + h) * D, kc, vc, ksc, vsc,
+                         pos[b], G, D, scale, op + (b * H + h * G) * D, buf);
     }
   }
 }
@@ -119,9 +147,11 @@ void by_type(at::ScalarType t, F&& f) {
 
 // q [n, H, D]; k_new, v_new [n, KV, D] (q's dtype); ks[b], vs[b]: sequence b's cache [1, KV, max_len, D] (one dtype
 // for all); pos[b]: where b's new key goes (it attends over keys 0..pos[b]). Writes the new keys / values into the
-// caches and returns the attention output [n, H, D] in q's dtype.
+// caches and returns the attention output [n, H, D] in q's dtype. int8 caches come with k_scales[b], v_scales[b]
+// ([1, KV, max_len] float32); float caches with empty scale lists.
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
                             const std::vector<at::Tensor>& ks, const std::vector<at::Tensor>& vs,
+                            const std::vector<at::Tensor>& k_scales, const std::vector<at::Tensor>& v_scales,
                             const std::vector<int64_t>& pos, double scale) {
   TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.device().is_cpu(), "q must be a contiguous CPU [n, H, D] tensor");
   const int64_t n = q.size(0), H = q.size(1), D = q.size(2);
@@ -143,13 +173,27 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const 
     }
     TORCH_CHECK(vs[b].size(2) == ks[b].size(2) && pos[b] >= 0 && pos[b] < ks[b].size(2), "position outside the cache");
   }
+  const bool int8 = ct == at::kChar;
+  TORCH_CHECK(int8 ? (static_cast<int64_t>(k_scales.size()) == n && static_cast<int64_t>(v_scales.size()) == n)
+                   : (k_scales.empty() && v_scales.empty()),
+              "int8 caches need one k / v scale tensor per sequence, float caches none");
+  if (int8)
+    for (int64_t b = 0; b < n; ++b)
+      for (const at::Tensor* c : {&k_scales[b], &v_scales[b]})
+        TORCH_CHECK(c->device().is_cpu() && c->is_contiguous() && c->scalar_type() == at::kFloat &&
+                        c->numel() == KV * ks[b].size(2),
+                    "scales must be contiguous float32 [1, KV, max_len] tensors");
   auto out = at::empty({n, H, D}, q.options());
   if (n == 0) return out;
   by_type(q.scalar_type(), [&](auto tq) {
     using TQ = decltype(tq);
+    if (int8) {
+      run_all<TQ, int8_t>(q, k_new, v_new, ks, vs, k_scales, v_scales, pos, static_cast<float>(scale), out);
+      return;
+    }
     by_type(ct, [&](auto tc) {
       using TC = decltype(tc);
-      run_all<TQ, TC>(q, k_new, v_new, ks, vs, pos, static_cast<float>(scale), out);
+      run_all<TQ, TC>(q, k_new, v_new, ks, vs, k_scales, v_scales, pos, static_cast<float>(scale), out);
     });
   });
   return out;

@@ -718,13 +718,15 @@ namespace py = pybind11;
 at::Tensor bf16_gemm(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias);  // bf16.cpp
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
                             const std::vector<at::Tensor>& ks, const std::vector<at::Tensor>& vs,
+                            const std::vector<at::Tensor>& k_scales, const std::vector<at::Tensor>& v_scales,
                             const std::vector<int64_t>& pos, double scale);  // attention.cpp
 
 at::Tensor decode_attention_nogil(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
                                   const std::vector<at::Tensor>& ks, const std::vector<at::Tensor>& vs,
+                                  const std::vector<at::Tensor>& k_scales, const std::vector<at::Tensor>& v_scales,
                                   const std::vector<int64_t>& pos, double scale) {
   py::gil_scoped_release nogil;
-  return decode_attention(q, k_new, v_new, ks, vs, pos, scale);
+  return decode_attention(q, k_new, v_new, ks, vs, k_scales, v_scales, pos, scale);
 }
 
 // The layers' entry points: x of any shape [..., K]; None when the kernels do not apply (x not a CPU float tensor,
@@ -820,7 +822,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("max_rows"));
   m.def("decode_attention", &decode_attention_nogil,
         "one query per sequence against its own KV cache (writes the new key / value at pos)", py::arg("q"),
-        py::arg("k_new"), py::arg("v_new"), py::arg("ks"), py::arg("vs"), py::arg("pos"), py::arg("scale"));
+        py::arg("k_new"), py::arg("v_new"), py::arg("ks"), py::arg("vs"), py::arg("k_scales"), py::arg("v_scales"),
+        py::arg("pos"), py::arg("scale"));
   m.def("int8_linear", &int8_linear, "Int8Linear's kernel, or None where it does not apply", py::arg("x"),
         py::arg("q"), py::arg("scale"), py::arg("max_rows"));
   m.def("int4_linear", &int4_linear, "Int4Linear's kernel, or None where it does not apply", py::arg("x"),

@@ -122,28 +122,29 @@ class Attention(nn.Module):
         causal = mask is None and q.shape[2] > 1
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.nh != self.nkv)
 
-    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ks: list[torch.Tensor],
-               vs: list[torch.Tensor], pos: list[int]) -> torch.Tensor | None:
-        """One new token per sequence (q [n, H, 1, hd], k / v [n, KV, 1, hd]) against each sequence's own cache
-        ([1, KV, max_len, hd]): writes the new keys at pos, returns [n, H, hd]; None where lfm.kernels does not apply
-        (then nothing is written). PyTorch's SDPA is 2-4x slower for one query over 16-bit caches."""
+    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caches: list[tuple[HybridCache, int]],
+               i: int) -> torch.Tensor | None:
+        """One new token per sequence (q [n, H, 1, hd], k / v [n, KV, 1, hd]) against each sequence's own batch-1
+        cache at its own slot (caches: (cache, row)). Writes the new keys, returns [n, H, hd]; None where lfm.kernels
+        does not apply (then nothing is written). PyTorch's SDPA is 2-8x slower for one query over 16-bit caches."""
+        ks = [c.k[i][r:r + 1] for c, r in caches]
+        vs = [c.v[i][r:r + 1] for c, r in caches]
+        kss = [c.k_scale[i][r:r + 1] for c, r in caches] if caches[0][0].quantized else None
+        vss = [c.v_scale[i][r:r + 1] for c, r in caches] if kss is not None else None
         return _kernels.decode_attention(q[:, :, 0].contiguous(), k[:, :, 0].contiguous(), v[:, :, 0].contiguous(),
-                                         ks, vs, pos, self.hd ** -0.5)
+                                         ks, vs, [c.pos for c, _ in caches], self.hd ** -0.5, kss, vss)
 
-    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kv: tuple[torch.Tensor, torch.Tensor] | None,
+    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: HybridCache | None, i: int,
                 start: int, mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = h.shape
         q, k, v = self.qkv(h, rope)
-        if kv is not None and T == 1 and mask is None:  # decode without padding: the cache kernel, if it applies
-            o = self.decode(q, k, v, [kv[0][b:b + 1] for b in range(B)], [kv[1][b:b + 1] for b in range(B)],
-                            [start] * B)
+        if cache is not None and T == 1 and mask is None:  # decode without padding: the cache kernel, if it applies
+            o = self.decode(q, k, v, [(cache, b) for b in range(B)], i)
             if o is not None:
                 return self.out_proj(o.reshape(B, 1, self.nh * self.hd))
-        if kv is not None:
-            kc, vc = kv
-            kc[:, :, start:start + T] = k
-            vc[:, :, start:start + T] = v
-            k, v = kc[:, :, :start + T], vc[:, :, :start + T]
+        if cache is not None:
+            cache.write(i, start, k, v)
+            k, v = cache.read(i, start + T, q.dtype)
         o = self.attend(q, k, v, mask)
         return self.out_proj(o.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
@@ -257,8 +258,7 @@ class Block(nn.Module):
         """One residual block. A module call (not inlined) so FSDP2 and activation checkpointing can wrap it."""
         h = self.operator_norm(x)
         if self.is_attn:
-            kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            h = self.self_attn(h, rope, kv, start, attn_mask)
+            h = self.self_attn(h, rope, cache, i, start, attn_mask)
         else:
             h = self.conv(h, cache.conv[i] if cache is not None else None, mask, positions)
         x = x + h
@@ -279,6 +279,7 @@ class LfmForCausalLM(nn.Module):
     def __init__(self, config: LfmConfig) -> None:
         super().__init__()
         self.config = config
+        self.kv_cache_dtype: torch.dtype | None = None  # None: the model dtype; torch.int8: quantized KV
         self.model = LfmModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -295,7 +296,7 @@ class LfmForCausalLM(nn.Module):
         return self.model.embedding_norm.weight.device
 
     def new_cache(self, batch: int, max_len: int) -> HybridCache:
-        return HybridCache.allocate(self.config, batch, max_len, self.dtype, self.device)
+        return HybridCache.allocate(self.config, batch, max_len, self.dtype, self.device, self.kv_cache_dtype)
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
@@ -376,14 +377,12 @@ class LfmForCausalLM(nn.Module):
             if layer.is_attn:
                 a = layer.self_attn
                 q, k, v = a.qkv(h, rope)
-                o = a.decode(q, k, v, [kc.k[i] for kc in caches], [kc.v[i] for kc in caches], [kc.pos for kc in caches])
+                o = a.decode(q, k, v, [(kc, 0) for kc in caches], i)
                 if o is None:
                     outs = []
                     for b, kc in enumerate(caches):
-                        p = kc.pos
-                        kc.k[i][:, :, p] = k[b:b + 1, :, 0]
-                        kc.v[i][:, :, p] = v[b:b + 1, :, 0]
-                        outs.append(a.attend(q[b:b + 1], kc.k[i][:, :, :p + 1], kc.v[i][:, :, :p + 1], None))
+                        kc.write(i, kc.pos, k[b:b + 1], v[b:b + 1])
+                        outs.append(a.attend(q[b:b + 1], *kc.read(i, kc.pos + 1, q.dtype), None))
                     o = torch.cat(outs)[:, :, 0]
                 h = a.out_proj(o.reshape(n, 1, a.nh * a.hd))
             else:

@@ -40,6 +40,8 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     s.add_argument("--quantization", choices=["int8", "int4"], help="weight-only quantization on load (CPU)")
+    s.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto",
+                   help="KV cache storage: auto (the model's dtype) or int8 (about twice the sequences per GiB)")
     s.add_argument("--served-model-name", help="the model id clients send (default: MODEL as given)")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     s.add_argument("--max-num-seqs", type=_positive, default=64, help="most sequences decoded together (64)")
@@ -70,7 +72,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
                       device=a.device, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
                       kv_cache_memory=a.kv_cache_memory, max_waiting=a.max_waiting, prefill_chunk=a.prefill_chunk,
                       api_key=a.api_key, max_body_bytes=a.max_body_bytes, threads=a.threads,
-                      quantization=a.quantization)
+                      quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype)
     print(f"loading {a.model or 'the built-in demo model'} ...", file=sys.stderr, flush=True)
     state = ServerState(cfg)
     print(f"serving '{state.model_name}' on http://{a.host}:{a.port}/v1", file=sys.stderr, flush=True)

@@ -42,6 +42,7 @@ class ServeConfig:
     max_body_bytes: int = 4 << 20
     threads: int | None = None  # torch CPU threads (process-wide); None leaves torch's choice
     quantization: str | None = None  # "int8" / "int4": weight-only, quantized on load (CPU)
+    kv_cache_dtype: str = "auto"  # "int8": quantized KV cache (CPU kernels)
 
 
 @dataclass
@@ -61,7 +62,7 @@ class ServerState:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.llm = llm or LLM(cfg.model, dtype=cfg.dtype, device=cfg.device, max_model_len=cfg.max_model_len,
-                              quantization=cfg.quantization)
+                              quantization=cfg.quantization, kv_cache_dtype=cfg.kv_cache_dtype)
         if cfg.max_model_len:
             self.llm.max_model_len = cfg.max_model_len
         self.tokenizer = self.llm.tokenizer
