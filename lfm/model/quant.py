@@ -159,6 +159,30 @@ class QuantStack(nn.Module):
         else:
             self.register_buffer("weight", torch.zeros(n, out_features, in_features, dtype=torch.int8))
             self.register_buffer("scales", torch.ones(n, out_features, dtype=dtype))
+        self._names = ("qweight", "scales", "zeros") if self.bits == 4 else ("weight", "scales")
+        self._views: list[tuple[torch.Tensor, ...]] | None = None
+
+    def _expert(self, e: int) -> tuple[torch.Tensor, ...]:
+        """Expert e's (weight, scales[, zeros]) views, made once (a decode step asks for 8 per layer: indexing the
+        stacks each time costs more than the kernel call's own overhead). Assigning or moving a stack drops them;
+        loading into the stacks in place keeps them valid."""
+        v = self._views
+        if v is None:
+            b = self._buffers
+            v = self._views = [tuple(b[n][i] for n in self._names) for i in range(b["scales"].shape[0])]
+        return v[e]
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in ("qweight", "weight", "scales", "zeros"):
+            self.__dict__["_views"] = None
+        super().__setattr__(name, value)
+
+    def _apply(self, fn, recurse=True):  # .to(), to_empty(): new stacks
+        self._views = None
+        return super()._apply(fn, recurse)
+
+    def __getstate__(self):
+        return dict(super().__getstate__(), _views=None)
 
     @classmethod
     def from_float(cls, w: torch.Tensor, bits: int, group_size: int) -> QuantStack:
@@ -175,16 +199,18 @@ class QuantStack(nn.Module):
     def mm(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """x [M, K] @ W_e.T -> [M, N] in the scales' dtype (as Int4Linear / Int8Linear)."""
         if self.bits == 4:
-            y = _kernels.int4_linear(x, self.qweight[e], self.scales[e], self.zeros[e], self.group_size)
+            w, s, z = self._expert(e)
+            y = _kernels.int4_linear(x, w, s, z, self.group_size)
             if y is not None:
                 return y
             # no packed copy is kept for the torch op (it would double the experts' memory): dequantize this expert
-            return F.linear(x.float(), self.dequantize(e)).to(self.scales.dtype)
-        y = _kernels.int8_linear(x, self.weight[e], self.scales[e])
+            return F.linear(x.float(), self.dequantize(e)).to(s.dtype)
+        w, s = self._expert(e)
+        y = _kernels.int8_linear(x, w, s)
         if y is not None:
             return y
-        x2 = x.to(self.scales.dtype) if x.dtype != self.scales.dtype else x
-        return torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight[e], self.scales[e])
+        x2 = x.to(s.dtype) if x.dtype != s.dtype else x
+        return torch.ops.aten._weight_int8pack_mm(x2.contiguous(), w, s)
 
     def dequantize(self, e: int | None = None) -> torch.Tensor:
         """Float32 weights of expert e [N, K], or of all experts [E, N, K]."""
@@ -226,8 +252,11 @@ class QuantExperts(nn.Module):
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """x [N, D]; idx, weight [N, k] (as Experts.forward)."""
         N, k = idx.shape
-        if N == 1:
-            ys = torch.cat([self.expert(x, e) for e in idx[0].tolist()])  # [k, D]
+        if N == 1:  # one token: its k experts, with the SwiGLU glue done once over the k rows
+            ids = idx[0].tolist()
+            g, u = torch.cat([self.gate_up.mm(x, e) for e in ids]).chunk(2, dim=-1)
+            h = F.silu(g) * u  # [k, I]
+            ys = torch.cat([self.down.mm(h[j:j + 1], e) for j, e in enumerate(ids)])  # [k, D]
             return (weight.to(ys.dtype) @ ys).to(x.dtype)
         flat = idx.reshape(-1)
         order = flat.argsort(stable=True)
@@ -309,6 +338,11 @@ def quantized_skeleton(model: nn.Module, bits: int, group_size: int) -> nn.Modul
 
 
 def prepare(model: nn.Module) -> None:
+    """Build PyTorch's packed int4 layout up front, where lfm.kernels are unavailable (they read the portable storage
+    as it is: building it anyway would hold a second copy, ~75% of the int4 weights). Else Int4Linear builds it on
+    first use of the fallback (more rows than kernels.MAX_ROWS)."""
+    if _kernels.available():
+        return
     for m in model.modules():
         if isinstance(m, Int4Linear):
             m.prepare()
