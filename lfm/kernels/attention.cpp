@@ -25,6 +25,33 @@ inline float elem(int8_t v) { return float(v); }
 template <typename T>
 inline float elem(T v) { return to_f(v); }
 
+// lane j = the sum of a[j]'s 8 lanes
+inline __m256 hsum8(const __m256* a) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// e^x for x <= 0 (softmax after subtracting the max), ~2 ulp: x = n ln2 + r, |r| <= ln2 / 2, a degree-6 polynomial
+// for e^r, times 2^n through the exponent bits; inputs below -87 give ~0 (2^n stays a normal float)
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
 // one vector of D values into the cache: as is, or as int8 with its scale (amax / 127, round half to even)
 template <typename TQ, typename TC>
 inline void put(const TQ* src, TC* dst, float* scale, int64_t D) {
@@ -56,45 +83,87 @@ void attend_one(const TQ* q, const TQ* kn, const TQ* vn, TC* kc, TC* vc, float* 
   for (int64_t g = 0; g < G; ++g)
     for (int64_t d = 0; d < D; ++d) qv[g * D + d] = to_f(q[g * D + d]) * scale;
   const bool vec = D % 8 == 0;
-  for (int64_t l = 0; l < L; ++l) {
+  int64_t l0 = 0;
+  if (vec)  // 8 keys at a time: 8 independent FMA chains, one transposing reduction for 8 scores
+    for (; l0 + 8 <= L; l0 += 8)
+      for (int64_t g = 0; g < G; ++g) {
+        __m256 a[8];
+        for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) {
+          const __m256 qd = _mm256_loadu_ps(&qv[g * D + d]);
+          for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(load8f(kc + (l0 + j) * D + d), qd, a[j]);
+        }
+        __m256 sc = hsum8(a);
+        if (ksc) sc = _mm256_mul_ps(sc, _mm256_loadu_ps(ksc + l0));
+        _mm256_storeu_ps(s + g * L + l0, sc);
+      }
+  for (int64_t l = l0; l < L; ++l) {
     const TC* k = kc + l * D;
     for (int64_t g = 0; g < G; ++g) {
-      float acc;
-      if (vec) {
-        __m256 a = _mm256_setzero_ps();
-        for (int64_t d = 0; d < D; d += 8) a = _mm256_fmadd_ps(load8f(k + d), _mm256_loadu_ps(&qv[g * D + d]), a);
-        acc = hsum(a);
-      } else {
-        acc = 0.0f;
-        for (int64_t d = 0; d < D; ++d) acc += elem(k[d]) * qv[g * D + d];
-      }
+      float acc = 0.0f;
+      for (int64_t d = 0; d < D; ++d) acc += elem(k[d]) * qv[g * D + d];
       s[g * L + l] = ksc ? acc * ksc[l] : acc;
     }
   }
-  for (int64_t g = 0; g < G; ++g) {  // softmax per head
+  for (int64_t g = 0; g < G; ++g) {  // softmax per head (vector exp: a scalar expf per key cost more than the reads)
     float* sg = s + g * L;
-    float mx = -INFINITY;
-    for (int64_t l = 0; l < L; ++l) mx = std::max(mx, sg[l]);
-    float sum = 0.0f;
-    for (int64_t l = 0; l < L; ++l) {
+    __m256 m8 = _mm256_set1_ps(-INFINITY);
+    int64_t l = 0;
+    for (; l + 8 <= L; l += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(sg + l));
+    float mx = hmax(m8);
+    for (; l < L; ++l) mx = std::max(mx, sg[l]);
+    const __m256 mv = _mm256_set1_ps(mx);
+    __m256 s8 = _mm256_setzero_ps();
+    for (l = 0; l + 8 <= L; l += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + l), mv));
+      _mm256_storeu_ps(sg + l, e);
+      s8 = _mm256_add_ps(s8, e);
+    }
+    float sum = hsum(s8);
+    for (; l < L; ++l) {
       sg[l] = std::exp(sg[l] - mx);
       sum += sg[l];
     }
     const float inv = 1.0f / sum;
-    for (int64_t l = 0; l < L; ++l) sg[l] *= inv;
+    const __m256 iv = _mm256_set1_ps(vsc ? 1.0f : inv);
+    for (l = 0; l + 8 <= L; l += 8) {  // int8 values: fold each value's scale into its probability
+      __m256 p = _mm256_mul_ps(_mm256_loadu_ps(sg + l), iv);
+      if (vsc) p = _mm256_mul_ps(p, _mm256_mul_ps(_mm256_set1_ps(inv), _mm256_loadu_ps(vsc + l)));
+      _mm256_storeu_ps(sg + l, p);
+    }
+    for (; l < L; ++l) sg[l] = vsc ? sg[l] * inv * vsc[l] : sg[l] * inv;
   }
   std::fill(qf, qf + G * D, 0.0f);
-  for (int64_t l = 0; l < L; ++l) {
-    const TC* v = vc + l * D;
-    for (int64_t g = 0; g < G; ++g) {
-      const float p = vsc ? s[g * L + l] * vsc[l] : s[g * L + l];
-      float* o = qf + g * D;
-      if (vec) {
-        const __m256 pv = _mm256_set1_ps(p);
-        for (int64_t d = 0; d < D; d += 8)
-          _mm256_storeu_ps(o + d, _mm256_fmadd_ps(pv, load8f(v + d), _mm256_loadu_ps(o + d)));
-      } else {
-        for (int64_t d = 0; d < D; ++d) o[d] += p * elem(v[d]);
+  if (D == 64) {  // each head's 64 outputs in 8 registers, over blocks of keys that stay in L2 for the next head
+    constexpr int64_t kBlock = 512;
+    for (int64_t b0 = 0; b0 < L; b0 += kBlock) {
+      const int64_t b1 = std::min(L, b0 + kBlock);
+      for (int64_t g = 0; g < G; ++g) {
+        float* o = qf + g * D;
+        const float* pg = s + g * L;
+        __m256 acc[8];
+        for (int c = 0; c < 8; ++c) acc[c] = _mm256_loadu_ps(o + 8 * c);
+        for (int64_t l = b0; l < b1; ++l) {
+          const __m256 pv = _mm256_set1_ps(pg[l]);
+          const TC* v = vc + l * D;
+          for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(pv, load8f(v + 8 * c), acc[c]);
+        }
+        for (int c = 0; c < 8; ++c) _mm256_storeu_ps(o + 8 * c, acc[c]);
+      }
+    }
+  } else {
+    for (int64_t l = 0; l < L; ++l) {
+      const TC* v = vc + l * D;
+      for (int64_t g = 0; g < G; ++g) {
+        const float p = s[g * L + l];
+        float* o = qf + g * D;
+        if (vec) {
+          const __m256 pv = _mm256_set1_ps(p);
+          for (int64_t d = 0; d < D; d += 8)
+            _mm256_storeu_ps(o + d, _mm256_fmadd_ps(pv, load8f(v + d), _mm256_loadu_ps(o + d)));
+        } else {
+          for (int64_t d = 0; d < D; ++d) o[d] += p * elem(v[d]);
+        }
       }
     }
   }
