@@ -1,0 +1,63 @@
+"""Where a batch-1 decode step's time goes: CPU time per token and PyTorch's op table (the kernels' own time is the
+rest), LFM2.5-350M shape with random weights.
+
+    python benchmarks/decode_profile.py --quantization int4 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from lfm.model.checkpoint import empty_model
+from lfm.model.cpu_linear import use_cpu_kernels
+from lfm.model.presets import preset
+from lfm.model.quant import prepare, quantize_model
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="LFM2.5-350M")
+    ap.add_argument("--quantization", choices=["int8", "int4"])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--context", type=int, default=512, help="prompt tokens before the measured steps (512)")
+    ap.add_argument("--steps", type=int, default=20)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.set_grad_enabled(False)
+    m = empty_model(preset(a.preset), torch.bfloat16)
+    m.init_weights(0.02, generator=torch.Generator().manual_seed(0))
+    m.eval()
+    if a.quantization:
+        quantize_model(m, {"int8": 8, "int4": 4}[a.quantization])
+        prepare(m)
+    use_cpu_kernels(m)
+    cache = m.new_cache(1, a.context + 3 * a.steps + 8)
+    m(torch.randint(0, 1000, (1, a.context)), cache, logits_to_keep=1)
+    tok = torch.tensor([[5]])
+    for _ in range(3):
+        m(tok, cache)
+    cpu = []
+    for _ in range(a.steps):
+        t = time.process_time()
+        m(tok, cache)
+        cpu.append(time.process_time() - t)
+    step = sorted(cpu)[len(cpu) // 2]
+    from torch.profiler import profile
+
+    with profile() as p:
+        for _ in range(a.steps):
+            m(tok, cache)
+    ops = p.key_averages()
+    op_cpu = sum(e.self_cpu_time_total for e in ops) / 1e3 / a.steps  # ms per token in ATen ops (kernels excluded)
+    calls = sum(e.count for e in ops if e.key.startswith("aten::")) / a.steps
+    print(ops.table(sort_by="self_cpu_time_total", row_limit=15))
+    print(f"{a.preset} bf16{' ' + a.quantization if a.quantization else ''}, {a.threads} thread(s), context {a.context}: "
+          f"decode step {step * 1e3:.1f} ms CPU (median of {a.steps}); profiled ATen ops {op_cpu:.1f} ms per token "
+          f"({calls:.0f} aten calls), the rest (lfm.kernels, Python) {step * 1e3 - op_cpu:.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
