@@ -1,6 +1,7 @@
 """lfm: Liquid AI's LFM2 / LFM2.5 models in plain PyTorch, with vLLM's offline API."""
 
-from .engine.llm import LLM, RequestOutput
+from .engine.llm import LLM
+from .engine.sequence import RequestOutput
 from .engine.sampling import SamplingParams
 from .model.checkpoint import CheckpointError, load_model, save_model
 from .model.config import ConfigError, LfmConfig

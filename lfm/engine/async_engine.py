@@ -1,7 +1,7 @@
-"""The bridge between asyncio request handlers and the scheduler: one background thread owns the model.
+"""The bridge between asyncio request handlers and the engine: one background thread owns the model.
 
 Handlers `submit` requests and read their deltas from an asyncio queue; the engine thread drains an inbox of new
-requests and aborts between steps, runs `Scheduler.step`, and hands each step's deltas back to the event loop in one
+requests and aborts between steps, runs `LLMEngine.step`, and hands each step's deltas back to the event loop in one
 `call_soon_threadsafe`. The waiting queue is bounded: past `max_waiting` a submit raises `EngineFull` (the server
 answers 429) instead of letting memory grow. An unexpected error inside a step ends the affected requests with an
 error and the thread goes on serving.
@@ -16,7 +16,8 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from .scheduler import EngineRequest, RequestDelta, Scheduler
+from .llm_engine import LLMEngine, RequestDelta
+from .sampling import SamplingParams
 
 log = logging.getLogger("lfm.engine")
 
@@ -27,6 +28,16 @@ class EngineFull(Exception):
 
 class EngineDead(Exception):
     """The engine thread is not running."""
+
+
+@dataclass(slots=True)
+class EngineRequest:
+    """One sequence to generate (a request with n choices is n of these)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    chat: bool = False  # chat requests also stop at <|im_end|>
 
 
 @dataclass
@@ -64,8 +75,8 @@ class Observer:
 
 
 class AsyncEngine:
-    def __init__(self, scheduler: Scheduler, max_waiting: int = 256, observer: Observer | None = None) -> None:
-        self.scheduler = scheduler
+    def __init__(self, engine: LLMEngine, max_waiting: int = 256, observer: Observer | None = None) -> None:
+        self.engine = engine
         self.max_waiting = max_waiting
         self.observer = observer or Observer()
         self._cv = threading.Condition()
@@ -102,7 +113,7 @@ class AsyncEngine:
         if not self.alive:
             raise EngineDead("the engine is not running")
         with self._cv:
-            if len(self._inbox) + self.scheduler.num_waiting + len(reqs) > self.max_waiting:
+            if len(self._inbox) + self.engine.num_waiting + len(reqs) > self.max_waiting:
                 raise EngineFull(f"{self.max_waiting} requests are already waiting; retry later")
             stream = RequestStream([r.request_id for r in reqs])
             now = time.monotonic()
@@ -126,36 +137,40 @@ class AsyncEngine:
 
     @property
     def num_waiting(self) -> int:
-        return self.scheduler.num_waiting + len(self._inbox)
+        return self.engine.num_waiting + len(self._inbox)
 
     @property
     def num_running(self) -> int:
-        return self.scheduler.num_running
+        return self.engine.num_running
 
     # ----------------------------------------------------------------------------------------------- thread
     def _run(self) -> None:
-        sched = self.scheduler
+        eng = self.engine
         while True:
             with self._cv:
-                while not (self._stop or self._inbox or self._aborts or sched.has_work()):
+                while not (self._stop or self._inbox or self._aborts or eng.has_unfinished_requests()):
                     self._cv.wait()
                 if self._stop:
                     break
                 adds, self._inbox = self._inbox, []
                 aborts, self._aborts = self._aborts, []
+            deltas: list[RequestDelta] = []
             for rid in aborts:
-                sched.abort(rid)
+                eng.abort_request(rid)
             for r in adds:
-                sched.add(r)
+                try:
+                    eng.add_request(r.request_id, r.prompt_ids, r.params, r.chat)
+                except ValueError as e:  # checked at the door; a request that still fails ends alone
+                    deltas.append(RequestDelta(r.request_id, finish_reason="error", error=str(e)))
             try:
-                deltas = sched.step()
+                deltas += eng.step()
             except Exception as e:  # never let one bad step take the server down
                 log.exception("engine step failed")
-                deltas = sched.fail_all(f"internal error during generation: {type(e).__name__}: {e}")
+                deltas += eng.fail_all(f"internal error during generation: {type(e).__name__}: {e}")
             self.steps += 1
             if deltas:
                 self._post(deltas)
-        self._post(self.scheduler.fail_all("server shutting down"))
+        self._post(self.engine.fail_all("server shutting down"))
 
     def _post(self, deltas: list[RequestDelta]) -> None:
         try:

@@ -1,82 +1,32 @@
 """`LLM`: the offline API (vLLM's names): `generate`, `chat`, `stream`, over one model and its tokenizer.
 
-A batch of prompts is left-padded into one static cache and decoded together; a row that finishes leaves the batch
-at once (its cache rows are dropped), so long and short requests do not pay for each other.
+Every call adds its prompts to the one engine (`LLMEngine`: paged KV, conv slots, prefix caching, continuous
+batching) and steps it until they finish: the same scheduler, runner and sampler the server runs.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..model.checkpoint import CheckpointError, load_model, resolve
-from ..model.lfm2 import LfmForCausalLM
 from ..model.cpu_linear import use_cpu_kernels
+from ..model.lfm2 import LfmForCausalLM
 from ..model.quant import prepare as prepare_quantized
 from ..model.quant import quantize_model
-from ..text import IncrementalDetokenizer, Tokenizer, ToolCall, parse_tool_calls
-from .sampling import Sampler, SamplingParams
+from ..text import Tokenizer, parse_tool_calls
+from .llm_engine import EngineConfig, LLMEngine
+from .sampling import SamplingParams
+from .sequence import RequestOutput
 
 Prompt = str | list[int]
 Message = dict[str, Any]
-
-
-@dataclass(slots=True)
-class RequestOutput:
-    prompt_token_ids: list[int]
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)  # generated ids, including a final stop token
-    finish_reason: str | None = None  # "stop" (stop token or string) or "length"
-    prompt: str | None = None
-    tool_calls: list[ToolCall] = field(default_factory=list)  # chat only
-    content: str | None = None  # chat only: the text outside tool-call blocks
-
-
-class SeqState:
-    """One request's progress: tokens, incremental text, and the stop rules."""
-
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, stop_ids: set[int], max_new: int,
-                 tok: Tokenizer | None, skip_special: bool) -> None:
-        self.out = RequestOutput(prompt_token_ids=prompt_ids)
-        self.params, self.stop_ids, self.max_new = params, stop_ids, max_new
-        self.detok = IncrementalDetokenizer(tok, skip_special_tokens=skip_special) if tok is not None else None
-        self.text = ""  # all text so far; `sent` chars of it were handed out
-        self.sent = 0
-        self.hold = max((len(s) for s in params.stop), default=1) - 1  # text that may still turn into a stop string
-
-    def push(self, t: int) -> str:
-        """Add a token; return the text that is now final. Sets finish_reason when the request ends."""
-        o = self.out
-        o.token_ids.append(t)
-        if t in self.stop_ids and not self.params.ignore_eos or t in self.params.stop_token_ids:
-            o.finish_reason = "stop"
-            return self._release(final=True)
-        if self.detok is not None:
-            self.text += self.detok.push(t)
-            for s in self.params.stop:
-                at = self.text.find(s, max(0, self.sent - len(s)))
-                if at >= 0:
-                    self.text = self.text[:at]
-                    o.finish_reason = "stop"
-                    return self._release(final=True)
-        if len(o.token_ids) >= self.max_new:
-            o.finish_reason = "length"
-            return self._release(final=True)
-        return self._release(final=False)
-
-    def _release(self, final: bool) -> str:
-        if final and self.detok is not None and self.out.finish_reason == "length":
-            self.text += self.detok.flush()
-        end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)
-        delta, self.sent = self.text[self.sent:end], end
-        if final:
-            self.out.text = self.text
-        return delta
+_ids = itertools.count()
 
 
 class LLM:
@@ -85,7 +35,12 @@ class LLM:
 
     def __init__(self, model: str | Path | LfmForCausalLM | None = None, dtype: str | torch.dtype = "auto", device: str = "cpu",
                  tokenizer: str | Path | Tokenizer | None = None, max_model_len: int | None = None,
-                 quantization: str | None = None, group_size: int = 64, kv_cache_dtype: str | None = None) -> None:
+                 quantization: str | None = None, group_size: int = 64, kv_cache_dtype: str | None = None,
+                 enable_prefix_caching: bool = True, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
+                 kv_cache_memory: int = 4 << 30, block_size: int = 16) -> None:
+        """Engine settings as vLLM names them: max_num_seqs (sequences decoded together), max_num_batched_tokens
+        (tokens per step: bounds prefill activations at any prompt length), kv_cache_memory (bytes of KV blocks;
+        on CPU touched only as used), block_size, enable_prefix_caching (on by default, as in vLLM)."""
         self.path: Path | None = None
         if isinstance(model, LfmForCausalLM):
             self.model = model.eval()
@@ -101,7 +56,6 @@ class LLM:
         use_cpu_kernels(self.model)  # bfloat16 linears on CPUs without bfloat16 arithmetic
         if kv_cache_dtype not in (None, "auto", "int8"):
             raise ValueError(f"kv_cache_dtype must be 'auto' (the model's dtype) or 'int8', got {kv_cache_dtype!r}")
-        self.model.kv_cache_dtype = torch.int8 if kv_cache_dtype == "int8" else None  # int8: half of bf16's bytes
         self.config = self.model.config
         tok_src = tokenizer if tokenizer is not None else self.path
         if isinstance(tok_src, Tokenizer):
@@ -113,9 +67,13 @@ class LLM:
             self.tokenizer = Tokenizer.from_dir(tok_src)
         else:
             self.tokenizer = None  # token-id prompts still work
-        self.max_model_len = max_model_len or self.config.max_position_embeddings
-        self.prefill_chunk = 2048  # prompt tokens per forward: bounds prefill activations at any prompt length
         self.generation_config = self._read_generation_config()
+        cfg = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                           kv_cache_memory=kv_cache_memory, block_size=block_size,
+                           enable_prefix_caching=enable_prefix_caching,
+                           kv_cache_dtype=torch.int8 if kv_cache_dtype == "int8" else None, max_model_len=max_model_len)
+        self.engine = LLMEngine(self.model, self.tokenizer, self.stop_ids(False), self.stop_ids(True), cfg)
+        self.max_model_len = self.engine.max_model_len
 
     # ---- public API -------------------------------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -132,7 +90,7 @@ class LLM:
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Text pieces of one completion as they are produced (never a broken UTF-8 character)."""
         params = self._params(sampling_params, 1)
-        for _, delta in self._steps([self._encode(prompt)], params, chat=False):
+        for _, delta in self._steps([self._encode(prompt)], params, False):
             if delta:
                 yield delta
 
@@ -151,9 +109,19 @@ class LLM:
     def stream_chat(self, messages: list[Message], sampling_params: SamplingParams | None = None,
                     tools: list[dict] | None = None, chat_template_kwargs: dict[str, Any] | None = None) -> Iterator[str]:
         ids = self.encode_chat(messages, tools, True, chat_template_kwargs)
-        for _, delta in self._steps([ids], self._params(sampling_params, 1), chat=True):
+        for _, delta in self._steps([ids], self._params(sampling_params, 1), True):
             if delta:
                 yield delta
+
+    @property
+    def grammar(self) -> Any:
+        """The xgrammar backend for structured output over this tokenizer (built at first use; None without one)."""
+        if self.engine.sampler.grammar is None and self.tokenizer is not None:
+            from .grammar import GrammarBackend
+
+            self.engine.sampler.grammar = GrammarBackend(self.tokenizer, self.config.vocab_size,
+                                                         sorted(self.stop_ids(True)))
+        return self.engine.sampler.grammar
 
     def encode_chat(self, messages: list[Message], tools: list[dict] | None = None, add_generation_prompt: bool = True,
                     chat_template_kwargs: dict[str, Any] | None = None) -> list[int]:
@@ -163,58 +131,41 @@ class LLM:
 
     # ---- the loop ---------------------------------------------------------------------------------------------
     def _run(self, prompts: list[list[int]], params: list[SamplingParams], chat: bool = False) -> list[RequestOutput]:
-        seqs: dict[int, RequestOutput] = {}
-        for i, _ in self._steps(prompts, params, chat, outputs=seqs):
+        outs: dict[str, RequestOutput] = {}
+        rids = [f"llm-{next(_ids)}" for _ in prompts]
+        for _ in self._steps(prompts, params, chat, rids, outs):
             pass
-        return [seqs[i] for i in range(len(prompts))]
+        return [outs[r] for r in rids]
 
-    @torch.inference_mode()
-    def _steps(self, prompts: list[list[int]], params: list[SamplingParams], chat: bool,
-               outputs: dict[int, RequestOutput] | None = None) -> Iterator[tuple[int, str]]:
-        """Yield (request index, new text) after every decoded token of every running request."""
-        model, dev = self.model, self.model.device
-        stop = self.stop_ids(chat)
-        longest = max(len(p) for p in prompts)
-        budget = self.max_model_len - longest
-        if budget <= 0:
-            raise ValueError(f"prompt of {longest} tokens leaves no room in the {self.max_model_len}-token context")
+    def _steps(self, prompts: list[list[int]], params: list[SamplingParams], chat: bool, rids: list[str] | None = None,
+               outputs: dict[str, RequestOutput] | None = None) -> Iterator[tuple[int, str]]:
+        """Add the prompts to the engine and step it; yield (prompt index, new text) as tokens arrive. Requests
+        left unfinished (the caller stopped iterating, or an error) are aborted, so their cache is freed."""
+        eng = self.engine
+        rids = rids or [f"llm-{next(_ids)}" for _ in prompts]
+        index = {r: i for i, r in enumerate(rids)}
         seqs = []
-        for p, sp in zip(prompts, params):
-            max_new = min(sp.max_tokens or budget, budget)
-            seqs.append(SeqState(p, sp, stop, max_new, self.tokenizer, skip_special=sp.skip_special_tokens))
+        try:
+            for r, p, sp in zip(rids, prompts, params):
+                seqs.append(eng.add_request(r, p, sp, chat))
+            open_ = set(rids)
+            while open_:
+                if not eng.has_unfinished_requests():
+                    raise RuntimeError("the engine stopped with requests unfinished")
+                for d in eng.step():
+                    if d.request_id not in index:
+                        continue  # another caller's request
+                    if d.finish_reason == "error":
+                        raise RuntimeError(d.error or "generation failed")
+                    if d.finish_reason is not None:
+                        open_.discard(d.request_id)
+                    yield index[d.request_id], d.text
+        finally:
+            for r in rids:
+                eng.abort_request(r)
             if outputs is not None:
-                outputs[len(seqs) - 1] = seqs[-1].out
-        B = len(prompts)
-        ids = torch.full((B, longest), self.config.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros(B, longest, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, longest - len(p):] = torch.as_tensor(p)
-            mask[i, longest - len(p):] = 1
-        ids, mask = ids.to(dev), mask.to(dev)
-        cache = model.new_cache(B, longest + max(s.max_new for s in seqs))
-        sampler = Sampler(params, prompts, self.config.vocab_size, dev)
-        padded = not bool(mask.all())
-        for a in range(0, longest, self.prefill_chunk):  # chunks bound activation memory (a 32K prompt, say)
-            b = min(a + self.prefill_chunk, longest)
-            logits = model(ids[:, a:b], cache, attention_mask=mask[:, a:b] if padded else None, logits_to_keep=1)[:, -1]
-        active = list(range(B))
-        while True:
-            tokens = sampler(logits)
-            keep = []
-            for j, t in enumerate(tokens.tolist()):
-                s = seqs[active[j]]
-                delta = s.push(t)
-                yield active[j], delta
-                if s.out.finish_reason is None:
-                    keep.append(j)
-            if not keep:
-                return
-            if len(keep) < len(active):
-                cache.select(keep)
-                sampler.select(keep)
-                active = [active[j] for j in keep]
-                tokens = tokens[keep]
-            logits = model(tokens[:, None], cache, logits_to_keep=1)[:, -1]
+                for r, s in zip(rids, seqs):
+                    outputs[r] = s.to_output()
 
     # ---- helpers ----------------------------------------------------------------------------------------------
     def _need_tokenizer(self) -> Tokenizer:

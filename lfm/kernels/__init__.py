@@ -118,3 +118,27 @@ def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, 
     if ext is None:
         return None
     return ext.decode_attention(q, k_new, v_new, ks, vs, k_scales or [], v_scales or [], pos, scale)
+
+
+def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
+                           v_scale: torch.Tensor | None, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                           scale: float) -> torch.Tensor | None:
+    """One decode step of attention for n sequences over a paged KV cache: q [n, H, D]; k_cache / v_cache
+    [num_blocks, KV, block_size, D] (int8 caches with their per-vector scales k_scale / v_scale
+    [num_blocks, KV, block_size] float32, None or empty for float caches); block_tables [n, max_blocks] int32
+    (sequence b's key l in block block_tables[b, l // block_size] at offset l % block_size); context_lens [n] int32.
+    Returns softmax(q k^T * scale) v over keys 0..context_lens[b]-1 as [n, H, D] in q's dtype; reads the caches only
+    (the new token's key / value must already be in them). None where the kernel does not apply (autograd, non-CPU
+    tensors, kernels unavailable or disabled); malformed inputs raise RuntimeError."""
+    if not _enabled or (torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad
+                                                     or v_cache.requires_grad)):
+        return None
+    if any(t is not None and t.device.type != "cpu"
+           for t in (q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens)):
+        return None
+    ext = _ext if _tried else extension()
+    if ext is None:
+        return None
+    empty = torch.empty(0)
+    return ext.paged_decode_attention(q, k_cache, v_cache, empty if k_scale is None else k_scale,
+                                      empty if v_scale is None else v_scale, block_tables, context_lens, scale)

@@ -10,6 +10,12 @@
 // An int8 cache (LLM(kv_cache_dtype="int8")) holds each key / value vector of a head as int8 times one float32
 // scale (amax / 127, the same rounding as HybridCache.write): the new vectors are quantized here, scores are
 // (q . k_int8) * k_scale, and each probability is multiplied by the value's scale. Half the bytes of bfloat16.
+//
+// paged_decode_attention is the same math over a paged KV cache (vLLM style): one pool of blocks
+// [num_blocks, KV, block_size, D] shared by all sequences, sequence b's key l in physical block
+// block_tables[b, l / block_size] at offset l % block_size. The caller has already written the new keys / values;
+// this op only reads. `attend` holds the math for both: it walks a head's keys as runs of consecutive keys (the whole
+// cache for decode_attention, one block at a time for the paged op), 8 keys per reduction inside a run.
 
 #include "common.h"
 
@@ -69,42 +75,76 @@ inline void put(const TQ* src, TC* dst, float* scale, int64_t D) {
   }
 }
 
-template <typename TQ, typename TC>
-void attend_one(const TQ* q, const TQ* kn, const TQ* vn, TC* kc, TC* vc, float* ksc, float* vsc, int64_t pos,
-                int64_t G, int64_t D, float scale, TQ* out, std::vector<float>& buf) {
-  // write the new key / value at pos (the cache is [max_len, D] for this head; int8: with a scale per vector)
-  put(kn, kc + pos * D, ksc ? ksc + pos : nullptr, D);
-  put(vn, vc + pos * D, vsc ? vsc + pos : nullptr, D);
-  const int64_t L = pos + 1;
-  buf.resize(static_cast<size_t>(G * (L + D)));
-  float* s = buf.data();  // [G, L] scores, then probabilities
-  float* qf = s + G * L;  // [G, D] output accumulator
-  std::vector<float> qv(static_cast<size_t>(G * D));
+// The keys / values of one KV head, as runs of consecutive keys: runs(l0, l1, f) calls f(l, m, k, v) for keys
+// l .. l + m - 1 of [l0, l1), key l + i at k + i * D, its value at v + i * D.
+
+// decode_attention's cache: the head's keys one after the other ([max_len, D])
+template <typename TC>
+struct FlatKV {
+  const TC* k;
+  const TC* v;
+  int64_t D;
+  template <typename F>
+  void runs(int64_t l0, int64_t l1, F&& f) const {
+    if (l0 < l1) f(l0, l1 - l0, k + l0 * D, v + l0 * D);
+  }
+};
+
+// paged cache: key l in physical block table[l / bs] at offset l % bs; k / v point at the head's slice of block 0,
+// block p's slice is `stride` (KV * bs * D) elements further
+template <typename TC>
+struct PagedKV {
+  const TC* k;
+  const TC* v;
+  const int32_t* table;
+  int64_t bs, stride, D;
+  template <typename F>
+  void runs(int64_t l0, int64_t l1, F&& f) const {
+    while (l0 < l1) {
+      const int64_t j = l0 / bs, o = l0 - j * bs, m = std::min(bs - o, l1 - l0);
+      const int64_t off = static_cast<int64_t>(table[j]) * stride + o * D;
+      f(l0, m, k + off, v + off);
+      l0 += m;
+    }
+  }
+};
+
+// G query heads q [G, D] against keys / values 0 .. L - 1 of one KV head; out [G, D] in q's dtype. int8 caches:
+// ksc / vsc [L] the keys' / values' scales (float caches: nullptr).
+template <typename TQ, typename TC, typename KVs>
+void attend(const TQ* q, const KVs& kv, const float* ksc, const float* vsc, int64_t L, int64_t G, int64_t D,
+            float scale, TQ* out, std::vector<float>& buf) {
+  buf.resize(static_cast<size_t>(G * (L + 2 * D)));
+  float* s = buf.data();   // [G, L] scores, then probabilities
+  float* qf = s + G * L;   // [G, D] output accumulator
+  float* qv = qf + G * D;  // [G, D] q * scale in float32
   for (int64_t g = 0; g < G; ++g)
     for (int64_t d = 0; d < D; ++d) qv[g * D + d] = to_f(q[g * D + d]) * scale;
   const bool vec = D % 8 == 0;
-  int64_t l0 = 0;
-  if (vec)  // 8 keys at a time: 8 independent FMA chains, one transposing reduction for 8 scores
-    for (; l0 + 8 <= L; l0 += 8)
-      for (int64_t g = 0; g < G; ++g) {
-        __m256 a[8];
-        for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
-        for (int64_t d = 0; d < D; d += 8) {
-          const __m256 qd = _mm256_loadu_ps(&qv[g * D + d]);
-          for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(load8f(kc + (l0 + j) * D + d), qd, a[j]);
+  kv.runs(0, L, [&](int64_t l, int64_t m, const TC* kc, const TC*) {
+    int64_t i = 0;
+    if (vec)  // 8 keys at a time: 8 independent FMA chains, one transposing reduction for 8 scores
+      for (; i + 8 <= m; i += 8)
+        for (int64_t g = 0; g < G; ++g) {
+          __m256 a[8];
+          for (int j = 0; j < 8; ++j) a[j] = _mm256_setzero_ps();
+          for (int64_t d = 0; d < D; d += 8) {
+            const __m256 qd = _mm256_loadu_ps(qv + g * D + d);
+            for (int j = 0; j < 8; ++j) a[j] = _mm256_fmadd_ps(load8f(kc + (i + j) * D + d), qd, a[j]);
+          }
+          __m256 sc = hsum8(a);
+          if (ksc) sc = _mm256_mul_ps(sc, _mm256_loadu_ps(ksc + l + i));
+          _mm256_storeu_ps(s + g * L + l + i, sc);
         }
-        __m256 sc = hsum8(a);
-        if (ksc) sc = _mm256_mul_ps(sc, _mm256_loadu_ps(ksc + l0));
-        _mm256_storeu_ps(s + g * L + l0, sc);
+    for (; i < m; ++i) {
+      const TC* k = kc + i * D;
+      for (int64_t g = 0; g < G; ++g) {
+        float acc = 0.0f;
+        for (int64_t d = 0; d < D; ++d) acc += elem(k[d]) * qv[g * D + d];
+        s[g * L + l + i] = ksc ? acc * ksc[l + i] : acc;
       }
-  for (int64_t l = l0; l < L; ++l) {
-    const TC* k = kc + l * D;
-    for (int64_t g = 0; g < G; ++g) {
-      float acc = 0.0f;
-      for (int64_t d = 0; d < D; ++d) acc += elem(k[d]) * qv[g * D + d];
-      s[g * L + l] = ksc ? acc * ksc[l] : acc;
     }
-  }
+  });
   for (int64_t g = 0; g < G; ++g) {  // softmax per head (vector exp: a scalar expf per key cost more than the reads)
     float* sg = s + g * L;
     __m256 m8 = _mm256_set1_ps(-INFINITY);
@@ -143,31 +183,44 @@ void attend_one(const TQ* q, const TQ* kn, const TQ* vn, TC* kc, TC* vc, float* 
         const float* pg = s + g * L;
         __m256 acc[8];
         for (int c = 0; c < 8; ++c) acc[c] = _mm256_loadu_ps(o + 8 * c);
-        for (int64_t l = b0; l < b1; ++l) {
-          const __m256 pv = _mm256_set1_ps(pg[l]);
-          const TC* v = vc + l * D;
-          for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(pv, load8f(v + 8 * c), acc[c]);
-        }
+        kv.runs(b0, b1, [&](int64_t l, int64_t m, const TC*, const TC* vc) {
+          for (int64_t i = 0; i < m; ++i) {
+            const __m256 pv = _mm256_set1_ps(pg[l + i]);
+            const TC* v = vc + i * D;
+            for (int c = 0; c < 8; ++c) acc[c] = _mm256_fmadd_ps(pv, load8f(v + 8 * c), acc[c]);
+          }
+        });
         for (int c = 0; c < 8; ++c) _mm256_storeu_ps(o + 8 * c, acc[c]);
       }
     }
   } else {
-    for (int64_t l = 0; l < L; ++l) {
-      const TC* v = vc + l * D;
-      for (int64_t g = 0; g < G; ++g) {
-        const float p = s[g * L + l];
-        float* o = qf + g * D;
-        if (vec) {
-          const __m256 pv = _mm256_set1_ps(p);
-          for (int64_t d = 0; d < D; d += 8)
-            _mm256_storeu_ps(o + d, _mm256_fmadd_ps(pv, load8f(v + d), _mm256_loadu_ps(o + d)));
-        } else {
-          for (int64_t d = 0; d < D; ++d) o[d] += p * elem(v[d]);
+    kv.runs(0, L, [&](int64_t l0, int64_t m, const TC*, const TC* vc) {
+      for (int64_t i = 0; i < m; ++i) {
+        const TC* v = vc + i * D;
+        for (int64_t g = 0; g < G; ++g) {
+          const float p = s[g * L + l0 + i];
+          float* o = qf + g * D;
+          if (vec) {
+            const __m256 pv = _mm256_set1_ps(p);
+            for (int64_t d = 0; d < D; d += 8)
+              _mm256_storeu_ps(o + d, _mm256_fmadd_ps(pv, load8f(v + d), _mm256_loadu_ps(o + d)));
+          } else {
+            for (int64_t d = 0; d < D; ++d) o[d] += p * elem(v[d]);
+          }
         }
       }
-    }
+    });
   }
   for (int64_t i = 0; i < G * D; ++i) store_out(out + i, qf[i]);
+}
+
+template <typename TQ, typename TC>
+void attend_one(const TQ* q, const TQ* kn, const TQ* vn, TC* kc, TC* vc, float* ksc, float* vsc, int64_t pos,
+                int64_t G, int64_t D, float scale, TQ* out, std::vector<float>& buf) {
+  // write the new key / value at pos (the cache is [max_len, D] for this head; int8: with a scale per vector)
+  put(kn, kc + pos * D, ksc ? ksc + pos : nullptr, D);
+  put(vn, vc + pos * D, vsc ? vsc + pos : nullptr, D);
+  attend<TQ, TC>(q, FlatKV<TC>{kc, vc, D}, ksc, vsc, pos + 1, G, D, scale, out, buf);
 }
 
 template <typename TQ, typename TC>
@@ -198,6 +251,52 @@ void run_all(const at::Tensor& q, const at::Tensor& kn, const at::Tensor& vn, co
       float* vsc = vss.empty() ? nullptr : vss[b].data_ptr<float>() + h * max_len;
       attend_one<TQ, TC>(qp + (b * H + h * G) * D, kp + (b * KV + h) * D, vp + (b * KV + h) * D, kc, vc, ksc, vsc,
                          pos[b], G, D, scale, op + (b * H + h * G) * D, buf);
+    }
+  }
+}
+
+template <typename TQ, typename TC>
+void run_paged(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& kss,
+               const at::Tensor& vss, const at::Tensor& tables, const at::Tensor& lens, float scale, at::Tensor& out) {
+  const int64_t n = q.size(0), H = q.size(1), D = q.size(2), KV = kc.size(1), bs = kc.size(2), G = H / KV;
+  const int64_t max_blocks = tables.size(1), stride = KV * bs * D;
+  const TQ* qp = q.data_ptr<TQ>();
+  const TC* kp = kc.data_ptr<TC>();
+  const TC* vp = vc.data_ptr<TC>();
+  const float* ksp = std::is_same_v<TC, int8_t> ? kss.data_ptr<float>() : nullptr;
+  const float* vsp = std::is_same_v<TC, int8_t> ? vss.data_ptr<float>() : nullptr;
+  const int32_t* tp = tables.data_ptr<int32_t>();
+  const int32_t* lp = lens.data_ptr<int32_t>();
+  TQ* op = out.data_ptr<TQ>();
+  const int64_t tasks = n * KV;
+  int64_t work = 0;
+  for (int64_t b = 0; b < n; ++b) work += lp[b] * KV * D;
+  int nt = at::get_num_threads();
+  if (nt < 1 || work < (int64_t(1) << 16)) nt = 1;
+  if (nt > tasks) nt = static_cast<int>(tasks);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    std::vector<float> buf, scales;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t b = t / KV, h = t % KV, L = lp[b];
+      const int32_t* table = tp + b * max_blocks;
+      const float* ksc = nullptr;
+      const float* vsc = nullptr;
+      if (ksp) {  // int8: the sequence's scales for this head, gathered in key order (L floats, next to L * D reads)
+        scales.resize(static_cast<size_t>(2 * L));
+        float* ks = scales.data();
+        float* vs = ks + L;
+        for (int64_t l0 = 0; l0 < L; l0 += bs) {
+          const int64_t off = (static_cast<int64_t>(table[l0 / bs]) * KV + h) * bs, m = std::min(bs, L - l0);
+          std::memcpy(ks + l0, ksp + off, static_cast<size_t>(m) * sizeof(float));
+          std::memcpy(vs + l0, vsp + off, static_cast<size_t>(m) * sizeof(float));
+        }
+        ksc = ks;
+        vsc = vs;
+      }
+      const PagedKV<TC> kv{kp + h * bs * D, vp + h * bs * D, table, bs, stride, D};
+      attend<TQ, TC>(qp + (b * H + h * G) * D, kv, ksc, vsc, L, G, D, scale, op + (b * H + h * G) * D, buf);
     }
   }
 }
@@ -263,6 +362,91 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const 
     by_type(ct, [&](auto tc) {
       using TC = decltype(tc);
       run_all<TQ, TC>(q, k_new, v_new, ks, vs, k_scales, v_scales, pos, static_cast<float>(scale), out);
+    });
+  });
+  return out;
+}
+
+// q [n, H, D]; k_cache, v_cache [num_blocks, KV, block_size, D] (float32 / bfloat16 / float16, or int8 with
+// k_scale, v_scale [num_blocks, KV, block_size] float32; float caches: empty scales); block_tables [n, max_blocks]
+// int32: sequence b's key l in physical block block_tables[b, l / block_size], offset l % block_size;
+// context_lens [n] int32: b attends over its keys 0 .. context_lens[b] - 1 (the new token's included: the caller has
+// written it). Only reads the caches; returns the attention output [n, H, D] in q's dtype. Block table entries past a
+// sequence's last block are not read (may be padding, e.g. -1).
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& k_scale, const at::Tensor& v_scale,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+  TORCH_CHECK(q.defined() && q.dim() == 3 && q.is_contiguous() && q.device().is_cpu(),
+              "paged_decode_attention: q must be a contiguous CPU [n, H, D] tensor, got ",
+              q.defined() ? q.sizes() : at::IntArrayRef{});
+  const auto qt = q.scalar_type();
+  TORCH_CHECK(qt == at::kFloat || qt == at::kBFloat16 || qt == at::kHalf,
+              "paged_decode_attention: q must be float32, bfloat16 or float16, got ", qt);
+  const int64_t n = q.size(0), H = q.size(1), D = q.size(2);
+  TORCH_CHECK(H > 0 && D > 0, "paged_decode_attention: q needs at least one head and head_dim > 0, got ", q.sizes());
+  TORCH_CHECK(k_cache.defined() && k_cache.dim() == 4 && k_cache.is_contiguous() && k_cache.device().is_cpu(),
+              "paged_decode_attention: k_cache must be a contiguous CPU [num_blocks, KV, block_size, D] tensor, got ",
+              k_cache.defined() ? k_cache.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(v_cache.defined() && v_cache.sizes() == k_cache.sizes() && v_cache.is_contiguous() &&
+                  v_cache.device().is_cpu() && v_cache.scalar_type() == k_cache.scalar_type(),
+              "paged_decode_attention: v_cache must be a contiguous CPU tensor of k_cache's shape ", k_cache.sizes(),
+              " and dtype ", k_cache.scalar_type());
+  const int64_t num_blocks = k_cache.size(0), KV = k_cache.size(1), bs = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == D, "paged_decode_attention: the caches' head_dim ", k_cache.size(3),
+              " differs from q's ", D);
+  TORCH_CHECK(KV > 0 && H % KV == 0, "paged_decode_attention: query heads (", H, ") must be a multiple of KV heads (",
+              KV, ")");
+  TORCH_CHECK(bs > 0, "paged_decode_attention: block_size must be > 0");
+  const auto ct = k_cache.scalar_type();
+  TORCH_CHECK(ct == at::kFloat || ct == at::kBFloat16 || ct == at::kHalf || ct == at::kChar,
+              "paged_decode_attention: caches must be float32, bfloat16, float16 or int8, got ", ct);
+  const bool int8 = ct == at::kChar;
+  for (const at::Tensor* s : {&k_scale, &v_scale}) {
+    if (int8) {
+      TORCH_CHECK(s->defined() && s->device().is_cpu() && s->is_contiguous() && s->scalar_type() == at::kFloat &&
+                      s->dim() == 3 && s->size(0) == num_blocks && s->size(1) == KV && s->size(2) == bs,
+                  "paged_decode_attention: int8 caches need contiguous float32 CPU k_scale / v_scale of shape [",
+                  num_blocks, ", ", KV, ", ", bs, "]");
+    } else {
+      TORCH_CHECK(!s->defined() || s->numel() == 0,
+                  "paged_decode_attention: float caches take empty k_scale / v_scale tensors");
+    }
+  }
+  TORCH_CHECK(block_tables.defined() && block_tables.dim() == 2 && block_tables.size(0) == n &&
+                  block_tables.scalar_type() == at::kInt && block_tables.is_contiguous() &&
+                  block_tables.device().is_cpu(),
+              "paged_decode_attention: block_tables must be a contiguous int32 CPU [n, max_blocks] tensor with n = ", n,
+              ", got ", block_tables.defined() ? block_tables.sizes() : at::IntArrayRef{}, " ",
+              block_tables.defined() ? block_tables.scalar_type() : at::kInt);
+  TORCH_CHECK(context_lens.defined() && context_lens.dim() == 1 && context_lens.size(0) == n &&
+                  context_lens.scalar_type() == at::kInt && context_lens.is_contiguous() &&
+                  context_lens.device().is_cpu(),
+              "paged_decode_attention: context_lens must be a contiguous int32 CPU [n] tensor with n = ", n);
+  const int64_t max_blocks = block_tables.size(1);
+  const int32_t* tp = block_tables.data_ptr<int32_t>();
+  const int32_t* lp = context_lens.data_ptr<int32_t>();
+  for (int64_t b = 0; b < n; ++b) {
+    const int64_t L = lp[b];
+    TORCH_CHECK(L > 0 && L <= max_blocks * bs, "paged_decode_attention: context_lens[", b, "] = ", L,
+                " must be in 1 .. max_blocks * block_size = ", max_blocks * bs);
+    for (int64_t j = 0; j < (L + bs - 1) / bs; ++j) {
+      const int64_t p = tp[b * max_blocks + j];
+      TORCH_CHECK(p >= 0 && p < num_blocks, "paged_decode_attention: block_tables[", b, ", ", j, "] = ", p,
+                  " is outside the cache's ", num_blocks, " blocks");
+    }
+  }
+  auto out = at::empty({n, H, D}, q.options());
+  if (n == 0) return out;
+  by_type(qt, [&](auto tq) {
+    using TQ = decltype(tq);
+    if (int8) {
+      run_paged<TQ, int8_t>(q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens,
+                            static_cast<float>(scale), out);
+      return;
+    }
+    by_type(ct, [&](auto tc) {
+      using TC = decltype(tc);
+      run_paged<TQ, TC>(q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens, static_cast<float>(scale), out);
     });
   });
   return out;

@@ -729,6 +729,19 @@ at::Tensor decode_attention_nogil(const at::Tensor& q, const at::Tensor& k_new, 
   return decode_attention(q, k_new, v_new, ks, vs, k_scales, v_scales, pos, scale);
 }
 
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& k_scale, const at::Tensor& v_scale,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens,
+                                  double scale);  // attention.cpp
+
+at::Tensor paged_decode_attention_nogil(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                        const at::Tensor& k_scale, const at::Tensor& v_scale,
+                                        const at::Tensor& block_tables, const at::Tensor& context_lens,
+                                        double scale) {
+  py::gil_scoped_release nogil;
+  return paged_decode_attention(q, k_cache, v_cache, k_scale, v_scale, block_tables, context_lens, scale);
+}
+
 // The layers' entry points: x of any shape [..., K]; None when the kernels do not apply (x not a CPU float tensor,
 // autograd, more than max_rows rows, weights not in the expected CPU layout), so that the caller uses PyTorch's op. Output in the scales' dtype (as the
 // PyTorch path, which casts x to it); activations multiplied in float for float32 x, else quantized (int8 weights:
@@ -824,6 +837,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "one query per sequence against its own KV cache (writes the new key / value at pos)", py::arg("q"),
         py::arg("k_new"), py::arg("v_new"), py::arg("ks"), py::arg("vs"), py::arg("k_scales"), py::arg("v_scales"),
         py::arg("pos"), py::arg("scale"));
+  m.def("paged_decode_attention", &paged_decode_attention_nogil,
+        "one query per sequence against a paged KV cache [num_blocks, KV, block_size, D] through block tables "
+        "(reads only: the new key / value are already in the cache)",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("k_scale"), py::arg("v_scale"),
+        py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"));
   m.def("int8_linear", &int8_linear, "Int8Linear's kernel, or None where it does not apply", py::arg("x"),
         py::arg("q"), py::arg("scale"), py::arg("max_rows"));
   m.def("int4_linear", &int4_linear, "Int4Linear's kernel, or None where it does not apply", py::arg("x"),

@@ -1,18 +1,39 @@
-"""The whole LFM2 / LFM2-MoE network in one file: one definition for training (plain forward) and inference
-(cached forward through a `HybridCache`). Module and parameter names equal the Hugging Face checkpoint's, so a
-state dict moves between us and transformers without renaming (spec §3, §4).
+"""The whole LFM2 / LFM2-MoE network in one file: one definition for training and scoring (`forward`: padded or
+packed [B, T] batches, no cache) and for the engine (`forward_step`: one flat batch of many sequences' new tokens,
+whose attention and convolution read and write the engine's paged cache through a `StepContext`). Module and
+parameter names equal the Hugging Face checkpoint's, so a state dict moves between us and transformers without
+renaming (spec §3, §4). Nothing here knows about devices or kernels: the step context's backend does.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from typing import Protocol
+
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .. import kernels as _kernels
-from .cache import HybridCache
 from .config import LfmConfig
+
+
+class StepContext(Protocol):
+    """What `forward_step` needs from the engine for one step: where each token sits, and the cache operations.
+
+    The engine's model runner builds one per step (token positions, slot mapping, block tables, conv slots,
+    cumulative sequence lengths) and picks the backend by device; the model only calls these two methods."""
+
+    positions: torch.Tensor  # [N] each token's position in its own sequence
+
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store k / v [N, KV, hd] in the cache; return causal attention of q [N, H, hd] over each sequence's own
+        cached positions and its new ones: [N, H, hd]."""
+        ...
+
+    def short_conv(self, layer: int, bx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The causal depthwise conv of bx [N, D] (weight [D, L]) per sequence, starting from each sequence's conv
+        state and storing the new state: [N, D]."""
+        ...
 
 
 class RMSNorm(nn.Module):
@@ -43,6 +64,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def apply_rope_flat(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [N, H, hd]; cos/sin: [N, hd]."""
+    cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
 class ShortConv(nn.Module):
     """The double-gated short convolution: B, C, x = in_proj(h); out_proj(C * causal_conv(B * x))."""
 
@@ -54,9 +82,9 @@ class ShortConv(nn.Module):
         self.conv = nn.Conv1d(d, d, kernel_size=self.L, groups=d, bias=c.conv_bias, padding=self.L - 1)
         self.out_proj = nn.Linear(d, d, bias=c.conv_bias)
 
-    def forward(self, h: torch.Tensor, state: torch.Tensor | None, mask: torch.Tensor | None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
-        """positions [B, T] (packed documents, restarting at 0) keep the convolution inside each document."""
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """h [B, T, D]. mask [B, T] zeroes padded slots; positions [B, T] (packed documents, restarting at 0) keep
+        the convolution inside each document."""
         T = h.shape[1]
         b, c, x = self.in_proj(h).chunk(3, dim=-1)
         u = b * x
@@ -72,13 +100,15 @@ class ShortConv(nn.Module):
                 z = z + torch.where((positions >= s)[:, None, :], back, 0.0) * w[:, :, -1 - s]
             if self.conv.bias is not None:
                 z = z + self.conv.bias[:, None]
-        elif state is None:
-            z = self._taps(F.pad(u, (self.L - 1, 0)), T)
         else:
-            full = torch.cat([state, u], dim=-1)  # [B, D, L-1+T]
-            state.copy_(full[..., full.shape[-1] - state.shape[-1]:])
-            z = self._taps(full, T)
+            z = self._taps(F.pad(u, (self.L - 1, 0)), T)
         return self.out_proj(c * z.transpose(1, 2))
+
+    def forward_step(self, h: torch.Tensor, layer: int, ctx: StepContext) -> torch.Tensor:
+        """h [N, D], the new tokens of many sequences; their conv states live in the engine's cache."""
+        b, c, x = self.in_proj(h).chunk(3, dim=-1)
+        z = ctx.short_conv(layer, b * x, self.conv.weight[:, 0], self.conv.bias)
+        return self.out_proj(c * z)
 
     def _taps(self, full: torch.Tensor, T: int) -> torch.Tensor:
         """The depthwise conv over [B, D, L-1+T] as L shifted products, accumulated in float32 and rounded once.
@@ -127,31 +157,21 @@ class Attention(nn.Module):
         causal = mask is None and T > 1
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=self.nh != self.nkv)
 
-    def decode(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, caches: list[tuple[HybridCache, int]],
-               i: int) -> torch.Tensor | None:
-        """One new token per sequence (q [n, H, 1, hd], k / v [n, KV, 1, hd]) against each sequence's own batch-1
-        cache at its own slot (caches: (cache, row)). Writes the new keys, returns [n, H, hd]; None where lfm.kernels
-        does not apply (then nothing is written). PyTorch's SDPA is 2-8x slower for one query over 16-bit caches."""
-        ks = [c.k[i][r:r + 1] for c, r in caches]
-        vs = [c.v[i][r:r + 1] for c, r in caches]
-        kss = [c.k_scale[i][r:r + 1] for c, r in caches] if caches[0][0].quantized else None
-        vss = [c.v_scale[i][r:r + 1] for c, r in caches] if kss is not None else None
-        return _kernels.decode_attention(q[:, :, 0].contiguous(), k[:, :, 0].contiguous(), v[:, :, 0].contiguous(),
-                                         ks, vs, [c.pos for c, _ in caches], self.hd ** -0.5, kss, vss)
-
-    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: HybridCache | None, i: int,
-                start: int, mask: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
         B, T, _ = h.shape
         q, k, v = self.qkv(h, rope)
-        if cache is not None and T == 1 and mask is None:  # decode without padding: the cache kernel, if it applies
-            o = self.decode(q, k, v, [(cache, b) for b in range(B)], i)
-            if o is not None:
-                return self.out_proj(o.reshape(B, 1, self.nh * self.hd))
-        if cache is not None:
-            cache.write(i, start, k, v)
-            k, v = cache.read(i, start + T, q.dtype)
         o = self.attend(q, k, v, mask)
         return self.out_proj(o.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+
+    def forward_step(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], layer: int,
+                     ctx: StepContext) -> torch.Tensor:
+        """h [N, D], the new tokens of many sequences; keys and values of earlier tokens live in the engine's cache."""
+        N = h.shape[0]
+        q = self.q_layernorm(self.q_proj(h).view(N, self.nh, self.hd))
+        k = self.k_layernorm(self.k_proj(h).view(N, self.nkv, self.hd))
+        v = self.v_proj(h).view(N, self.nkv, self.hd)
+        o = ctx.attention(layer, apply_rope_flat(q, *rope), apply_rope_flat(k, *rope), v)
+        return self.out_proj(o.reshape(N, self.nh * self.hd))
 
 
 class MLP(nn.Module):
@@ -257,15 +277,24 @@ class Block(nn.Module):
         else:
             self.feed_forward = MLP(c.hidden_size, c.ff_dim)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: HybridCache | None, i: int,
-                start: int, attn_mask: torch.Tensor | None, mask: torch.Tensor | None,
-                positions: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], attn_mask: torch.Tensor | None,
+                mask: torch.Tensor | None, positions: torch.Tensor | None) -> torch.Tensor:
         """One residual block. A module call (not inlined) so FSDP2 and activation checkpointing can wrap it."""
         h = self.operator_norm(x)
         if self.is_attn:
-            h = self.self_attn(h, rope, cache, i, start, attn_mask)
+            h = self.self_attn(h, rope, attn_mask)
         else:
-            h = self.conv(h, cache.conv[i] if cache is not None else None, mask, positions)
+            h = self.conv(h, mask, positions)
+        x = x + h
+        return x + self.feed_forward(self.ffn_norm(x))
+
+    def forward_step(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], layer: int,
+                     ctx: StepContext) -> torch.Tensor:
+        h = self.operator_norm(x)
+        if self.is_attn:
+            h = self.self_attn.forward_step(h, rope, layer, ctx)
+        else:
+            h = self.conv.forward_step(h, layer, ctx)
         x = x + h
         return x + self.feed_forward(self.ffn_norm(x))
 
@@ -279,12 +308,11 @@ class LfmModel(nn.Module):
 
 
 class LfmForCausalLM(nn.Module):
-    """`model(input_ids) -> logits [B, T, vocab]`; with a cache, continues from where the cache left off."""
+    """`model(input_ids) -> logits [B, T, vocab]` (training, scoring); `forward_step` is the engine's cached forward."""
 
     def __init__(self, config: LfmConfig) -> None:
         super().__init__()
         self.config = config
-        self.kv_cache_dtype: torch.dtype | None = None  # None: the model dtype; torch.int8: quantized KV
         self.model = LfmModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -300,9 +328,6 @@ class LfmForCausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.model.embedding_norm.weight.device
 
-    def new_cache(self, batch: int, max_len: int) -> HybridCache:
-        return HybridCache.allocate(self.config, batch, max_len, self.dtype, self.device, self.kv_cache_dtype)
-
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """Random initialisation for training from scratch and for tests: N(0, std) matrices, unit norms."""
@@ -317,26 +342,22 @@ class LfmForCausalLM(nn.Module):
             if name.endswith("expert_bias"):
                 b.zero_()
 
-    def forward(self, input_ids: torch.Tensor, cache: HybridCache | None = None, attention_mask: torch.Tensor | None = None,
-                logits_to_keep: int = 0, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, T]. attention_mask [B, T] (1 = token, 0 = left padding) is only needed for padded rows.
-        logits_to_keep=n returns logits for the last n positions only (generation needs 1).
+        logits_to_keep=n returns logits for the last n positions only.
         position_ids [B, T] marks packed documents for training: each restarts at 0, and neither attention nor the
         convolution crosses from one document into the next (spec section 3)."""
-        h = self.hidden_states(input_ids, cache, attention_mask, position_ids)
+        h = self.hidden_states(input_ids, attention_mask, position_ids)
         if logits_to_keep:
             h = h[:, -logits_to_keep:]
         return self.lm_head(h)
 
-    def hidden_states(self, input_ids: torch.Tensor, cache: HybridCache | None = None,
-                      attention_mask: torch.Tensor | None = None,
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       position_ids: torch.Tensor | None = None) -> torch.Tensor:
         c = self.config
         B, T = input_ids.shape
         dev = input_ids.device
-        start = cache.pos if cache is not None else 0
-        if cache is not None and start + T > cache.max_len:
-            raise ValueError(f"cache holds {cache.max_len} positions; {start} used, {T} more requested")
         mask = None
         if attention_mask is not None:
             mask = attention_mask.to(device=dev, dtype=torch.bool)
@@ -344,62 +365,40 @@ class LfmForCausalLM(nn.Module):
                 mask = None
         doc_pos = None
         if position_ids is not None:
-            if cache is not None or mask is not None:
-                raise ValueError("position_ids (packed documents) are for training: no cache, no attention_mask")
+            if mask is not None:
+                raise ValueError("position_ids (packed documents) and attention_mask (padding) do not combine")
             positions, attn_mask = position_ids.to(dev), self._document_mask(position_ids.to(dev))
             doc_pos = positions
+        elif mask is not None:
+            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            idx = torch.arange(T, device=dev)
+            # a padded query still sees itself, so no softmax row is empty (its output is never used)
+            attn_mask = (((idx[None, :] <= idx[:, None]) & mask[:, None, :]) | (idx[None, :] == idx[:, None]))[:, None]
         else:
-            positions, attn_mask = self._positions_and_mask(B, T, start, mask, cache, dev)
+            positions, attn_mask = torch.arange(T, device=dev)[None], None
         rope = rope_cos_sin(positions, c.head_size, c.rope_theta, self.dtype)
 
         x = self.model.embed_tokens(input_ids)
-        for i, layer in enumerate(self.model.layers):
-            if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
-                x = checkpoint(layer, x, rope, None, i, start, attn_mask, mask, doc_pos, use_reentrant=False)
+        for layer in self.model.layers:
+            if self.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, rope, attn_mask, mask, doc_pos, use_reentrant=False)
             else:
-                x = layer(x, rope, cache, i, start, attn_mask, mask, doc_pos)
-        if cache is not None:
-            cache.pos = start + T
+                x = layer(x, rope, attn_mask, mask, doc_pos)
         return self.model.embedding_norm(x)
 
-    def decode_many(self, tokens: torch.Tensor, caches: list[HybridCache]) -> torch.Tensor:
-        """One decode step for n independent sequences, each with its own batch-1 cache at its own length.
-
-        What continuous batching needs: sequences join and leave between steps, and each owns exactly the KV it
-        uses. Everything but the attention core runs batched; the core runs per sequence over its own prefix.
-        tokens [n] -> logits [n, vocab].
-        """
+    def forward_step(self, input_ids: torch.Tensor, ctx: StepContext, logits_indices: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """The engine's forward: input_ids [N] are the new tokens of many sequences, flattened (prefill chunks and
+        single decode tokens alike); ctx says where each belongs. Returns logits [M, vocab] for the rows in
+        logits_indices (the last token of each sequence that will sample, usually), or for every row."""
         c = self.config
-        pos = torch.tensor([k.pos for k in caches], device=tokens.device)
-        for k in caches:
-            if k.pos + 1 > k.max_len:
-                raise ValueError(f"cache holds {k.max_len} positions; all are used")
-        rope = rope_cos_sin(pos[:, None], c.head_size, c.rope_theta, self.dtype)
-        x = self.model.embed_tokens(tokens[:, None])
-        n = len(caches)
+        rope = rope_cos_sin(ctx.positions, c.head_size, c.rope_theta, self.dtype)
+        x = self.model.embed_tokens(input_ids)
         for i, layer in enumerate(self.model.layers):
-            h = layer.operator_norm(x)
-            if layer.is_attn:
-                a = layer.self_attn
-                q, k, v = a.qkv(h, rope)
-                o = a.decode(q, k, v, [(kc, 0) for kc in caches], i)
-                if o is None:
-                    outs = []
-                    for b, kc in enumerate(caches):
-                        kc.write(i, kc.pos, k[b:b + 1], v[b:b + 1])
-                        outs.append(a.attend(q[b:b + 1], *kc.read(i, kc.pos + 1, q.dtype), None))
-                    o = torch.cat(outs)[:, :, 0]
-                h = a.out_proj(o.reshape(n, 1, a.nh * a.hd))
-            else:
-                state = torch.cat([kc.conv[i] for kc in caches])
-                h = layer.conv(h, state, None)
-                for b, kc in enumerate(caches):
-                    kc.conv[i].copy_(state[b:b + 1])
-            x = x + h
-            x = x + layer.feed_forward(layer.ffn_norm(x))
-        for kc in caches:
-            kc.pos += 1
-        return self.lm_head(self.model.embedding_norm(x))[:, 0]
+            x = layer.forward_step(x, rope, i, ctx)
+        if logits_indices is not None:
+            x = x[logits_indices]
+        return self.lm_head(self.model.embedding_norm(x))
 
     @staticmethod
     def _document_mask(position_ids: torch.Tensor) -> torch.Tensor:
@@ -408,34 +407,3 @@ class LfmForCausalLM(nn.Module):
         T = position_ids.shape[-1]
         causal = torch.ones(T, T, dtype=torch.bool, device=position_ids.device).tril()
         return (causal & (doc[:, :, None] == doc[:, None, :]))[:, None]
-
-    @staticmethod
-    def _positions_and_mask(B: int, T: int, start: int, mask: torch.Tensor | None, cache: HybridCache | None,
-                            dev: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """RoPE positions [B or 1, T] and the attention mask (None when plain causal attention is exact)."""
-        S = start + T
-        if cache is not None and mask is not None and cache.key_mask is None:
-            cache.key_mask = torch.ones(B, cache.max_len, dtype=torch.bool, device=dev)
-            cache.next_pos = torch.full((B,), start, dtype=torch.long, device=dev)
-        if mask is not None:
-            positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
-            if cache is not None:
-                positions = positions + cache.next_pos[:, None]
-                cache.next_pos = cache.next_pos + mask.long().sum(-1)
-                cache.key_mask[:, start:S] = mask
-        elif cache is not None and cache.next_pos is not None:
-            positions = cache.next_pos[:, None] + torch.arange(T, device=dev)
-            cache.next_pos = cache.next_pos + T
-        else:
-            positions = torch.arange(start, S, device=dev)[None]
-        key_mask = cache.key_mask[:, :S] if cache is not None and cache.key_mask is not None else mask
-        if key_mask is None and (start == 0 or T == 1):
-            return positions, None
-        q_idx = torch.arange(start, S, device=dev)[:, None]
-        k_idx = torch.arange(S, device=dev)[None, :]
-        allowed = k_idx <= q_idx  # [T, S]
-        if key_mask is not None:
-            # a padded query still sees itself, so no softmax row is empty (its output is never used)
-            allowed = (allowed & key_mask[:, None, :]) | (k_idx == q_idx)
-            return positions, allowed[:, None]  # [B, 1, T, S]
-        return positions, allowed[None, None]

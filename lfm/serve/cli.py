@@ -47,10 +47,17 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--max-num-seqs", type=_positive, default=64, help="most sequences decoded together (64)")
     s.add_argument("--max-model-len", type=_positive, help="context length (default: the model's)")
     s.add_argument("--kv-cache-memory", type=parse_size, default=4 << 30,
-                   help="memory for sequence caches, e.g. 4GiB (default); requests beyond it wait")
+                   help="memory for the paged KV cache, e.g. 4GiB (default; on CPU pages are touched only as "
+                        "blocks are used); requests beyond it wait, the newest running one yields if it runs out")
     s.add_argument("--max-waiting", type=_positive, default=256,
                    help="requests allowed to wait for a slot; more get HTTP 429 (default 256)")
-    s.add_argument("--prefill-chunk", type=_positive, default=256, help="prompt tokens per engine step (256)")
+    s.add_argument("--max-num-batched-tokens", type=_positive, default=512,
+                   help="tokens per engine step: prompt chunks of several requests and every running decode share "
+                        "one forward (512; larger: faster prefill under load, slower tokens for running requests)")
+    s.add_argument("--block-size", type=_positive, default=16, help="tokens per KV cache block (16)")
+    s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV and conv state of prompt prefixes seen before (shared system prompts, earlier "
+                        "turns of a chat); on by default, --no-enable-prefix-caching turns it off")
     s.add_argument("--max-body-bytes", type=parse_size, default=4 << 20, help="largest request body (4MiB)")
     s.add_argument("--threads", type=_positive,
                    help="torch CPU threads (default: torch's choice; 1 is often fastest on a busy or small machine)")
@@ -70,7 +77,9 @@ def cmd_serve(a: argparse.Namespace) -> None:
                          f"({e.name} is missing)") from None
     cfg = ServeConfig(model=a.model, served_model_name=a.served_model_name, host=a.host, port=a.port, dtype=a.dtype,
                       device=a.device, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
-                      kv_cache_memory=a.kv_cache_memory, max_waiting=a.max_waiting, prefill_chunk=a.prefill_chunk,
+                      kv_cache_memory=a.kv_cache_memory, max_waiting=a.max_waiting,
+                      max_num_batched_tokens=a.max_num_batched_tokens, block_size=a.block_size,
+                      enable_prefix_caching=a.enable_prefix_caching,
                       api_key=a.api_key, max_body_bytes=a.max_body_bytes, threads=a.threads,
                       quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype)
     print(f"loading {a.model or 'the built-in demo model'} ...", file=sys.stderr, flush=True)

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from ..engine.step_sampler import TokenLogprob
+from ..engine.sequence import TokenLogprob
 from .errors import ApiError, bad_request
 from .protocol import CompletionRequest
 from .state import ServerState, usage

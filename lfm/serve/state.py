@@ -14,12 +14,12 @@ import torch
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
-from ..engine.async_engine import AsyncEngine, EngineDead, EngineFull, RequestStream
+from ..engine.async_engine import AsyncEngine, EngineDead, EngineFull, EngineRequest, RequestStream
 from ..engine.grammar import ConstraintSpec, GrammarBackend
 from ..engine.llm import LLM
+from ..engine.llm_engine import RequestDelta
 from ..engine.sampling import SamplingParams
-from ..engine.scheduler import EngineRequest, RequestDelta, Scheduler
-from ..engine.step_sampler import TokenLogprob
+from ..engine.sequence import TokenLogprob
 from .errors import ApiError, bad_request
 from .metrics import Metrics
 from .protocol import _Sampling
@@ -37,7 +37,9 @@ class ServeConfig:
     max_model_len: int | None = None
     kv_cache_memory: int = 4 << 30
     max_waiting: int = 256
-    prefill_chunk: int = 256
+    max_num_batched_tokens: int = 512  # tokens per engine step: prefill chunks and decodes together
+    block_size: int = 16
+    enable_prefix_caching: bool = True
     api_key: str | None = None
     max_body_bytes: int = 4 << 20
     threads: int | None = None  # torch CPU threads (process-wide); None leaves torch's choice
@@ -61,26 +63,21 @@ class ServerState:
         self.cfg = cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.llm = llm or LLM(cfg.model, dtype=cfg.dtype, device=cfg.device, max_model_len=cfg.max_model_len,
-                              quantization=cfg.quantization, kv_cache_dtype=cfg.kv_cache_dtype)
-        if cfg.max_model_len:
-            self.llm.max_model_len = cfg.max_model_len
+        if llm is None:
+            llm = LLM(cfg.model, dtype=cfg.dtype, device=cfg.device, max_model_len=cfg.max_model_len,
+                      quantization=cfg.quantization, kv_cache_dtype=cfg.kv_cache_dtype, max_num_seqs=cfg.max_num_seqs,
+                      max_num_batched_tokens=cfg.max_num_batched_tokens, kv_cache_memory=cfg.kv_cache_memory,
+                      block_size=cfg.block_size, enable_prefix_caching=cfg.enable_prefix_caching)
+        self.llm = llm
+        self.grammar: GrammarBackend | None = llm.grammar
         self.tokenizer = self.llm.tokenizer
         self.model_name = cfg.served_model_name or cfg.model or "lfm-demo"
         self.max_model_len = self.llm.max_model_len
         self.created = int(time.time())
-        vocab = self.llm.config.vocab_size
         self.chat_stops = self.llm.stop_ids(True)
-        self.grammar = (GrammarBackend(self.tokenizer, vocab, sorted(self.chat_stops))
-                        if self.tokenizer is not None else None)
-        self.scheduler = Scheduler(self.llm.model, self.tokenizer, self.llm.stop_ids(False), self.chat_stops,
-                                   max_num_seqs=cfg.max_num_seqs, cache_budget=cfg.kv_cache_memory,
-                                   prefill_chunk=cfg.prefill_chunk, max_model_len=self.max_model_len,
-                                   grammar=self.grammar)
-        s = self.scheduler
-        self.metrics = Metrics(lambda: s.num_running, lambda: self.engine.num_waiting, lambda: s.cache_used,
-                               cfg.kv_cache_memory)
-        self.engine = AsyncEngine(s, cfg.max_waiting, self.metrics.observer())
+        eng = self.llm.engine
+        self.metrics = Metrics(eng)
+        self.engine = AsyncEngine(eng, cfg.max_waiting, self.metrics.observer())
         self.defaults = self.llm.default_sampling_params()
 
     # --------------------------------------------------------------------------------------------- checks
@@ -99,19 +96,12 @@ class ServerState:
                               f"{prompt_len} tokens, which leaves no room to generate.", "messages",
                               "context_length_exceeded")
         if requested is None:
-            fit = self.scheduler.max_tokens_that_fit(prompt_len)
-            if fit <= 0:
-                raise bad_request("the prompt alone exceeds the server's cache memory budget", "messages",
-                                  "context_length_exceeded")
-            return min(room, fit)
+            return room
         if requested > room:
             raise bad_request(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
                               f"requested {prompt_len + requested} tokens ({prompt_len} in the prompt, {requested} "
                               f"for the completion). Please reduce the prompt or {param}.", param,
                               "context_length_exceeded")
-        if self.scheduler.cache_bytes(prompt_len, requested) > self.scheduler.cache_budget:
-            raise bad_request(f"prompt + {param} needs more cache memory than this server's whole budget; reduce "
-                              f"{param}", param, "context_length_exceeded")
         return requested
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
@@ -121,7 +111,8 @@ class ServerState:
             raise bad_request(f"token id {bad[0]} is outside the vocabulary (0..{V - 1})", param, "invalid_value")
 
     # --------------------------------------------------------------------------------------------- requests
-    def sampling(self, req: _Sampling, max_tokens: int, index: int) -> SamplingParams:
+    def sampling(self, req: _Sampling, max_tokens: int, index: int, constraint: ConstraintSpec | None = None,
+                 logprobs: int | None = None, logit_bias: dict[int, float] | None = None) -> SamplingParams:
         """The request's fields over the checkpoint's generation_config defaults (vLLM's rule)."""
         d = self.defaults
         pick = lambda v, default: default if v is None else v  # noqa: E731
@@ -134,7 +125,9 @@ class ServerState:
                                   repetition_penalty=pick(req.repetition_penalty, d.repetition_penalty),
                                   max_tokens=max_tokens, seed=seed, stop=list(req.stop or []),
                                   stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
-                                  skip_special_tokens=req.skip_special_tokens)
+                                  skip_special_tokens=req.skip_special_tokens, presence_penalty=req.presence_penalty,
+                                  frequency_penalty=req.frequency_penalty, logit_bias=logit_bias, logprobs=logprobs,
+                                  constraint=constraint)
         except ValueError as e:
             raise bad_request(str(e)) from None
 
@@ -146,8 +139,8 @@ class ServerState:
             bias = {int(k): float(v) for k, v in req.logit_bias.items()}
             self.check_token_ids(list(bias), "logit_bias")
         rid = f"{prefix}-{uuid.uuid4().hex[:16]}"
-        return [EngineRequest(f"{rid}-{i}", prompt_ids, self.sampling(req, max_tokens, i), chat, constraint,
-                              top_logprobs, req.presence_penalty, req.frequency_penalty, bias)
+        return [EngineRequest(f"{rid}-{i}", prompt_ids,
+                              self.sampling(req, max_tokens, i, constraint, top_logprobs, bias), chat)
                 for i in range(req.n)]
 
     def submit(self, reqs: list[EngineRequest]) -> RequestStream:

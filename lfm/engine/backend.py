@@ -1,0 +1,152 @@
+"""The attention / conv backend: how one step's tokens read and write the paged cache, chosen by device.
+
+`StepBatch` is what the model runner computes once per step (positions, slot mapping, block tables, conv slots,
+cumulative sequence lengths, conv gather rows); a backend holds the cache and, for the step in flight, that batch:
+it is the `StepContext` that `LfmForCausalLM.forward_step` calls. `TorchBackend` is plain PyTorch and runs on any
+device (the reference, and the fallback); `CpuBackend` routes decode attention through `lfm.kernels`' paged kernel.
+A GPU backend (Triton kernels) subclasses the same two methods.
+
+Flat batch layout: the sequences with one new token (decodes) come first, then prefill chunks; sequence s owns rows
+query_start[s] .. query_start[s+1] and attends over its first context_lens[s] positions (cached ones, then new).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import kernels as _kernels
+from .cache import PagedCache
+
+
+@dataclass(slots=True)
+class StepBatch:
+    positions: torch.Tensor  # [N] long: each token's position in its sequence
+    slot_mapping: torch.Tensor  # [N] long: block * block_size + offset where its K / V go
+    query_start: list[int]  # [S + 1] cumulative new-token counts
+    context_lens: list[int]  # [S] positions each sequence attends over after this step
+    num_decodes: int  # the first num_decodes sequences have exactly one new token
+    block_tables: torch.Tensor  # [num_decodes, max_blocks] int32 (padded with 0)
+    decode_lens: torch.Tensor  # [num_decodes] int32 = context_lens[:num_decodes]
+    prefill_blocks: list[torch.Tensor]  # per prefill sequence: its block ids (long), for gathers
+    conv_slots: torch.Tensor  # [S] long
+    conv_taps: torch.Tensor  # [N, L] rows of the step's conv input (states of all S sequences, then the N tokens)
+    conv_state_rows: torch.Tensor  # [S, L-1]: the rows that become each sequence's new conv state
+    snap_rows: torch.Tensor | None  # [K, L-1]: conv states to snapshot at block ends (prefix caching)
+    snap_blocks: torch.Tensor | None  # [K] long: the blocks they belong to
+    conv_zero: torch.Tensor | None  # [*] long: slots to clear before the step (fresh sequences)
+    conv_restore: tuple[torch.Tensor, torch.Tensor] | None  # (slots, blocks): slots restored from snapshots
+
+
+class TorchBackend:
+    """Paged attention and the short conv in PyTorch ops (any device)."""
+
+    def __init__(self, cache: PagedCache, num_heads: int, head_dim: int) -> None:
+        self.cache = cache
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.scale = head_dim ** -0.5
+        self.batch: StepBatch | None = None
+
+    @property
+    def positions(self) -> torch.Tensor:
+        return self.batch.positions
+
+    def begin(self, batch: StepBatch) -> None:
+        """Start a step: fresh sequences' conv slots are zeroed, prefix-cache hits restore their snapshot."""
+        self.batch = batch
+        c = self.cache
+        if batch.conv_zero is not None:
+            c.conv[:, batch.conv_zero] = 0
+        if batch.conv_restore is not None:
+            slots, blocks = batch.conv_restore
+            c.conv[:, slots] = c.conv_snap[:, blocks]
+
+    # ---- attention ------------------------------------------------------------------------------------------
+    def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b = self.batch
+        self.cache.write_kv(layer, b.slot_mapping, k, v)
+        nd = b.num_decodes
+        if nd == len(b.context_lens):
+            return self.decode_attention(layer, q)
+        out = torch.empty_like(q)
+        if nd:
+            out[:nd] = self.decode_attention(layer, q[:nd])
+        for j, s in enumerate(range(nd, len(b.context_lens))):
+            a, e = b.query_start[s], b.query_start[s + 1]
+            out[a:e] = self.prefill_attention(layer, q[a:e], k[a:e], v[a:e], b.context_lens[s], b.prefill_blocks[j])
+        return out
+
+    def prefill_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len: int,
+                          blocks: torch.Tensor) -> torch.Tensor:
+        """One sequence's chunk: q [n, H, hd] at positions context_len - n .. context_len - 1."""
+        n, H, hd = q.shape
+        start = context_len - n
+        if start == 0 and not self.cache.quantized:  # nothing cached: the new keys are all there is
+            kk, vv = k.transpose(0, 1), v.transpose(0, 1)
+        else:
+            kk, vv = self.cache.read_kv(layer, blocks, context_len, q.dtype)
+        mask = None
+        if start:
+            mask = torch.arange(context_len, device=q.device)[None] <= torch.arange(start, context_len, device=q.device)[:, None]
+        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kk[None], vv[None], attn_mask=mask,
+                                           is_causal=start == 0 and n > 1, enable_gqa=H != kk.shape[0])
+        return o[0].transpose(0, 1)
+
+    def decode_attention(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """One query per sequence over its blocks (keys already written): [S, H, hd]. Gathers every sequence's
+        blocks, padded to the longest (the portable path; device backends replace it with a kernel)."""
+        b, c = self.batch, self.cache
+        S, H, hd = q.shape
+        tables = b.block_tables.long()
+        out = []
+        for buf, sc in ((c.k, c.k_scale), (c.v, c.v_scale)):
+            x = buf[layer][tables]  # [S, mb, KV, bs, hd]
+            if sc:
+                x = x.float() * sc[layer][tables][..., None]
+            x = x.permute(0, 2, 1, 3, 4).reshape(S, x.shape[2], -1, hd).to(q.dtype)
+            out.append(x)
+        kk, vv = out
+        KV, Lmax = kk.shape[1], kk.shape[2]
+        valid = torch.arange(Lmax, device=q.device)[None] < b.decode_lens.to(q.device).long()[:, None]  # [S, Lmax]
+        keep = valid[:, None, :, None]
+        kk = kk.masked_fill(~keep, 0)  # unwritten positions hold arbitrary bits (the pool is torch.empty)
+        vv = vv.masked_fill(~keep, 0)
+        # a KV head's query heads as its queries (SDPA's GQA path is far slower for one query on CPU)
+        o = F.scaled_dot_product_attention(q.view(S, KV, H // KV, hd), kk, vv, attn_mask=valid[:, None, None, :])
+        return o.reshape(S, H, hd)
+
+    # ---- short convolution ----------------------------------------------------------------------------------------
+    def short_conv(self, layer: int, bx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """Each sequence's causal conv, from its slot's state: rows = [the S states' L-1 columns, the N inputs];
+        tap j of token t reads row conv_taps[t, j]. Accumulated in float32 and rounded once (the reference's bits)."""
+        b, c = self.batch, self.cache
+        conv = c.conv[c.conv_index[layer]]  # [slots, L-1, D]
+        rows = torch.cat([conv[b.conv_slots].flatten(0, 1), bx.to(conv.dtype)])
+        f, w = rows.float(), weight.float()
+        z = f[b.conv_taps[:, 0]] * w[:, 0]
+        for j in range(1, w.shape[1]):
+            z = z + f[b.conv_taps[:, j]] * w[:, j]
+        if bias is not None:
+            z = z + bias.float()
+        conv[b.conv_slots] = rows[b.conv_state_rows]
+        if b.snap_rows is not None:
+            c.conv_snap[c.conv_index[layer]][b.snap_blocks] = rows[b.snap_rows]
+        return z.to(bx.dtype)
+
+
+class CpuBackend(TorchBackend):
+    """CPU: decode attention through lfm.kernels' paged kernel (float32 math on 16-bit or int8 blocks)."""
+
+    def decode_attention(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        b, c = self.batch, self.cache
+        o = _kernels.paged_decode_attention(q.contiguous(), c.k[layer], c.v[layer], c.k_scale.get(layer),
+                                            c.v_scale.get(layer), b.block_tables, b.decode_lens, self.scale)
+        return o if o is not None else super().decode_attention(layer, q)
+
+
+def make_backend(device: torch.device, cache: PagedCache, num_heads: int, head_dim: int) -> TorchBackend:
+    if device.type == "cpu":
+        return CpuBackend(cache, num_heads, head_dim)
+    return TorchBackend(cache, num_heads, head_dim)

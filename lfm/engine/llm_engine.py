@@ -1,0 +1,189 @@
+"""`LLMEngine`: the one engine. `LLM`, the server's engine thread, batch jobs and RL rollouts all drive this.
+
+add_request() queues a sequence; step() schedules (scheduler + block manager), runs one forward over every scheduled
+token (model runner + device backend), samples the sequences that are due (the one sampler), applies stop rules and
+returns what each request produced as `RequestDelta`s. abort_request() frees a sequence's blocks and slot at once.
+Not thread-safe: one thread calls everything (the server's engine thread, or `LLM` itself).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model.lfm2 import LfmForCausalLM
+from ..text import Tokenizer
+from .block_manager import BlockManager
+from .cache import PagedCache
+from .grammar import GrammarBackend
+from .model_runner import ModelRunner, ScheduledSeq
+from .sampler import Sampler, logprob_record
+from .sampling import SamplingParams
+from .scheduler import Scheduler
+from .sequence import RequestOutput, Sequence, SequenceStatus, TokenLogprob
+
+log = logging.getLogger("lfm.engine")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    max_num_seqs: int = 64  # sequences running at once (= conv-state slots)
+    max_num_batched_tokens: int = 2048  # tokens per step (prefill chunks + decodes)
+    kv_cache_memory: int = 4 << 30  # bytes of KV blocks (+ conv snapshots); CPU pages are touched only when used
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    kv_cache_dtype: torch.dtype | None = None  # None: the model's dtype; torch.int8: quantized blocks
+    max_model_len: int | None = None  # None: the model's, capped by what the cache can hold
+
+
+@dataclass(slots=True)
+class RequestDelta:
+    """What one step produced for one request: new final text and tokens, and how it ended if it did."""
+
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # with the first delta, when asked for
+
+
+class LLMEngine:
+    def __init__(self, model: LfmForCausalLM, tokenizer: Tokenizer | None, stop_ids_text: set[int],
+                 stop_ids_chat: set[int], config: EngineConfig | None = None,
+                 grammar: GrammarBackend | None = None) -> None:
+        cfg = self.config = config or EngineConfig()
+        self.model, self.tokenizer = model, tokenizer
+        self.stop_text, self.stop_chat = set(stop_ids_text), set(stop_ids_chat)
+        mc = model.config
+        bs = cfg.block_size
+        per_block = PagedCache.block_bytes(mc, bs, model.dtype, cfg.kv_cache_dtype or model.dtype,
+                                           cfg.enable_prefix_caching)
+        want_len = cfg.max_model_len or mc.max_position_embeddings
+        num_blocks = max(1, cfg.kv_cache_memory // max(1, per_block))
+        num_blocks = min(num_blocks, cfg.max_num_seqs * -(-want_len // bs) + 1)  # more could never be used
+        self.max_model_len = min(want_len, num_blocks * bs)
+        if self.max_model_len < want_len:
+            log.warning("the KV cache memory holds %d tokens: max_model_len lowered from %d", self.max_model_len,
+                        want_len)
+        self.cache = PagedCache.allocate(mc, num_blocks, bs, cfg.max_num_seqs, model.dtype, model.device,
+                                         cfg.kv_cache_dtype, cfg.enable_prefix_caching)
+        self.block_manager = BlockManager(num_blocks, bs, cfg.max_num_seqs, cfg.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.cache)
+        self.sampler = Sampler(grammar)
+        self.seqs: dict[str, Sequence] = {}
+        self.steps = 0
+
+    # ---- requests -------------------------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams, chat: bool = False) -> Sequence:
+        """Queue one sequence. Raises ValueError for an empty prompt, unknown token ids, or no room to generate."""
+        if request_id in self.seqs:
+            raise ValueError(f"request id {request_id!r} is already running")
+        V = self.model.config.vocab_size
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
+        bad = [t for t in prompt_ids if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{V - 1})")
+        room = self.max_model_len - len(prompt_ids)
+        if room <= 0:
+            raise ValueError(f"prompt of {len(prompt_ids)} tokens leaves no room in the {self.max_model_len}-token context")
+        max_tokens = min(params.max_tokens or room, room)
+        seq = Sequence(request_id, prompt_ids, params, self.stop_chat if chat else self.stop_text, max_tokens,
+                       self.tokenizer, V)
+        self.seqs[request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def abort_request(self, request_id: str) -> bool:
+        seq = self.seqs.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.finish(seq)
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def output(self, request_id: str) -> RequestOutput:
+        return self.seqs[request_id].to_output()
+
+    # ---- the step ---------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestDelta]:
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        result = self.runner.run(scheduled)
+        self.scheduler.commit(scheduled)
+        self.steps += 1
+        out: list[RequestDelta] = []
+        due: list[tuple[Sequence, int]] = []
+        for i, it in enumerate(scheduled):
+            if i in result.prompt_rows:
+                self._prompt_logprobs(it, result.logits, *result.prompt_rows[i])
+            if i in result.sample_row:
+                due.append((it.seq, result.sample_row[i]))
+        if not due:
+            return out
+        seqs = [s for s, _ in due]
+        logits = result.logits[torch.tensor([r for _, r in due], device=result.logits.device)]
+        tokens, records = self.sampler(logits, seqs)
+        for s, t, rec in zip(seqs, tokens, records):
+            if t < 0:
+                out.append(self._end(s, "error", "sampling failed: the logits or the sampling parameters produced "
+                                                 "NaN / inf probabilities"))
+                continue
+            first = s.num_output_tokens == 0
+            text = s.append(t, self.sampler.token_bytes(s, t))
+            if rec is not None:
+                s.output_logprobs.append(rec)
+            d = RequestDelta(s.request_id, text, [t], [rec] if rec is not None else None, s.finish_reason,
+                             s.num_prompt_tokens, s.num_output_tokens,
+                             prompt_logprobs=s.prompt_logprobs if first else None)
+            out.append(d)
+            if s.finish_reason is not None:
+                self.scheduler.finish(s)
+                self.seqs.pop(s.request_id, None)
+        return out
+
+    def _prompt_logprobs(self, it: ScheduledSeq, logits: torch.Tensor, row: int, n: int) -> None:
+        """Log-probabilities of prompt tokens c+1 .. c+n (the chunk's logits predict the token after each)."""
+        s = it.seq
+        c = s.num_computed_tokens - it.num_tokens  # commit() already counted this step
+        lp = torch.log_softmax(logits[row:row + n], -1)
+        for j in range(n):
+            p = c + j + 1
+            if p < s.num_prompt_tokens:
+                s.prompt_logprobs.append(logprob_record(lp[j], s.token_ids[p], s.params.prompt_logprobs))
+
+    def _end(self, s: Sequence, reason: str, error: str | None = None) -> RequestDelta:
+        self.scheduler.finish(s)
+        self.seqs.pop(s.request_id, None)
+        s.finish_reason = reason
+        return RequestDelta(s.request_id, finish_reason=reason, error=error, prompt_tokens=s.num_prompt_tokens,
+                            completion_tokens=s.num_output_tokens)
+
+    def fail_all(self, message: str) -> list[RequestDelta]:
+        """After an unexpected error: end every request with an error, free everything, keep serving."""
+        return [self._end(s, "error", message) for s in list(self.seqs.values())]
+
+    def stats(self) -> dict[str, float]:
+        bm = self.block_manager
+        return {"num_running": self.num_running, "num_waiting": self.num_waiting,
+                "blocks_used": bm.num_used_blocks, "blocks_free": bm.num_free_blocks, "blocks_total": bm.num_blocks,
+                "prefix_cache_hit_rate": bm.hit_rate, "prefix_cache_queried_tokens": bm.queried_tokens,
+                "prefix_cache_hit_tokens": bm.hit_tokens, "num_preemptions": self.scheduler.num_preemptions}

@@ -1,0 +1,143 @@
+"""The model runner: one scheduled step -> one flat batch -> one forward -> logits for the rows that need them.
+
+It owns the cache pools and the backend (chosen by device). A step's sequences each bring `num_tokens` new tokens
+(a decode brings 1, a prefill chunk many); the runner lays them out flat (decodes first), computes positions, the
+slot of each token's K / V, block tables, conv slots and the conv gather rows, and runs
+`LfmForCausalLM.forward_step` once for all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model.lfm2 import LfmForCausalLM
+from .backend import StepBatch, TorchBackend, make_backend
+from .cache import PagedCache
+from .sequence import Sequence
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int  # new tokens computed this step
+    snapshots: list[tuple[int, int]] = field(default_factory=list)  # (tokens computed, block): conv snapshots
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step reaches the sequence's last token (so its logits give the next one)."""
+        return self.seq.num_computed_tokens + self.num_tokens == len(self.seq)
+
+
+@dataclass(slots=True)
+class StepOutput:
+    logits: torch.Tensor  # [M, V] float32
+    sample_row: dict[int, int]  # index in the scheduled list -> its row of logits to sample from
+    prompt_rows: dict[int, tuple[int, int]]  # index -> (first row, count): logits at every new token (prompt logprobs)
+
+
+class ModelRunner:
+    def __init__(self, model: LfmForCausalLM, cache: PagedCache) -> None:
+        self.model = model
+        self.cache = cache
+        self.device = model.device
+        c = model.config
+        self.L1 = c.conv_L_cache - 1
+        self.backend: TorchBackend = make_backend(self.device, cache, c.num_attention_heads, c.head_size)
+
+    def prepare(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, StepBatch]:
+        bs, L1, dev = self.cache.block_size, self.L1, self.device
+        S = len(scheduled)
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        qs, lens = [0], []
+        for it in scheduled:
+            s, n = it.seq, it.num_tokens
+            c0 = s.num_computed_tokens
+            ids += s.token_ids[c0:c0 + n]
+            table = s.block_table
+            for p in range(c0, c0 + n):
+                pos.append(p)
+                slots.append(table[p // bs] * bs + p % bs)
+            qs.append(qs[-1] + n)
+            lens.append(c0 + n)
+        nd = 0
+        while nd < S and scheduled[nd].num_tokens == 1:
+            nd += 1
+        mb = max((len(it.seq.block_table) for it in scheduled[:nd]), default=0)
+        tables = torch.zeros(nd, max(mb, 1), dtype=torch.int32)
+        for i, it in enumerate(scheduled[:nd]):
+            tables[i, :len(it.seq.block_table)] = torch.tensor(it.seq.block_table, dtype=torch.int32)
+        prefill_blocks = [torch.tensor(it.seq.block_table[:-(-(lens[nd + j]) // bs)], dtype=torch.long, device=dev)
+                          for j, it in enumerate(scheduled[nd:])]
+
+        # conv gather rows: the S states' L-1 rows come first, then the N new inputs
+        N = qs[-1]
+        qs_t = torch.tensor(qs)
+        n_t = qs_t[1:] - qs_t[:-1]
+        seq_of = torch.repeat_interleave(torch.arange(S), n_t)
+        t = torch.arange(N)
+        local = t - qs_t[:-1][seq_of]
+        base = S * L1
+
+        def rows(s: torch.Tensor, rel: torch.Tensor) -> torch.Tensor:  # rel: position relative to the chunk start
+            return torch.where(rel >= 0, base + qs_t[:-1][s] + rel, s * L1 + L1 + rel)
+
+        j = torch.arange(L1 + 1)
+        taps = rows(seq_of[:, None], local[:, None] - L1 + j[None])
+        sidx = torch.arange(S)
+        state_rows = rows(sidx[:, None], n_t[:, None] - L1 + j[None, :L1])
+        snap_s, snap_end, snap_b = [], [], []
+        for i, it in enumerate(scheduled):
+            for done, blk in it.snapshots:
+                snap_s.append(i)
+                snap_end.append(done - it.seq.num_computed_tokens)
+                snap_b.append(blk)
+        snap_rows = snap_blocks = None
+        if snap_s:
+            snap_rows = rows(torch.tensor(snap_s)[:, None], torch.tensor(snap_end)[:, None] - L1 + j[None, :L1])
+            snap_blocks = torch.tensor(snap_b)
+        zero = [it.seq.conv_slot for it in scheduled if it.seq.conv_restore == -1]
+        restore = [(it.seq.conv_slot, it.seq.conv_restore) for it in scheduled
+                   if it.seq.conv_restore is not None and it.seq.conv_restore >= 0]
+        for it in scheduled:
+            it.seq.conv_restore = None  # done once, by this step
+        to = lambda x: None if x is None else x.to(dev)  # noqa: E731
+        batch = StepBatch(
+            positions=torch.tensor(pos, device=dev), slot_mapping=torch.tensor(slots, device=dev),
+            query_start=qs, context_lens=lens, num_decodes=nd, block_tables=tables.to(dev),
+            decode_lens=torch.tensor(lens[:nd], dtype=torch.int32, device=dev), prefill_blocks=prefill_blocks,
+            conv_slots=torch.tensor([it.seq.conv_slot for it in scheduled], device=dev), conv_taps=taps.to(dev),
+            conv_state_rows=state_rows.to(dev), snap_rows=to(snap_rows), snap_blocks=to(snap_blocks),
+            conv_zero=torch.tensor(zero, device=dev) if zero else None,
+            conv_restore=(torch.tensor([r[0] for r in restore], device=dev),
+                          torch.tensor([r[1] for r in restore], device=dev)) if restore else None)
+        return torch.tensor(ids, device=dev), batch
+
+    @torch.inference_mode()
+    def run(self, scheduled: list[ScheduledSeq]) -> StepOutput:
+        """Run one step. `scheduled` must list sequences with one new token first (the scheduler's order is kept
+        by sorting here); the returned indices refer to the sorted order, which is also written back."""
+        scheduled.sort(key=lambda it: it.num_tokens != 1)  # stable: decodes first
+        ids, batch = self.prepare(scheduled)
+        keep: list[int] = []
+        sample_row: dict[int, int] = {}
+        prompt_rows: dict[int, tuple[int, int]] = {}
+        for i, it in enumerate(scheduled):
+            a, e = batch.query_start[i], batch.query_start[i + 1]
+            if it.seq.params.prompt_logprobs is not None and it.seq.num_computed_tokens < it.seq.num_prompt_tokens:
+                prompt_rows[i] = (len(keep), e - a)
+                keep.extend(range(a, e))
+                if it.samples:
+                    sample_row[i] = len(keep) - 1
+            elif it.samples:
+                sample_row[i] = len(keep)
+                keep.append(e - 1)
+        self.backend.begin(batch)
+        try:
+            logits = self.model.forward_step(ids, self.backend, torch.tensor(keep, dtype=torch.long, device=self.device))
+        finally:
+            self.backend.batch = None
+        return StepOutput(logits.float(), sample_row, prompt_rows)

@@ -1,0 +1,140 @@
+"""The one sampler: logits of the sequences that are due -> their next tokens, each with its own parameters.
+
+Rows are processed together on the logits' device; per-request state (a seeded generator, penalty counts, a grammar
+constraint) lives in each `Sequence`, so a request samples the same tokens whatever else shares the step, and a
+preempted one resumes exactly. Order (as transformers / vLLM): logit bias, presence / frequency penalties,
+repetition penalty, grammar mask, then temperature, top-k, top-p, min-p and one multinomial draw from the row's
+generator. Log-probabilities are those of the raw model distribution (as vLLM's default).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .grammar import GrammarBackend, apply_bitmask
+from .sampling import SamplingParams
+from .sequence import Sequence, TokenLogprob
+
+
+def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, then top-k, top-p and min-p masks (in transformers' order), per row."""
+    dev = logits.device
+    temp = torch.tensor([p.temperature for p in params], device=dev)[:, None]
+    logits = logits / temp
+    neg = torch.finfo(logits.dtype).min
+    ks = [p.top_k for p in params]
+    if any(ks):
+        V = logits.shape[-1]
+        k = torch.tensor([min(x, V) if x else V for x in ks], device=dev)
+        kth = logits.sort(-1, descending=True).values.gather(1, (k - 1)[:, None])
+        logits = logits.masked_fill(logits < kth, neg)
+    top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
+    if bool((top_p < 1).any()):
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = (probs.cumsum(-1) - probs) >= top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), neg)
+    min_p = torch.tensor([p.min_p for p in params], device=dev)[:, None]
+    if bool((min_p > 0).any()):
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, neg)
+    return logits
+
+
+def logprob_record(lp: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    rec = TokenLogprob(token, float(lp[token]))
+    if top:
+        vals, idx = lp.topk(min(top, lp.shape[-1]))
+        rec.top = list(zip(idx.tolist(), vals.tolist()))
+    return rec
+
+
+class Sampler:
+    def __init__(self, grammar: GrammarBackend | None = None) -> None:
+        self.grammar = grammar
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
+        """logits [n, V] for n sequences -> (next token per sequence, its logprob record or None). A row whose
+        distribution is not a distribution (NaN logits, or parameters that overflow it) gets token -1: the engine
+        ends that sequence alone with an error."""
+        logits = logits.float()
+        n, V = logits.shape
+        for s in seqs:
+            s.sampling_state(logits.device)
+        want_lp = [s.params.logprobs is not None for s in seqs]
+        raw_lp = torch.log_softmax(logits, -1) if any(want_lp) else None
+        logits = self._penalize(logits.clone(), seqs)
+        forced = self._constrain(logits, seqs)
+
+        out = logits.argmax(-1)
+        bad = set(torch.isnan(logits).any(-1).nonzero().flatten().tolist())
+        sampled = [i for i, s in enumerate(seqs) if s.generator is not None and i not in forced and i not in bad]
+        if sampled:
+            sub = filter_logits(logits[sampled], [seqs[i].params for i in sampled])
+            probs = sub.softmax(-1)
+            broken = (~torch.isfinite(probs).all(-1)).tolist()
+            for j, i in enumerate(sampled):
+                if broken[j]:
+                    bad.add(i)
+                elif bool(torch.isfinite(sub[j]).any()):  # else every token masked: keep the argmax
+                    out[i] = torch.multinomial(probs[j], 1, generator=seqs[i].generator)[0]
+        tokens = out.tolist()
+        for i, t in forced.items():
+            tokens[i] = t
+        for i in bad:
+            tokens[i] = -1
+        records = [logprob_record(raw_lp[i], tokens[i], s.params.logprobs) if want_lp[i] and tokens[i] >= 0 else None
+                   for i, s in enumerate(seqs)]
+        return tokens, records
+
+    def token_bytes(self, seq: Sequence, token: int) -> bytes:
+        """The bytes a constrained sequence's grammar advances by (empty when unconstrained)."""
+        if seq.constraint is None or self.grammar is None:
+            return b""
+        vocab = self.grammar.token_bytes
+        return vocab[token] if token < len(vocab) else b""
+
+    @staticmethod
+    def _penalize(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        for i, s in enumerate(seqs):
+            p = s.params
+            if p.logit_bias:
+                ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=logits.device)
+                logits[i, ids] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
+            if s.counts is not None:
+                logits[i] -= p.frequency_penalty * s.counts + p.presence_penalty * (s.counts > 0).float()
+            if s.seen is not None:
+                row, pen = logits[i], p.repetition_penalty
+                logits[i] = torch.where(s.seen, torch.where(row > 0, row / pen, row * pen), row)
+            if s.constraint is not None and s.constraint.spec.banned:
+                logits[i, list(s.constraint.spec.banned)] = float("-inf")
+        return logits
+
+    def _constrain(self, logits: torch.Tensor, seqs: list[Sequence]) -> dict[int, int]:
+        """Apply grammar masks in place; return the rows whose next token is forced."""
+        forced: dict[int, int] = {}
+        masked: list[int] = []
+        bitmask = None
+        g = self.grammar
+        closing = {i: g.must_close(s.constraint, s.max_tokens - s.num_output_tokens) for i, s in enumerate(seqs)
+                   if g is not None and s.constraint is not None and s.constraint.matcher is not None}
+        for i, s in enumerate(seqs):
+            c = s.constraint
+            if c is None:
+                continue
+            f = c.forced()
+            if f is not None:
+                forced[i] = f
+                continue
+            if g is not None and c.matcher is not None:
+                if bitmask is None:
+                    bitmask = g.new_bitmask(len(seqs))
+                if c.fill(bitmask, i):
+                    masked.append(i)
+        if masked:
+            apply_bitmask(logits, bitmask, masked, g.control)
+            for i in masked:
+                c = seqs[i].constraint
+                if closing.get(i):
+                    forced[i] = g.closing_pick(torch.isfinite(logits[i]), c.in_string, c.head.end_ids)
+        return forced
