@@ -129,7 +129,7 @@ class LfmRunner:
     def __init__(self, path: Path, dtype: str) -> None:
         from lfm.engine.llm import LLM
 
-        self.llm = LLM(path, dtype=dtype)
+        self.llm = LLM(path, dtype=dtype, enable_prefix_caching=False)  # repeated prompts: measure, not hit
         self.clock = _Clock(self.llm.model)
 
     def __call__(self, prompt: list[int], n: int) -> tuple[float, float, list[int]]:

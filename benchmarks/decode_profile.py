@@ -1,5 +1,5 @@
 """Where a batch-1 decode step's time goes: CPU time per token and PyTorch's op table (the kernels' own time is the
-rest), LFM2.5-350M shape with random weights.
+rest), LFM2.5-350M shape with random weights, through the engine (one `LLMEngine.step` = one token).
 
     python benchmarks/decode_profile.py --quantization int4 --threads 1
 """
@@ -11,10 +11,9 @@ import time
 
 import torch
 
+from lfm import LLM, SamplingParams
 from lfm.model.checkpoint import empty_model
-from lfm.model.cpu_linear import use_cpu_kernels
 from lfm.model.presets import preset
-from lfm.model.quant import prepare, quantize_model
 
 
 def main() -> None:
@@ -30,26 +29,25 @@ def main() -> None:
     m = empty_model(preset(a.preset), torch.bfloat16)
     m.init_weights(0.02, generator=torch.Generator().manual_seed(0))
     m.eval()
-    if a.quantization:
-        quantize_model(m, {"int8": 8, "int4": 4}[a.quantization])
-        prepare(m)
-    use_cpu_kernels(m)
-    cache = m.new_cache(1, a.context + 3 * a.steps + 8)
-    m(torch.randint(0, 1000, (1, a.context)), cache, logits_to_keep=1)
-    tok = torch.tensor([[5]])
+    llm = LLM(m, quantization=a.quantization, enable_prefix_caching=False, max_num_seqs=1)
+    eng = llm.engine  # one engine step = one decode step of one sequence, sampling included
+    eng.add_request("p", torch.randint(0, min(1000, m.config.vocab_size), (a.context,)).tolist(),
+                    SamplingParams(temperature=0, max_tokens=2 * a.steps + 8, ignore_eos=True))
+    while eng.num_waiting or eng.scheduler.running[0].num_computed_tokens < a.context:
+        eng.step()  # the prompt
     for _ in range(3):
-        m(tok, cache)
+        eng.step()
     cpu = []
     for _ in range(a.steps):
         t = time.process_time()
-        m(tok, cache)
+        eng.step()
         cpu.append(time.process_time() - t)
     step = sorted(cpu)[len(cpu) // 2]
     from torch.profiler import profile
 
     with profile() as p:
         for _ in range(a.steps):
-            m(tok, cache)
+            eng.step()
     ops = p.key_averages()
     op_cpu = sum(e.self_cpu_time_total for e in ops) / 1e3 / a.steps  # ms per token in ATen ops (kernels excluded)
     calls = sum(e.count for e in ops if e.key.startswith("aten::")) / a.steps

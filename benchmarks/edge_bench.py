@@ -71,7 +71,9 @@ class LfmEngine:
     def __init__(self, work: Path, threads: int, dtype: str, quantization: str | None = None, group_size: int = 64):
         from lfm import LLM, SamplingParams
 
-        self.llm, self.sp = LLM(work / "ckpt", dtype, quantization=quantization, group_size=group_size), SamplingParams
+        self.llm = LLM(work / "ckpt", dtype, quantization=quantization, group_size=group_size,
+                       enable_prefix_caching=False)  # repeated prompts: measure, not hit
+        self.sp = SamplingParams
         self.clock = _Clock(self.llm.model)
 
     def run(self, prompts: list[list[int]], n: int) -> tuple[float, float, list[int]]:

@@ -162,7 +162,7 @@ class LfmEngine:
         from lfm import LLM, SamplingParams
 
         model = random_int4_model(a.preset, getattr(torch, dtype), seed=a.seed)
-        self.llm, self.sp = LLM(model), SamplingParams
+        self.llm, self.sp = LLM(model, enable_prefix_caching=False), SamplingParams
         self.ends: list[float] = []  # the end of every forward pass (one per generated token)
         self.llm.model.register_forward_hook(lambda *_: self.ends.append(time.perf_counter()))
         self.info = {"kernels": lfm.kernels.available()}

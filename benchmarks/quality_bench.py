@@ -12,7 +12,7 @@
    bfloat16 row reproduces card.json's `heldout_corpus_perplexity`. One row per forward (M = seq_len rows of
    activations, inside the AVX2 kernels' range). Per variant: perplexity, mean / max per-token KL(bf16 || variant)
    over the scored tokens, and top-1 agreement with bfloat16; also through the decode path (one token per forward,
-   HybridCache, M = 1 GEMV) over the first --decode-tokens tokens of one document run.
+   the engine's paged cache, M = 1 GEMV) over the first --decode-tokens tokens of one document run.
    Variants: float32 (the bf16 activations' own rounding, for scale), int8, int4 g32 / g64 / g128, each with
    lfm.kernels (AVX2) and with the torch fallback (`lfm.kernels.disabled()`). Activations stay bfloat16.
    Targets (issue "edge engine"): int8 perplexity <= bf16 x 1.01, int4 <= bf16 x 1.05.
@@ -123,9 +123,11 @@ def demo_logits(model, tokens, labels, pos) -> tuple[torch.Tensor, float, float]
 
 
 def decode_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    """One token per forward through a HybridCache (the generation path; M = 1 in every linear)."""
-    cache = model.new_cache(1, len(ids))
-    return torch.cat([model(ids[i:i + 1][None], cache)[0] for i in range(len(ids))]).float()
+    """One token per forward through the engine's paged cache (the generation path; M = 1 in every linear)."""
+    from lfm import LLM
+
+    llm = LLM(model, enable_prefix_caching=False, max_num_seqs=1, kv_cache_memory=64 << 20)
+    return llm.engine.score(ids.tolist(), chunk_size=1).float()
 
 
 def run_demo(a: argparse.Namespace) -> dict:

@@ -1,14 +1,23 @@
-"""Serving benchmark: the same streaming requests sent one at a time, then by N concurrent clients, over loopback.
+"""Serving benchmark: the same streaming requests sent one at a time, then by N concurrent clients, over loopback;
+and a multi-turn chat workload with a shared system prompt, with prefix caching on and off.
 
-    python benchmarks/serve_bench.py                         # LFM2.5-350M shape, random weights built in-process
-    python benchmarks/serve_bench.py --model ./rand-350m     # a checkpoint directory (e.g. from `lfm init`)
+    python benchmarks/serve_bench.py                              # LFM2.5-350M shape, random weights, 16 clients
+    python benchmarks/serve_bench.py --concurrency 16,64 --dtype bfloat16
+    python benchmarks/serve_bench.py --multi-turn                 # turn-2 TTFT with / without prefix caching
+    python benchmarks/serve_bench.py --model ./rand-350m          # a checkpoint directory (e.g. from `lfm init`)
 
 The server runs in a child process (so client threads never share its GIL) on 127.0.0.1; every request is a
 streamed `/v1/completions` call with a fixed-length token-id prompt, greedy, `ignore_eos` and a fixed `max_tokens`, so
 both phases do exactly the same work. `logprobs=0` makes every generated token arrive as its own chunk even when the
 test tokenizer cannot spell it (random weights pick ids beyond its 512 tokens), which is what TTFT and ITL need.
 Reports requests/s, output tokens/s, TTFT and inter-token latency p50/p99 and errors per phase, and the speedup of
-output tokens/s. Bounded: a fixed number of requests per phase and a wall-clock limit per phase.
+output tokens/s over the one-at-a-time phase (each concurrent phase sends max(--requests, clients) requests of the
+same size, so the rates compare). Bounded: a fixed number of requests per phase and a wall-clock limit per phase.
+
+--multi-turn: C conversations at once (--conversations), each a --system-tokens system prompt shared by all, then a
+user turn; turn 2 re-sends turn 1 (prompt + a fixed stand-in for the reply, as a client re-sends the history) and a
+new user turn. Run twice, on a server with prefix caching and one without: TTFT p50 / p99 of each turn, and the
+server's prefix-cache hit rate (from /metrics).
 """
 
 from __future__ import annotations
@@ -45,16 +54,17 @@ def serve(a: argparse.Namespace) -> None:
     from lfm.text import Tokenizer, build_tiny_tokenizer
 
     torch.set_num_threads(a.threads)
+    engine = dict(max_num_seqs=max(max(a.concurrency), a.conversations, 1), kv_cache_memory=2 << 30,
+                  max_num_batched_tokens=a.max_num_batched_tokens, enable_prefix_caching=not a.no_prefix_caching)
     if a.model:
-        llm = LLM(a.model, dtype=a.dtype, quantization=a.quantization)
+        llm = LLM(a.model, dtype=a.dtype, quantization=a.quantization, **engine)
     else:
         cfg = preset(a.preset)
         model = empty_model(cfg, resolve_dtype(a.dtype, cfg))
         model.init_weights(0.02, generator=torch.Generator().manual_seed(0))
         tok = Tokenizer.from_dir(build_tiny_tokenizer(tempfile.mkdtemp(prefix="lfm-bench-tok-")))
-        llm = LLM(model.eval(), tokenizer=tok, quantization=a.quantization)
-    state = ServerState(ServeConfig(model=a.model or a.preset, served_model_name="bench",
-                                    max_num_seqs=max(a.concurrency, 1), kv_cache_memory=2 << 30), llm=llm)
+        llm = LLM(model.eval(), tokenizer=tok, quantization=a.quantization, **engine)
+    state = ServerState(ServeConfig(model=a.model or a.preset, served_model_name="bench"), llm=llm)
     uvicorn.run(create_app(state), host="127.0.0.1", port=a.port, log_level="warning")
 
 
@@ -139,6 +149,107 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float) -> None:
     raise SystemExit("server did not become ready in time")
 
 
+def metric(url: str, name: str) -> float:
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return float("nan")
+
+
+def start_server(a: argparse.Namespace, prefix_caching: bool = True) -> tuple[str, subprocess.Popen]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, __file__, "--_serve", "--port", str(port), "--preset", a.preset, "--dtype", a.dtype,
+           "--threads", str(a.threads), "--concurrency", ",".join(map(str, a.concurrency)),
+           "--conversations", str(a.conversations), "--max-num-batched-tokens", str(a.max_num_batched_tokens)]
+    cmd += (["--model", a.model] if a.model else []) + (["--quantization", a.quantization] if a.quantization else [])
+    cmd += [] if prefix_caching else ["--no-prefix-caching"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, timeout=600)
+    except BaseException:
+        proc.terminate()
+        raise
+    return url, proc
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def throughput(a: argparse.Namespace) -> None:
+    url, proc = start_server(a, prefix_caching=not a.no_prefix_caching)
+    try:
+        rng = random.Random(0)
+        n = max([a.requests, *a.concurrency])
+        prompts = [[1] + [rng.randrange(14, 512) for _ in range(a.prompt_tokens - 1)] for _ in range(n)]
+        one_request(url, prompts[0][:4], 2, time.time() + 300)  # warm-up
+        rows = [("one at a time", run_phase(url, prompts[:a.requests], a.max_tokens, 1, a.phase_limit))]
+        for c in a.concurrency:
+            rows.append((f"{c} concurrent",
+                         run_phase(url, prompts[:max(a.requests, c)], a.max_tokens, c, a.phase_limit)))
+    finally:
+        stop_server(proc)
+    src = a.model or f"{a.preset} (random weights)"
+    print(f"\n{src}, {a.dtype}{' ' + a.quantization if a.quantization else ''}, {a.threads} torch thread(s), "
+          f"max_num_batched_tokens {a.max_num_batched_tokens}; {a.prompt_tokens} prompt tokens -> {a.max_tokens} "
+          f"output tokens per request, streamed over loopback; load average before: {os.getloadavg()[0]:.2f}\n")
+    print("| mode | clients | requests | req/s | output tok/s | vs one at a time | TTFT p50 / p99 (s) | "
+          "ITL p50 / p99 (ms) | errors | wall (s) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    base = max(rows[0][1]["out_tok_per_s"], 1e-9)
+    for name, r in rows:
+        print(f"| {name} | {r['clients']} | {r['requests']} | {r['req_per_s']:.2f} | {r['out_tok_per_s']:.1f} | "
+              f"{r['out_tok_per_s'] / base:.2f}x | {r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} | "
+              f"{r['itl_p50'] * 1e3:.0f} / {r['itl_p99'] * 1e3:.0f} | {r['errors']} | {r['wall_s']:.1f} |")
+    for name, r in rows:
+        if r["first_error"]:
+            print(f"{name}: first error: {r['first_error']}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"rows": dict(rows), "speedups": {
+            name: r["out_tok_per_s"] / base for name, r in rows[1:]}}, indent=2))
+
+
+def multi_turn(a: argparse.Namespace) -> None:
+    rng = random.Random(1)
+    system = [1] + [rng.randrange(14, 512) for _ in range(a.system_tokens - 1)]
+    user1 = [[rng.randrange(14, 512) for _ in range(24)] for _ in range(a.conversations)]
+    reply = [[rng.randrange(14, 512) for _ in range(a.max_tokens)] for _ in range(a.conversations)]
+    user2 = [[rng.randrange(14, 512) for _ in range(24)] for _ in range(a.conversations)]
+    turn1 = [system + u for u in user1]
+    turn2 = [t + r + u for t, r, u in zip(turn1, reply, user2)]
+    out = {}
+    for caching in (True, False):
+        url, proc = start_server(a, prefix_caching=caching)
+        try:
+            one_request(url, [1, 20, 21, 22], 2, time.time() + 300)  # warm-up (shares nothing with the prompts)
+            r1 = run_phase(url, turn1, a.max_tokens, a.conversations, a.phase_limit)
+            r2 = run_phase(url, turn2, a.max_tokens, a.conversations, a.phase_limit)
+            out[caching] = (r1, r2, metric(url, "lfm_prefix_cache_hit_rate"))
+        finally:
+            stop_server(proc)
+    src = a.model or f"{a.preset} (random weights)"
+    print(f"\n{src}, {a.dtype}{' ' + a.quantization if a.quantization else ''}, {a.threads} torch thread(s); "
+          f"{a.conversations} conversations at once, {a.system_tokens}-token shared system prompt, turn 1 = "
+          f"{len(turn1[0])} tokens, turn 2 = {len(turn2[0])} tokens, {a.max_tokens} output tokens per turn\n")
+    print("| prefix caching | turn 1 TTFT p50 / p99 (s) | turn 2 TTFT p50 / p99 (s) | turn 2 output tok/s | "
+          "hit rate | errors |")
+    print("|---|---|---|---|---|---|")
+    for caching, (r1, r2, hit) in out.items():
+        print(f"| {'on' if caching else 'off'} | {r1['ttft_p50']:.2f} / {r1['ttft_p99']:.2f} | "
+              f"{r2['ttft_p50']:.2f} / {r2['ttft_p99']:.2f} | {r2['out_tok_per_s']:.1f} | "
+              f"{hit * 100:.0f}% | {r1['errors'] + r2['errors']} |")
+    gain = out[False][1]["ttft_p50"] / max(out[True][1]["ttft_p50"], 1e-9)
+    print(f"\nturn-2 TTFT p50, without / with prefix caching: {gain:.2f}x")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"caching_on": out[True], "caching_off": out[False],
+                                            "turn2_ttft_gain": gain}, indent=2))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint directory (default: random weights of --preset, built in-process)")
@@ -147,10 +258,16 @@ def main() -> None:
                                                       "bfloat16")
     p.add_argument("--quantization", choices=["int8", "int4"], help="weight-only quantization on load")
     p.add_argument("--threads", type=int, default=1, help="torch threads in the server (default 1)")
-    p.add_argument("--requests", type=int, default=16, help="requests per phase (default 16)")
-    p.add_argument("--concurrency", type=int, default=16, help="clients in the concurrent phase (default 16)")
+    p.add_argument("--requests", type=int, default=16, help="requests in the one-at-a-time phase (default 16)")
+    p.add_argument("--concurrency", type=lambda t: [int(x) for x in t.split(",")], default=[16],
+                   help="clients in each concurrent phase, comma-separated (default 16; e.g. 16,64)")
     p.add_argument("--prompt-tokens", type=int, default=8, help="prompt length (default 8: a short chat turn)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (default 64)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="the server's tokens per step (512)")
+    p.add_argument("--no-prefix-caching", action="store_true", help="throughput phases without prefix caching")
+    p.add_argument("--multi-turn", action="store_true", help="run the multi-turn prefix-caching workload instead")
+    p.add_argument("--conversations", type=int, default=8, help="multi-turn: conversations at once (default 8)")
+    p.add_argument("--system-tokens", type=int, default=1000, help="multi-turn: shared system prompt (default 1000)")
     p.add_argument("--phase-limit", type=float, default=900, help="seconds allowed per phase (default 900)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--_serve", action="store_true", help=argparse.SUPPRESS)
@@ -158,40 +275,9 @@ def main() -> None:
     a = p.parse_args()
     if a._serve:
         return serve(a)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        a.port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{a.port}"
-    cmd = [sys.executable, __file__, "--_serve", "--port", str(a.port), "--preset", a.preset, "--dtype", a.dtype,
-           "--threads", str(a.threads), "--concurrency", str(a.concurrency)] + (["--model", a.model] if a.model else []) \
-        + (["--quantization", a.quantization] if a.quantization else [])
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        wait_ready(url, proc, timeout=600)
-        rng = random.Random(0)
-        prompts = [[1] + [rng.randrange(14, 512) for _ in range(a.prompt_tokens - 1)] for _ in range(a.requests)]
-        one_request(url, prompts[0][:4], 2, time.time() + 300)  # warm-up
-        rows = [("one at a time", run_phase(url, prompts, a.max_tokens, 1, a.phase_limit)),
-                (f"{a.concurrency} concurrent", run_phase(url, prompts, a.max_tokens, a.concurrency, a.phase_limit))]
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    src = a.model or f"{a.preset} (random weights)"
-    print(f"\n{src}, {a.dtype}{' ' + a.quantization if a.quantization else ''}, {a.threads} torch thread(s); {a.requests} requests x {a.prompt_tokens} prompt "
-          f"tokens -> {a.max_tokens} output tokens, streamed over loopback\n")
-    print("| mode | clients | req/s | output tok/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | errors | wall (s) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, r in rows:
-        print(f"| {name} | {r['clients']} | {r['req_per_s']:.2f} | {r['out_tok_per_s']:.1f} | "
-              f"{r['ttft_p50']:.2f} / {r['ttft_p99']:.2f} | {r['itl_p50'] * 1e3:.0f} / {r['itl_p99'] * 1e3:.0f} | "
-              f"{r['errors']} | {r['wall_s']:.1f} |")
-    speedup = rows[1][1]["out_tok_per_s"] / max(rows[0][1]["out_tok_per_s"], 1e-9)
-    print(f"\noutput tok/s, concurrent / one at a time: {speedup:.2f}x")
-    for name, r in rows:
-        if r["first_error"]:
-            print(f"{name}: first error: {r['first_error']}")
-    if a.json:
-        Path(a.json).write_text(json.dumps({"rows": dict(rows), "speedup": speedup}, indent=2))
+    if a.multi_turn:
+        return multi_turn(a)
+    return throughput(a)
 
 
 if __name__ == "__main__":

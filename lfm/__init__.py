@@ -3,7 +3,8 @@
 from .engine.llm import LLM
 from .engine.sequence import RequestOutput
 from .engine.sampling import SamplingParams
-from .model.checkpoint import CheckpointError, load_model, save_model
+from .loading import load_model
+from .model.checkpoint import CheckpointError, save_model
 from .model.config import ConfigError, LfmConfig
 from .model.lfm2 import LfmForCausalLM
 from .model.presets import preset

@@ -24,7 +24,8 @@ def _fmt_bytes(n: float) -> str:
 
 
 def cmd_info(a: argparse.Namespace) -> None:
-    from .model.checkpoint import CheckpointError, resolve_config
+    from .loading import resolve_config
+    from .model.checkpoint import CheckpointError
     from .model.presets import preset, preset_name
 
     source = "GGUF metadata" if str(a.model).endswith(".gguf") else "config.json"
@@ -162,7 +163,8 @@ def cmd_init(a: argparse.Namespace) -> None:
 
 
 def cmd_quantize(a: argparse.Namespace) -> None:
-    from .model.checkpoint import load_model, resolve, save_model
+    from .loading import load_model
+    from .model.checkpoint import resolve, save_model
     from .model.quant import quantize_model
 
     src = resolve(a.model)
@@ -188,10 +190,11 @@ def cmd_bench(a: argparse.Namespace) -> None:
         cfg = preset(a.model)
         model = empty_model(cfg, resolve_dtype(a.dtype, cfg))
         model.init_weights(0.02, generator=torch.Generator().manual_seed(0))
-        llm = LLM(model, quantization=a.quantization, group_size=a.group_size, kv_cache_dtype=a.kv_cache_dtype)
+        llm = LLM(model, quantization=a.quantization, group_size=a.group_size, kv_cache_dtype=a.kv_cache_dtype,
+                  enable_prefix_caching=False)  # the same prompt is timed again and again: measure, not hit
     else:
         llm = LLM(a.model, dtype=a.dtype, quantization=a.quantization, group_size=a.group_size,
-                  kv_cache_dtype=a.kv_cache_dtype)
+                  kv_cache_dtype=a.kv_cache_dtype, enable_prefix_caching=False)
     r = run_bench(llm, a.prompt_len, a.gen_len, a.batch, a.repeats)
     label = f"{a.model} {llm.model.dtype}".replace("torch.", "") + (f" {a.quantization}" if a.quantization else "") \
         + (" int8 KV" if a.kv_cache_dtype == "int8" else "")
@@ -276,25 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .console import run_command
+
     return run_command(build_parser().parse_args(argv))
-
-
-def run_command(a: argparse.Namespace) -> int:
-    """Run a parsed command; errors a user can fix become one line on stderr and exit status 2."""
-    from .model.checkpoint import CheckpointError
-    from .model.config import ConfigError
-    from .text import TokenizerError
-
-    try:
-        a.fn(a)
-    except (CheckpointError, ConfigError, TokenizerError, ValueError, KeyError, OSError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"lfm: error: {msg}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    return 0
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ from lfm.engine.scheduler import Scheduler
 from lfm.engine.sequence import Sequence
 
 from .conftest import CONFIGS, random_model
+from .engine_util import capture as _capture
+from .engine_util import check_against_full_forward as _check_against_full_forward
 
 torch.set_grad_enabled(False)
 
@@ -33,29 +35,6 @@ def _model(name: str = "dense", dtype: torch.dtype = torch.float32):
     return random_model(CONFIGS[name]).to(dtype)
 
 
-def _capture(llm: LLM) -> list[tuple[list[int], torch.Tensor]]:
-    """Record (tokens the logits condition on, logits) for every row the engine samples from."""
-    rec: list[tuple[list[int], torch.Tensor]] = []
-    run = llm.engine.runner.run
-
-    def wrapped(scheduled):
-        out = run(scheduled)
-        for i, r in out.sample_row.items():
-            s = scheduled[i]
-            rec.append((list(s.seq.token_ids[:s.seq.num_computed_tokens + s.num_tokens]), out.logits[r].clone()))
-        return out
-
-    llm.engine.runner.run = wrapped
-    return rec
-
-
-def _check_against_full_forward(model, rec, atol=1e-4) -> None:
-    assert rec
-    for tokens, logits in rec:
-        ref = model(torch.tensor([tokens]))[0, -1].float()
-        torch.testing.assert_close(logits, ref, atol=atol, rtol=1e-4, msg=lambda m: f"{len(tokens)} tokens: {m}")
-
-
 def _prompts(seed: int, lengths: list[int], vocab: int = 500) -> list[list[int]]:
     g = random.Random(seed)
     return [[g.randrange(10, vocab) for _ in range(n)] for n in lengths]
@@ -64,8 +43,7 @@ def _prompts(seed: int, lengths: list[int], vocab: int = 500) -> list[list[int]]
 GREEDY = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
 
 
-@pytest.mark.parametrize("name", ["dense", "moe", "dense-kernel2-noadjust", "dense-mqa-kernel4-untied",
-                                  "dense-kernel1-headdim32-kv1", "dense-conv-bias"])
+@pytest.mark.parametrize("name", list(CONFIGS))
 def test_mixed_prefill_and_decode_batches_equal_full_forward(name):
     """Prompts of different lengths, a 7-token step budget: chunks of several prompts and decodes share steps."""
     m = _model(name)
@@ -279,6 +257,13 @@ def test_engine_with_real_model_random_aborts_frees_everything():
         eng.step()
     bm = eng.block_manager
     assert bm.num_free_blocks == bm.num_blocks and len(bm.free_slots) == bm.num_slots and not eng.seqs
+
+
+def test_prompt_beyond_the_context_is_refused():
+    llm = LLM(_model(), max_model_len=16)
+    with pytest.raises(ValueError, match="no room"):
+        llm.generate([[5] * 16], GREEDY)
+    assert llm.generate([[5] * 15], GREEDY)[0].finish_reason == "length"  # room for exactly one token
 
 
 def test_a_sequence_whose_sampling_breaks_ends_alone():

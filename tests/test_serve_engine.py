@@ -1,4 +1,4 @@
-"""The serving engine without HTTP: continuous batching equals offline generation, memory budget, abort, the
+"""The serving engine without HTTP: continuous batching equals offline generation, a small KV pool, abort, the
 tool-call grammar and the streaming tool-call splitter."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ import xgrammar as xgr
 
 from lfm import LLM, SamplingParams
 from lfm.engine.grammar import GrammarBackend
-from lfm.engine.scheduler import EngineRequest, Scheduler
+from lfm.engine.cache import PagedCache
+from lfm.engine.llm_engine import EngineConfig, LLMEngine
 from lfm.engine.tool_grammar import ToolSchemaError, tool_call_ebnf
 from lfm.serve.tool_stream import ToolStreamParser
 from lfm.text import parse_tool_calls
@@ -26,20 +27,23 @@ def llm(checkpoints) -> LLM:
     torch.set_num_threads(before)
 
 
-def _scheduler(llm: LLM, **kw) -> Scheduler:
-    return Scheduler(llm.model, llm.tokenizer, llm.stop_ids(False), llm.stop_ids(True), **kw)
+def _engine(llm: LLM, grammar: GrammarBackend | None = None, **kw) -> LLMEngine:
+    return LLMEngine(llm.model, llm.tokenizer, llm.stop_ids(False), llm.stop_ids(True), EngineConfig(**kw), grammar)
 
 
-def _run(s: Scheduler, reqs: list[EngineRequest], on_step=None) -> dict[str, tuple[list[int], str, str]]:
-    out = {r.request_id: ([], "", None) for r in reqs}
+Req = tuple  # (request id, prompt ids, SamplingParams, chat)
+
+
+def _run(e: LLMEngine, reqs: list[Req], on_step=None) -> dict[str, tuple[list[int], str, str]]:
+    out = {r[0]: ([], "", None) for r in reqs}
     for r in reqs:
-        s.add(r)
-    while s.has_work():
-        for d in s.step():
+        e.add_request(*r)
+    while e.has_unfinished_requests():
+        for d in e.step():
             ids, text, _ = out[d.request_id]
             out[d.request_id] = (ids + d.token_ids, text + d.text, d.finish_reason)
         if on_step:
-            on_step(s)
+            on_step(e)
     return out
 
 
@@ -53,41 +57,42 @@ PARAMS = [SamplingParams(temperature=0, max_tokens=14, ignore_eos=True),
 
 
 def test_continuous_batching_equals_offline_generate(llm):
-    """Chunked prefill, a running set smaller than the load, and requests joining mid-flight: same tokens as LLM."""
+    """Chunked prefill mixed with decodes, a running set smaller than the load, requests joining mid-flight: the
+    same tokens and text as LLM.generate (which runs them all at once)."""
     ref = llm.generate(PROMPTS, PARAMS)
-    s = _scheduler(llm, prefill_chunk=7, max_num_seqs=3)
-    reqs = [EngineRequest(str(i), llm.tokenizer.encode(p), sp) for i, (p, sp) in enumerate(zip(PROMPTS, PARAMS))]
-    got = _run(s, reqs)
+    e = _engine(llm, max_num_batched_tokens=7, max_num_seqs=3, block_size=4)
+    got = _run(e, [(str(i), llm.tokenizer.encode(p), sp) for i, (p, sp) in enumerate(zip(PROMPTS, PARAMS))])
     for i, r in enumerate(ref):
         ids, text, reason = got[str(i)]
         assert ids == r.token_ids and text == r.text and reason == r.finish_reason
-    assert s.cache_used == 0 and not s.running and not s.waiting
+    bm = e.block_manager
+    assert bm.num_used_blocks == 0 and not e.scheduler.running and not e.scheduler.waiting
 
 
-def test_memory_budget_is_never_exceeded_and_all_finish(llm):
-    s0 = _scheduler(llm)
-    need = s0.cache_bytes(20, 16)
-    s = _scheduler(llm, cache_budget=int(need * 2.5), max_num_seqs=64)
+def test_small_kv_pool_is_never_exceeded_and_all_finish(llm):
+    per_block = PagedCache.block_bytes(llm.config, 4, llm.model.dtype, llm.model.dtype, False)
+    e = _engine(llm, kv_cache_memory=22 * per_block, max_num_seqs=64, block_size=4, enable_prefix_caching=False)
     peak = []
-    reqs = [EngineRequest(str(i), [1] + [40 + i] * 19, SamplingParams(temperature=0, max_tokens=16,
-                                                                                        ignore_eos=True))
+    reqs = [(str(i), [1] + [40 + i] * 19, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
             for i in range(7)]
-    got = _run(s, reqs, on_step=lambda s: peak.append((s.cache_used, len(s.running))))
-    assert max(u for u, _ in peak) <= s.cache_budget
-    assert max(n for _, n in peak) == 2  # only two caches fit at once
+    got = _run(e, reqs, on_step=lambda e: peak.append((e.block_manager.num_used_blocks, e.num_running)))
+    assert max(u for u, _ in peak) <= e.block_manager.num_blocks == 22
+    assert max(n for _, n in peak) < 7  # not everyone fits at once: the rest queued (or were preempted)
     assert all(len(ids) == 16 for ids, _, _ in got.values())
-    assert s.cache_used == 0
+    assert e.block_manager.num_used_blocks == 0
 
 
-def test_abort_frees_the_slot_at_once(llm):
-    s = _scheduler(llm)
-    s.add(EngineRequest("a", [1, 2, 3], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)))
-    s.add(EngineRequest("b", [1, 2, 3], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True)))
-    s.step()
-    assert s.num_running == 2 and s.cache_used > 0
-    assert s.abort("a") and s.num_running == 1
-    assert s.abort("b") and s.cache_used == 0 and not s.has_work()
-    assert not s.abort("zzz")
+def test_abort_frees_blocks_and_slot_at_once(llm):
+    e = _engine(llm)
+    e.add_request("a", [1, 2, 3], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    e.add_request("b", [1, 2, 3], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True))
+    e.step()
+    bm = e.block_manager
+    assert e.num_running == 2 and bm.num_used_blocks > 0
+    assert e.abort_request("a") and e.num_running == 1
+    assert e.abort_request("b") and bm.num_used_blocks == 0 and not e.has_unfinished_requests()
+    assert len(bm.free_slots) == bm.num_slots
+    assert not e.abort_request("zzz")
 
 
 WEATHER_ARGS = {
@@ -151,18 +156,19 @@ def test_streaming_tool_splitter_handles_split_sentinels_and_trailing_text():
 def test_constrained_generation_from_random_weights_always_parses(llm):
     """Required tool calls and JSON schemas complete and validate even from noise, within max_tokens."""
     g = GrammarBackend(llm.tokenizer, llm.config.vocab_size, sorted(llm.stop_ids(True)))
-    s = _scheduler(llm, grammar=g)
+    e = _engine(llm, grammar=g)
     schema = {"type": "object", "properties": {"name": {"type": "string"}, "n": {"type": "integer"},
                                                "xs": {"type": "array", "items": {"type": "number"}}},
               "required": ["name", "n", "xs"], "additionalProperties": False}
     chat = llm.encode_chat([{"role": "user", "content": "go"}], TOOLS)
     reqs = []
     for seed in range(3):
-        sp = SamplingParams(temperature=1.0, seed=seed, max_tokens=40)
-        reqs.append(EngineRequest(f"t{seed}", chat, sp, True, g.spec_tools_required(g.tool_calls(TOOLS))))
-        reqs.append(EngineRequest(f"j{seed}", chat, sp, True, g.spec_json(g.json_schema(schema))))
+        tools = g.spec_tools_required(g.tool_calls(TOOLS))
+        reqs.append((f"t{seed}", chat, SamplingParams(temperature=1.0, seed=seed, max_tokens=40, constraint=tools), True))
+        reqs.append((f"j{seed}", chat, SamplingParams(temperature=1.0, seed=seed, max_tokens=40,
+                                                      constraint=g.spec_json(g.json_schema(schema))), True))
     import json
-    for rid, (ids, text, reason) in _run(s, reqs).items():
+    for rid, (ids, text, reason) in _run(e, reqs).items():
         assert reason == "stop", (rid, text)
         if rid.startswith("t"):
             calls, _ = parse_tool_calls(text, TOOLS)

@@ -80,8 +80,10 @@ def test_32_concurrent_streams_with_disconnects_free_every_slot(checkpoints):
             if plan is None:
                 assert reason == "length" and n == 24
         after = wait_idle(state, s.url)
-        assert state.scheduler.cache_used == 0 and not state.scheduler.running and not state.scheduler.waiting
-        assert not state.engine._streams and after["lfm_kv_cache_usage_bytes"] == 0
+        eng = state.llm.engine
+        assert eng.block_manager.num_used_blocks == 0 and not eng.scheduler.running and not eng.scheduler.waiting
+        assert len(eng.block_manager.free_slots) == eng.block_manager.num_slots and not eng.seqs
+        assert not state.engine._streams and after["lfm_kv_cache_blocks_used"] == 0
         key = 'lfm_requests_total{endpoint="/v1/chat/completions",status="200"}'
         assert after[key] - before.get(key, 0) == 32
         finished = sum(1 for p in plans if p is None)
@@ -121,6 +123,6 @@ def test_full_waiting_queue_answers_429_and_recovers(checkpoints):
                                          extra_body={"ignore_eos": True})
         m = wait_idle(state, s.url)
         assert m['lfm_request_finished_total{reason="abort"}'] == 3 and m["lfm_generation_tokens_total"] < 1800
-        assert state.scheduler.cache_used == 0
+        assert state.llm.engine.block_manager.num_used_blocks == 0
         r = client.completions.create(model=MODEL, prompt="fourth", max_tokens=2)
         assert r.choices[0].finish_reason in ("stop", "length")

@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from ..model.checkpoint import CheckpointError, load_model, resolve
+from ..loading import load_model
+from ..model.checkpoint import CheckpointError, resolve
 from ..model.cpu_linear import use_cpu_kernels
 from ..model.lfm2 import LfmForCausalLM
 from ..model.quant import prepare as prepare_quantized

@@ -160,6 +160,35 @@ class LLMEngine:
                 self.seqs.pop(s.request_id, None)
         return out
 
+    @torch.inference_mode()
+    def score(self, prompt_ids: list[int], chunk_size: int | None = None) -> torch.Tensor:
+        """Logits [T, vocab] at every position of one prompt, computed through the paged cache in chunks of
+        `chunk_size` tokens (1: one token per forward, exactly the decode path; default: the step budget).
+        For quality checks and benchmarks; it runs alone, so call it only while no request is in flight."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("score() runs alone: the engine has requests in flight")
+        chunk = max(1, chunk_size or self.config.max_num_batched_tokens)
+        seq = self.add_request("__score__", prompt_ids, SamplingParams(max_tokens=1, prompt_logprobs=0))
+        self.scheduler.waiting.remove(seq)
+        bm = self.block_manager
+        try:
+            bm.admit(seq, [], [], 0)
+            out = []
+            while seq.num_computed_tokens < len(seq):
+                n = min(chunk, len(seq) - seq.num_computed_tokens)
+                if not bm.can_grow(seq, n):
+                    raise RuntimeError("the KV cache is too small for this prompt")
+                bm.grow(seq, n)
+                it = ScheduledSeq(seq, n, bm.snapshot_blocks(seq, n))
+                res = self.runner.run([it])
+                row, k = res.prompt_rows[0]
+                out.append(res.logits[row:row + k])
+                bm.commit(seq, n)
+            return torch.cat(out)
+        finally:
+            bm.free(seq)
+            self.seqs.pop(seq.request_id, None)
+
     def _prompt_logprobs(self, it: ScheduledSeq, logits: torch.Tensor, row: int, n: int) -> None:
         """Log-probabilities of prompt tokens c+1 .. c+n (the chunk's logits predict the token after each)."""
         s = it.seq

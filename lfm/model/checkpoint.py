@@ -117,11 +117,8 @@ def resolve_config(path_or_id: str | Path) -> LfmConfig:
         return LfmConfig.from_file(p / "config.json")
     if p.is_file() and p.suffix == ".json":
         return LfmConfig.from_file(p)
-    if p.is_file() and p.suffix == ".gguf":  # lazy, as in load_model
-        from ..gguf.gguf_file import GGUFFile
-        from ..gguf.reader import config_from_gguf
-
-        return config_from_gguf(GGUFFile(p))
+    if p.is_file() and p.suffix == ".gguf":
+        raise CheckpointError(f"{p}: a GGUF file (read it with lfm.loading.resolve_config)")
     s = str(path_or_id)
     if not _is_hub_id(s):
         raise CheckpointError(f"{s}: no such file or directory")
@@ -153,10 +150,10 @@ def weight_files(d: Path) -> list[Path]:
 
 def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", device: str | torch.device = "cpu",
                config: LfmConfig | None = None) -> LfmForCausalLM:
-    """The torch.nn.Module of a checkpoint directory, Hub id or `.gguf` file, in eval mode."""
-    if str(path).endswith(".gguf"):  # lazy: lfm.gguf builds on this module, not the other way round
-        from ..gguf import load_gguf_model
-        return load_gguf_model(resolve(path), dtype, device)
+    """The torch.nn.Module of a checkpoint directory or Hub id, in eval mode (`.gguf` files: `lfm.load_model`,
+    which dispatches to lfm.gguf; this package does not know that format)."""
+    if str(path).endswith(".gguf"):
+        raise CheckpointError(f"{path}: a GGUF file: load it with lfm.load_model (lfm.loading)")
     d = resolve(path)
     if d.is_file():
         raise CheckpointError(f"{d}: expected a checkpoint directory (config.json + *.safetensors)")

@@ -81,7 +81,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m lfm.train CONFIG` (what torchrun launches): the same flags as `lfm train`."""
-    from ..cli import run_command
+    from ..console import run_command
 
     p = argparse.ArgumentParser(prog="python -m lfm.train", epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
