@@ -2,8 +2,9 @@
 
 Every sequence owes the model `len(tokens) - num_computed_tokens` tokens: a whole prompt at first, one token per
 decode, everything again after a preemption. Each step has a token budget (`max_num_batched_tokens`):
-1. running sequences first, oldest first: a decode takes 1 token, an unfinished prompt the next chunk of whatever
-   budget is left, so prefill chunks of several sequences and decodes share one forward;
+1. running sequences first: decodes (1 token each), then unfinished prompts, oldest first, each the next chunk of
+   whatever budget is left, so a long prompt never stalls running decodes and chunks of several prompts and the
+   decodes share one forward;
 2. then waiting sequences, first come first served, while the budget, the conv slots (`max_num_seqs`) and free KV
    blocks allow; a prefix-cache hit makes their first chunk start at the hit.
 Blocks are taken as sequences grow. When a running sequence needs a block and none is free, the newest running
@@ -25,7 +26,8 @@ class Scheduler:
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
         self.bm = block_manager
-        self.max_num_seqs = min(max_num_seqs, block_manager.num_slots)
+        # more running sequences than tokens per step would leave some without a decode slot every step
+        self.max_num_seqs = min(max_num_seqs, block_manager.num_slots, max_num_batched_tokens)
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -40,25 +42,29 @@ class Scheduler:
 
     def schedule(self) -> list[ScheduledSeq]:
         bm, budget = self.bm, self.max_num_batched_tokens
-        out: list[ScheduledSeq] = []
+        out: dict[int, ScheduledSeq] = {}  # id(seq) -> its share of this step
         preempted = False
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        for seq in sorted(self.running, key=lambda s: len(s) - s.num_computed_tokens > 1):  # decodes first
+            if budget <= 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:
+                continue  # preempted by an earlier one in this loop
             n = min(len(seq) - seq.num_computed_tokens, budget)
             while not bm.can_grow(seq, n):
-                victim = self.running[-1]
+                victim = self.running[-1]  # the newest yields
                 self.preempt(victim)
                 preempted = True
+                gone = out.pop(id(victim), None)
+                if gone is not None:
+                    budget += gone.num_tokens
                 if victim is seq:
                     break
-            if seq.status is not SequenceStatus.RUNNING:
-                break  # it was the newest: it yielded its own blocks
-            out.append(self._take(seq, n))
-            budget -= n
-            i += 1
+            if seq.status is SequenceStatus.RUNNING:
+                out[id(seq)] = self._take(seq, n)
+                budget -= n
+        scheduled = list(out.values())
         if preempted:
-            return out
+            return scheduled
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             hit, hashes = bm.match_prefix(seq)
@@ -70,9 +76,9 @@ class Scheduler:
             bm.admit(seq, hit, hashes, 0)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            out.append(self._take(seq, n))
+            scheduled.append(self._take(seq, n))
             budget -= n
-        return out
+        return scheduled
 
     def _take(self, seq: Sequence, n: int) -> ScheduledSeq:
         self.bm.grow(seq, n)
