@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Long context on an edge CPU: a 32K-token prompt on the LFM2.5-350M shape at int4 g64 through lfm's engine, with
-the issue's memory and speed targets checked in one run.
+"""Long context on an edge CPU: a 32K-token prompt on the LFM2.5-350M shape at int4 g64 through lfm's engine
+(`LLMEngine`: paged KV, conv slots, chunked prefill), with the issue's memory and speed targets checked in one run.
 
     python benchmarks/long_context_bench.py [--prompt-len 32768] [--short-len 512] [--gen-len 32] [--threads 2]
                                             [--prefill-chunk N] [--sweep 256,2048] [--work DIR]
@@ -9,26 +9,44 @@ the issue's memory and speed targets checked in one run.
 * Weights: the preset's shape, N(0, 0.02) random weights (seed 0) in bfloat16, quantized int4 g64
   (`quantize_model`) and saved once as an lfm int4 checkpoint in --work; every measurement loads that checkpoint in
   a fresh child process (`LLM(dir)`, bfloat16 activations, lfm.kernels), so its peak RSS is its own.
+* Engine sizing: each child's `LLM` is built for its run alone: max_num_seqs=1, enable_prefix_caching=False,
+  max_model_len = prompt + new tokens + 1 (+ the what-if's steps in the long run), kv_cache_memory = just the
+  blocks those tokens need (blocks x `PagedCache.block_bytes`), max_num_batched_tokens = --prefill-chunk if given.
 * Baseline: peak RSS (VmHWM) of a bare `python -c "import torch"` process.
-* Runs: `LLM.generate` on one prompt of --short-len (twice: before and after the long run, the lower median step
-  time kept, as other processes may stall one) and one of --prompt-len random token ids, greedy, EOS ignored,
-  --gen-len (short: 2x) new tokens, prefill chunked by `LLM.prefill_chunk` (its default unless --prefill-chunk).
-  A forward hook stamps every forward: prefill tok/s = prompt / (call start -> end of the last prefill chunk), decode
-  tok/s = decode forwards / (end of prefill -> end of the last forward). Each Attention's `attend` (the SDPA core
-  over the cache) is wrapped with a timer (instance attribute, lfm unchanged) to split decode time into attention
-  core vs everything else. Peak RSS = the child's VmHWM at the end; weights = bytes of the model's parameters and
-  buffers (plus, listed apart, tensors the modules derive at load: Int4Linear's torch-fallback packing);
-  KV / conv state = the engine's own HybridCache (captured from the forward call), per part.
-* What-if (32K child, after the run): decode steps re-timed from the same cache with the SDPA core as it is and with
-  GQA query heads folded into the query-length axis (q [B, H, 1, d] -> [B, KV, H/KV, d], no enable_gqa: same
-  maths, checked equal), to show what the attention core costs and could cost.
-* Sweep: per --sweep chunk size, a fresh child runs only the *last* prefill chunk of a --prompt-len prompt (cache
-  position set to prompt - chunk: the largest attention span), and reports its activation peak (VmHWM growth over
-  the RSS before it, minus the KV slots it writes) and its tok/s: how the chunk size bounds prefill memory.
+* Runs: one prompt of --short-len (twice: before and after the long run, the lower median step time kept, as other
+  processes may stall one) and one of --prompt-len random token ids, greedy, EOS ignored, --gen-len (short: 2x) new
+  tokens, through `LLMEngine.add_request` + `step` (what `LLM.generate` runs); the prompt is prefilled in chunks of
+  max_num_batched_tokens (the engine's tokens per step; --prefill-chunk sets it). `engine.runner.run` (one call = one
+  forward) is wrapped with a clock; a call that computes prompt tokens is prefill, one that computes a generated token
+  is decode: prefill tok/s = prompt / (start -> end of the last prefill forward), decode tok/s = decode forwards /
+  (end of prefill -> end of the last forward; each interval holds a forward plus the scheduling and sampling around
+  it). `engine.runner.backend.attention` is wrapped with a timer (instance attributes, lfm unchanged) to split decode
+  time into attention (the step's K / V write into the paged cache + attention over it: lfm.kernels' paged decode
+  kernel on CPU) vs everything else. Peak RSS = the child's VmHWM at the end; weights = bytes of the model's
+  parameters and buffers (plus, listed apart, tensors the modules derive at load: Int4Linear's torch-fallback
+  packing); KV / conv state from the engine's `PagedCache`: its pool (`cache.nbytes()`) is torch.empty, so only the
+  pages of blocks in use count in RSS: the formula takes the bytes the run's blocks hold (most blocks in use x
+  `PagedCache.block_bytes`), the pool's size is listed apart.
+* What-if (32K child, after the run, its sequence still running): one attention layer's decode core over the
+  prompt's keys done three ways: `lfm.kernels.paged_decode_attention` on the engine's own cache (the shipped CPU
+  decode path), `TorchBackend.decode_attention` (the portable fallback; checked against the kernel), and just reading
+  that layer's K and V once (a memory-traffic floor); then whole decode steps (`engine.step`) re-timed at the filled
+  cache.
+* Sweep: per --sweep chunk size, a fresh child runs only the *last* prefill chunk of a --prompt-len prompt: the
+  sequence is admitted by hand (as `LLMEngine.score` drives the block manager and the runner) with
+  num_computed_tokens = prompt - chunk (the largest attention span) over a zero-filled, hence resident, KV pool, and
+  reports its activation peak (VmHWM growth over the RSS before it) and its tok/s: how the chunk size bounds prefill
+  memory.
 * --kv-cache-dtype: the whole set of runs per KV cache type (LLM(kv_cache_dtype=...): auto = bf16, int8 = int8
   values + a float32 scale per vector); default auto only, which keeps the run near 10 minutes on 2 idle cores.
 * Targets (issue "edge engine"): runs at 32K; peak RSS <= bare torch + 1.15 x (weights + KV + conv state); decode
   tok/s at 32K >= decode tok/s at --short-len / 1.5; prefill activation memory bounded (chunked).
+
+Ported from the pre-engine runtime (HybridCache, `model(ids, cache)`, `Attention.attend`, `LLM.prefill_chunk`);
+dropped as meaningless now: the what-if's "SDPA enable_gqa" vs "SDPA with GQA heads folded" rows (no decode path
+calls SDPA's GQA any more: the fallback folds the heads itself, and it is the row that remains), the KV figure as
+"attention layers x max_len slots" (KV is blocks now: the run's blocks and the pool are reported), and the sweep's
+"minus the KV slots it writes" (the pool is made resident before the chunk, so nothing is subtracted).
 
 Prints markdown tables; writes benchmarks/results/long_context_bench.{json,txt}.
 """
@@ -90,18 +108,33 @@ def malloc_trim() -> bool:
 
 
 # ---- child: one measurement ------------------------------------------------------------------------------------
-def _load(work: Path, threads: int, kv: str = "auto"):
+def _load(work: Path, threads: int, kv: str = "auto", tokens: int = 64, chunk: int = 0):
+    """LLM(dir) sized for this run alone: one sequence, no prefix caching, max_model_len = `tokens`, and a KV pool of
+    just the blocks those tokens need (kv_cache_memory = blocks x PagedCache.block_bytes)."""
     import torch
 
     torch.set_num_threads(threads)
     torch.set_grad_enabled(False)
     base = hwm()
     from lfm import LLM
+    from lfm.engine.cache import PagedCache
+    from lfm.model.checkpoint import resolve_config, resolve_dtype
 
     imported = hwm()
+    path = work / "int4"
+    cfg = resolve_config(path)
+    dtype = resolve_dtype("auto", cfg)
+    kv_dtype = torch.int8 if kv == "int8" else dtype
+    bs = 16
+    per_block = PagedCache.block_bytes(cfg, bs, dtype, kv_dtype, False)
+    blocks = -(-tokens // bs)
+    kw = {"max_num_batched_tokens": chunk} if chunk else {}
     t0 = time.perf_counter()
-    llm = LLM(str(work / "int4"), kv_cache_dtype=None if kv == "auto" else kv)
+    llm = LLM(str(path), kv_cache_dtype=None if kv == "auto" else kv, max_model_len=tokens, max_num_seqs=1,
+              enable_prefix_caching=False, block_size=bs, kv_cache_memory=blocks * per_block, **kw)
     load_s = time.perf_counter() - t0
+    eng = llm.engine
+    assert eng.max_model_len == tokens and eng.cache.num_blocks == blocks, (eng.max_model_len, eng.cache.num_blocks)
     m = llm.model
     seen, wbytes = set(), 0
     for t in list(m.parameters()) + list(m.buffers()):
@@ -119,57 +152,64 @@ def _load(work: Path, threads: int, kv: str = "auto"):
 
 
 class _Instrument:
-    """Forward-hook clock on the model (+ the cache it is called with) and a timer around every attention core."""
+    """A clock on the engine's steps and a timer around the backend's attention.
 
-    def __init__(self, model, progress_every: int = 0) -> None:
-        import torch
+    `engine.runner.run` (one call = one forward over the step's scheduled tokens) is wrapped: each call's end time,
+    token count, whether it computes prompt tokens (prefill) or one generated token (decode), and the seconds spent
+    in `engine.runner.backend.attention` during it (per attention layer: the step's K / V write into the paged cache,
+    then the attention over the cache: SDPA over the gathered blocks for a prefill chunk, lfm.kernels' paged kernel
+    for a decode on CPU). Instance attributes only: lfm is unchanged."""
 
-        self.ends: list[tuple[float, int]] = []  # (time, tokens in the forward)
-        self.attend: list[float] = []  # seconds in Attention.attend during each forward
-        self.cache = None
+    def __init__(self, engine, progress: bool = False) -> None:
+        self.ends: list[tuple[float, int, bool]] = []  # (time, tokens in the forward, prefill?)
+        self.attend: list[float] = []  # seconds in backend.attention during each forward
+        self.blocks_used = 0  # the most KV blocks in use after any step
         self._acc = 0.0
         self.t0 = 0.0
-        self.progress = progress_every
+        runner, backend = engine.runner, engine.runner.backend
+        run, attention = runner.run, backend.attention
 
-        def pre(mod, args):
+        def timed_run(scheduled):
             self._acc = 0.0
-            if len(args) > 1 and args[1] is not None:
-                self.cache = args[1]
-
-        def post(mod, args, out):
+            pre = any(it.seq.num_computed_tokens < it.seq.num_prompt_tokens for it in scheduled)
+            T = sum(it.num_tokens for it in scheduled)
+            done = max(it.seq.num_computed_tokens + it.num_tokens for it in scheduled)
+            out = run(scheduled)
             now = time.perf_counter()
-            T = args[0].shape[1]
-            self.ends.append((now, T))
+            self.ends.append((now, T, pre))
             self.attend.append(self._acc)
-            if self.progress and T > 1:
-                done = self.cache.pos if self.cache is not None else 0
+            self.blocks_used = max(self.blocks_used, engine.block_manager.num_used_blocks)
+            if progress and pre:
                 log(f"    prefill chunk {len(self.ends)}: {done} tokens in {now - self.t0:.0f} s "
                     f"({done / (now - self.t0):.0f} tok/s), peak RSS {hwm() / MiB:.0f} MiB")
+            return out
 
-        model.register_forward_pre_hook(pre)
-        model.register_forward_hook(post)
-        for mod in model.modules():
-            if type(mod).__name__ == "Attention":
-                for name in ("attend", "decode"):  # the SDPA core, and the decode kernel where lfm has one
-                    if hasattr(mod, name):
-                        setattr(mod, name, self._timed(getattr(mod, name)))
-        self.torch = torch
-
-    def _timed(self, fn):
-        def wrapped(*a, **k):
+        def timed_attention(*a, **k):
             t = time.perf_counter()
-            out = fn(*a, **k)
+            out = attention(*a, **k)
             self._acc += time.perf_counter() - t
             return out
-        return wrapped
+
+        runner.run = timed_run
+        backend.attention = timed_attention
 
 
-def _cache_bytes(cache) -> dict:
-    part = lambda d: sum(t.numel() * t.element_size() for t in d.values())  # noqa: E731
-    scales = part(getattr(cache, "k_scale", {})) + part(getattr(cache, "v_scale", {}))
-    return {"kv_bytes": part(cache.k) + part(cache.v) + scales, "kv_scale_bytes": scales, "conv_bytes": part(cache.conv),
-            "total": cache.nbytes(), "max_len": cache.max_len, "attn_layers": len(cache.k),
-            "conv_layers": len(cache.conv), "kv_dtype": str(next(iter(cache.k.values())).dtype)}
+def _cache_bytes(eng, blocks_used: int) -> dict:
+    """The engine's cache: the pool it allocated (`cache.nbytes()`, torch.empty: address space until touched) and
+    the bytes the run's blocks hold (blocks used x `PagedCache.block_bytes`: what the KV can cost in RSS)."""
+    from lfm.engine.cache import PagedCache
+
+    c = eng.cache
+    model = eng.model
+    kv_dtype = next(iter(c.k.values())).dtype
+    per_block = PagedCache.block_bytes(model.config, c.block_size, model.dtype, kv_dtype, c.conv_snap is not None)
+    per_block_scales = sum(t[0].numel() * t.element_size() for d in (c.k_scale, c.v_scale) for t in d.values())
+    conv = c.conv.numel() * c.conv.element_size()
+    return {"pool_bytes": c.nbytes(), "kv_pool_bytes": c.num_blocks * per_block, "num_blocks": c.num_blocks,
+            "block_size": c.block_size, "block_bytes": per_block, "blocks_used": blocks_used,
+            "kv_bytes": blocks_used * per_block, "kv_scale_bytes": blocks_used * per_block_scales,
+            "conv_bytes": conv, "conv_slots": c.conv.shape[1], "tokens_held": blocks_used * c.block_size,
+            "attn_layers": len(c.k), "conv_layers": c.conv.shape[0], "kv_dtype": str(kv_dtype)}
 
 
 def child_run(a: argparse.Namespace, work: Path) -> dict:
@@ -177,82 +217,81 @@ def child_run(a: argparse.Namespace, work: Path) -> dict:
 
     from lfm import SamplingParams
 
-    llm, info = _load(work, a.threads, a._kv)
-    if a.prefill_chunk:
-        llm.prefill_chunk = a.prefill_chunk
     n, gen = a._n, a._gen
-    llm.max_model_len = max(llm.max_model_len, n + gen + 1)
+    wi = a.what_if and n > a.short_len
+    extra = a.what_if_steps + 2 if wi else 0  # the what-if's decode steps continue the same sequence
+    llm, info = _load(work, a.threads, a._kv, n + gen + 1 + extra, a.prefill_chunk)
+    eng = llm.engine
+    chunk = eng.config.max_num_batched_tokens
     g = torch.Generator().manual_seed(a.seed + 7)
     warm = torch.randint(14, llm.config.vocab_size, (16,), generator=g).tolist()
     sp = lambda k: SamplingParams(temperature=0, max_tokens=k, ignore_eos=True)  # noqa: E731
     llm.generate([warm], sp(4))  # pages in the kernels and library code once
     info["warm_hwm"], info["warm_rss"] = hwm(), rss()
     prompt = torch.randint(14, llm.config.vocab_size, (n,), generator=torch.Generator().manual_seed(a.seed + 1)).tolist()
-    ins = _Instrument(llm.model, progress_every=1 if n > llm.prefill_chunk else 0)
-    log(f"  [{n}-token prompt] prefill in chunks of {llm.prefill_chunk}, then {gen} tokens ...")
+    ins = _Instrument(eng, progress=n > chunk)
+    log(f"  [{n}-token prompt] prefill in chunks of {chunk} (max_num_batched_tokens), then {gen} tokens ...")
     reset_peak()  # from here: the run's own peak (the process peak so far is kept in warm_hwm)
     ins.t0 = t0 = time.perf_counter()
-    out = llm.generate([prompt], sp(gen))[0].token_ids
+    seq = eng.add_request("long-ctx", prompt, sp(gen + extra))  # what LLM.generate does, stopped after gen tokens
+    while seq.num_output_tokens < gen:
+        for d in eng.step():
+            if d.finish_reason == "error":
+                raise RuntimeError(d.error)
     run_hwm = hwm()
-    pre = [i for i, (_, T) in enumerate(ins.ends) if T > 1]
+    out = list(seq.token_ids[n:])
+    pre = [i for i, (_, _, p) in enumerate(ins.ends) if p]
     last_pre = pre[-1]
     t_pre = ins.ends[last_pre][0]
     dec = ins.ends[last_pre + 1:]
     dec_att = ins.attend[last_pre + 1:]
+    assert all(T == 1 and not p for _, T, p in dec), "a decode step with more than one token"
     dec_s = dec[-1][0] - t_pre
-    r = {**info, "prompt_len": n, "gen_len": gen, "prefill_chunk": llm.prefill_chunk, "prefill_forwards": len(pre),
+    r = {**info, "prompt_len": n, "gen_len": gen, "prefill_chunk": chunk, "prefill_forwards": len(pre),
          "prefill_s": t_pre - t0, "prefill_tok_s": n / (t_pre - t0), "prefill_attend_s": sum(ins.attend[:last_pre + 1]),
          "decode_forwards": len(dec), "decode_s": dec_s, "decode_tok_s": len(dec) / dec_s,
          "decode_attend_s": sum(dec_att), "tokens": out[:8], "run_hwm": run_hwm, "end_rss": rss(),
-         "end_hwm": max(run_hwm, info["warm_hwm"]), "cache": _cache_bytes(ins.cache)}
+         "end_hwm": max(run_hwm, info["warm_hwm"]), "cache": _cache_bytes(eng, ins.blocks_used)}
     r["decode_ms_per_token"] = 1e3 * dec_s / len(dec)
-    steps = sorted(b - a_ for a_, b in zip([t_pre] + [t for t, _ in dec[:-1]], [t for t, _ in dec]))
+    steps = sorted(b - a_ for a_, b in zip([t_pre] + [t for t, _, _ in dec[:-1]], [t for t, _, _ in dec]))
     r["decode_ms_median"] = 1e3 * steps[len(steps) // 2]  # robust to other processes stealing a core now and then
     r["decode_ms_min"] = 1e3 * steps[0]
     r["decode_attend_ms_per_token"] = 1e3 * sum(dec_att) / len(dec)
-    log(f"  [{n}] prefill {r['prefill_tok_s']:.1f} tok/s ({r['prefill_s']:.0f} s, attention core "
+    log(f"  [{n}] prefill {r['prefill_tok_s']:.1f} tok/s ({r['prefill_s']:.0f} s, attention "
         f"{r['prefill_attend_s']:.0f} s); decode {r['decode_tok_s']:.2f} tok/s ({r['decode_ms_per_token']:.1f} ms/token, "
-        f"attention core {r['decode_attend_ms_per_token']:.1f} ms); peak RSS {r['end_hwm'] / MiB:.0f} MiB")
-    if a.what_if and n > a.short_len:
+        f"attention {r['decode_attend_ms_per_token']:.1f} ms); peak RSS {r['end_hwm'] / MiB:.0f} MiB")
+    if wi:
         with torch.inference_mode():
-            r["what_if"] = what_if(llm.model, ins.cache, n, a.what_if_steps)
+            r["what_if"] = what_if(eng, seq, n, a.what_if_steps)
+    eng.abort_request(seq.request_id)
     r["trimmed_rss"] = rss() if malloc_trim() else None  # after the run: RSS without glibc's kept free pages
     return r
 
 
-def what_if(model, cache, n: int, steps: int) -> dict:
-    """At the filled cache: whole decode steps as shipped, and one layer's attention core over n keys done four ways:
-    lfm.kernels.decode_attention (the shipped decode path when available), SDPA with enable_gqa (the fallback),
-    SDPA with the GQA query heads folded into q's length ([1, KV, H/KV, d], no enable_gqa: same maths), and just
-    reading that layer's K and V once (a memory-traffic floor)."""
+def what_if(eng, seq, n: int, steps: int) -> dict:
+    """At the filled cache (the run's sequence still running): one attention layer's decode core over its first n
+    keys done three ways: lfm.kernels.paged_decode_attention on the engine's own blocks (CpuBackend's decode path),
+    TorchBackend.decode_attention (the portable fallback: gather the blocks, mask, SDPA), and just reading that
+    layer's K and V for n keys once (a memory-traffic floor); then whole decode steps (`engine.step`)."""
+    from types import SimpleNamespace
+
     import torch
-    import torch.nn.functional as F
 
     from lfm import kernels
+    from lfm.engine.backend import TorchBackend
 
-    steps = max(1, min(steps, cache.max_len - n - 2))
-    tok = torch.tensor([[100]])
-    cache.pos = n
-    model(tok, cache)  # warm
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        model(tok, cache)
-    ms_step = (time.perf_counter() - t0) / steps
-    a0 = next(m for m in model.modules() if type(m).__name__ == "Attention")
-    i0 = next(i for i, layer in enumerate(model.model.layers) if layer.is_attn)
-    g = torch.Generator().manual_seed(3)
-    q = torch.randn(1, a0.nh, 1, a0.hd, generator=g).to(model.dtype)
-    kn = torch.randn(1, a0.nkv, a0.hd, generator=g).to(model.dtype)
-    vn = torch.randn(1, a0.nkv, a0.hd, generator=g).to(model.dtype)
-    kc, vc = cache.k[i0], cache.v[i0]
-    quant = bool(getattr(cache, "k_scale", None))
-    scales = ([cache.k_scale[i0]], [cache.v_scale[i0]]) if quant else ()
-    if quant:
-        cache.write(i0, n, kn[:, :, None], vn[:, :, None])
-        k, v = cache.read(i0, n + 1, model.dtype)  # what the SDPA path attends over (dequantized copies)
-    else:
-        kc[:, :, n], vc[:, :, n] = kn, vn
-        k, v = kc[:, :, :n + 1], vc[:, :, :n + 1]
+    c, model = eng.cache, eng.model
+    cfg = model.config
+    H, hd, bs = cfg.num_attention_heads, cfg.head_size, c.block_size
+    i0 = min(c.k)
+    nb = -(-n // bs)
+    table = seq.block_table[:nb]
+    bt = torch.tensor([table], dtype=torch.int32)
+    lens = torch.tensor([n], dtype=torch.int32)
+    q = torch.randn(1, H, hd, generator=torch.Generator().manual_seed(3)).to(model.dtype)
+    ks, vs = c.k_scale.get(i0), c.v_scale.get(i0)
+    tb = TorchBackend(c, H, hd)
+    tb.batch = SimpleNamespace(block_tables=bt, decode_lens=lens)  # the two fields decode_attention reads
 
     def t_core(fn, reps=10):
         fn()
@@ -261,54 +300,76 @@ def what_if(model, cache, n: int, steps: int) -> dict:
             fn()
         return 1e3 * (time.perf_counter() - t0) / reps
 
-    ref = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-    ker = kernels.decode_attention(q[:, :, 0].contiguous(), kn, vn, [kc], [vc], [n], a0.hd ** -0.5, *scales) \
-        if hasattr(kernels, "decode_attention") else None
-    fold = F.scaled_dot_product_attention(q.reshape(1, a0.nkv, -1, a0.hd), k, v).reshape(1, a0.nh, 1, a0.hd)
-    r = {"steps": steps, "ms_per_token": 1e3 * ms_step, "attn_layers": sum(1 for m in model.modules()
-                                                                           if type(m).__name__ == "Attention"),
-         "core_ms_sdpa_gqa": t_core(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)),
-         "core_ms_sdpa_folded": t_core(lambda: F.scaled_dot_product_attention(q.reshape(1, a0.nkv, -1, a0.hd), k, v)),
-         # memory-traffic probe: a max over the whole (contiguous) K and V buffers as int16, the cheapest full read
-         "kv_read_ms": t_core(lambda: (kc.view(torch.int16).amax(), vc.view(torch.int16).amax())) * (n + 1) / kc.shape[2],
-         "folded_max_abs_diff": (fold.float() - ref.float()).abs().max().item(),
-         "kv_layer_bytes": 2 * (n + 1) * kc[:, :, 0].numel() * kc.element_size()}
+    ref = tb.decode_attention(i0, q)
+    ker = kernels.paged_decode_attention(q, c.k[i0], c.v[i0], ks, vs, bt, lens, tb.scale)
+    # the floor: the layer's blocks in place when the run's blocks are consecutive ids (a fresh engine hands out the
+    # lowest free ids first), else a gathered copy of them (same bytes)
+    parts = [t for t in (c.k[i0], c.v[i0], ks, vs) if t is not None]
+    contiguous = table == list(range(table[0], table[0] + nb))
+    parts = [t[table[0]:table[0] + nb] if contiguous else t[torch.tensor(table)] for t in parts]
+    probe = [t.view(torch.int16) if t.element_size() < 4 else t for t in parts]
+    read_ms = t_core(lambda: [t.amax() for t in probe]) * n / (nb * bs)
+    r = {"attn_layers": len(c.k), "core_ms_torch": t_core(lambda: tb.decode_attention(i0, q)),
+         "kv_read_ms": read_ms, "kv_read_in_place": contiguous,
+         "kv_layer_bytes": sum(t[0].numel() * t.element_size() for t in parts) * n // bs}
     r["read_gb_s"] = r["kv_layer_bytes"] / r["kv_read_ms"] / 1e6
     if ker is not None:
-        r["core_ms_kernel"] = t_core(lambda: kernels.decode_attention(q[:, :, 0].contiguous(), kn, vn, [kc], [vc], [n],
-                                                                      a0.hd ** -0.5, *scales))
-        r["kernel_max_abs_diff"] = (ker.float() - ref[:, :, 0].float()).abs().max().item()
-    log(f"  what-if at {n}: decode step {r['ms_per_token']:.1f} ms; one layer's attention core: kernel "
-        f"{r.get('core_ms_kernel', float('nan')):.2f} ms, SDPA gqa {r['core_ms_sdpa_gqa']:.2f} ms, SDPA folded "
-        f"{r['core_ms_sdpa_folded']:.2f} ms, reading its KV once {r['kv_read_ms']:.2f} ms")
+        r["core_ms_kernel"] = t_core(lambda: kernels.paged_decode_attention(q, c.k[i0], c.v[i0], ks, vs, bt, lens,
+                                                                            tb.scale))
+        r["kernel_max_abs_diff"] = (ker.float() - ref.float()).abs().max().item()
+    steps = max(1, min(steps, seq.max_tokens - seq.num_output_tokens - 1))
+    eng.step()  # warm
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    r["steps"], r["ms_per_token"] = steps, 1e3 * (time.perf_counter() - t0) / steps
+    r["context_at_steps"] = seq.num_computed_tokens
+    log(f"  what-if at {n}: decode step {r['ms_per_token']:.1f} ms; one layer's attention core: paged kernel "
+        f"{r.get('core_ms_kernel', float('nan')):.2f} ms, torch fallback {r['core_ms_torch']:.2f} ms, reading its KV "
+        f"once {r['kv_read_ms']:.2f} ms")
     return r
 
 
 def child_chunk(a: argparse.Namespace, work: Path) -> dict:
-    """Only the last prefill chunk of an n-token prompt: the activation peak at the longest attention span."""
+    """Only the last prefill chunk of an n-token prompt: the activation peak at the longest attention span.
+
+    The sequence is admitted by hand (as `LLMEngine.score` drives the block manager and the runner) with
+    num_computed_tokens = n - c, and its blocks for all n positions taken; the whole KV pool is zero-filled first, so
+    the earlier positions are resident as in a real run and the growth measured over the chunk's forward is its
+    activations and temporaries alone (the chunk's own K / V pages are already counted)."""
     import torch
 
     from lfm import SamplingParams
+    from lfm.engine.model_runner import ScheduledSeq
 
-    llm, info = _load(work, a.threads, a._kv)
     n, c = a._n, a._chunk
-    m = llm.model
+    llm, info = _load(work, a.threads, a._kv, n + 1, c)
+    eng = llm.engine
     llm.generate([list(range(20, 36))], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
-    cache = m.new_cache(1, n)
-    cache.pos = n - c  # earlier slots stay zero pages: only this chunk's reads, writes and temporaries
-    ids = torch.randint(14, m.config.vocab_size, (1, c), generator=torch.Generator().manual_seed(a.seed))
-    kv_written = c * sum(t[:, :, 0].numel() * t.element_size() for d in (cache.k, cache.v, getattr(cache, "k_scale", {}),
-                                                                        getattr(cache, "v_scale", {})) for t in d.values())
+    cache, bm = eng.cache, eng.block_manager
+    for d in (cache.k, cache.v, cache.k_scale, cache.v_scale):
+        for t in d.values():
+            t.zero_()
+    ids = torch.randint(14, llm.config.vocab_size, (n,), generator=torch.Generator().manual_seed(a.seed)).tolist()
+    seq = eng.add_request("last-chunk", ids, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    eng.scheduler.waiting.remove(seq)
+    bm.admit(seq, [], [], 0)  # a conv slot (zeroed by the step), no blocks yet
+    seq.num_computed_tokens = n - c
+    bm.grow(seq, c)  # blocks for positions 0 .. n-1
+    it = ScheduledSeq(seq, c)
     malloc_trim()  # else the chunk's temporaries land in heap pages freed at load time and never show in RSS
     before = rss()
     reset_peak()
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        m(ids, cache, logits_to_keep=1)
-    dt = time.perf_counter() - t0
-    grow = hwm() - before
+    try:
+        eng.runner.run([it])
+    finally:
+        dt = time.perf_counter() - t0
+        grow = hwm() - before
+        bm.free(seq)
+        eng.seqs.pop(seq.request_id, None)
     r = {**info, "chunk": c, "prompt_len": n, "seconds": dt, "tok_s": c / dt, "peak_growth": grow,
-         "kv_written": kv_written, "activation_peak": grow - kv_written}
+         "kv_pool_bytes": cache.nbytes() - cache.conv.numel() * cache.conv.element_size(), "activation_peak": grow}
     log(f"  [last chunk of {c} at {n}] {c / dt:.0f} tok/s, activation peak {r['activation_peak'] / MiB:.0f} MiB")
     return r
 
@@ -357,7 +418,8 @@ def runtime_overhead_hwm(threads: int) -> int:
             "from lfm.model.checkpoint import empty_model\nfrom lfm.model.presets import preset\n"
             "from lfm.model.quant import quantize_model, prepare\n"
             "m = empty_model(preset('tiny'), torch.bfloat16); m.init_weights(); quantize_model(m, 4, 64); prepare(m)\n"
-            "LLM(m).generate([list(range(20, 36))], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))\n"
+            "LLM(m, max_num_seqs=1, enable_prefix_caching=False, kv_cache_memory=1 << 20)"
+            ".generate([list(range(20, 36))], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))\n"
             "for l in open('/proc/self/status'):\n    l.startswith('VmHWM:') and print(int(l.split()[1]) * 1024)"
             % threads)
     p = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=str(REPO))
@@ -389,7 +451,9 @@ def report_kv(a: argparse.Namespace, res: dict, r: dict, kv: str, env: dict) -> 
     p(f"## long context: {a.preset} shape, random weights, int4 g{a.group_size}, KV cache {kv} (bf16 activations, "
       f"lfm.kernels {'on' if env['kernels'] else 'off'}), {a.prompt_len:,}-token prompt vs {a.short_len}, greedy\n")
     p(f"torch {env['torch']}, threads {a.threads} (of {env['cores']} cores), CPU {env['cpu']}; "
-      f"prefill chunk {long_.get('prefill_chunk', '?')} tokens (LLM.prefill_chunk); each run in a fresh process\n")
+      f"prefill chunk {long_.get('prefill_chunk', '?')} tokens (LLM max_num_batched_tokens); each run in a fresh "
+      f"process, its engine sized for that run alone (max_num_seqs=1, no prefix caching, max_model_len = prompt + "
+      f"new tokens + 1 (+ the what-if's steps in the long run), a KV pool of just those blocks)\n")
     if "error" in long_ or "error" in short:
         p(f"ERROR: {long_.get('error') or short.get('error')}")
         return out
@@ -420,9 +484,14 @@ def report_kv(a: argparse.Namespace, res: dict, r: dict, kv: str, env: dict) -> 
                  ("weights: parameters + buffers (int4 linears, int8 embedding, norms, conv)", W),
                  ("  of which the int8 embedding table (one row read per token)", long_["embedding_bytes"]),
                  ("derived at load, not in the formula: Int4Linear torch-fallback packing (_packed, _sz)", D),
-                 (f"KV cache ({c['attn_layers']} attention layers x {c['max_len']:,} slots, {c.get('kv_dtype')}"
-                  f"{', with per-vector scales' if c.get('kv_scale_bytes') else ''})", KV),
-                 (f"conv state ({c['conv_layers']} conv layers, constant in length)", CV),
+                 (f"KV cache the run's blocks hold ({c['blocks_used']:,} blocks x {c['block_size']} positions = "
+                  f"{c['tokens_held']:,} tokens x {c['attn_layers']} attention layers, {c['kv_dtype']}"
+                  f"{', with per-vector scales' if c['kv_scale_bytes'] else ''}; blocks used x "
+                  f"PagedCache.block_bytes)", KV),
+                 (f"KV pool allocated, not in the formula ({c['num_blocks']:,} blocks; torch.empty: only touched "
+                  f"pages count in RSS)", c["kv_pool_bytes"]),
+                 (f"conv state ({c['conv_layers']} conv layers x {c['conv_slots']} slot, constant in length)", CV),
+                 ("engine cache allocated, `cache.nbytes()` (KV pool + conv slots)", c["pool_bytes"]),
                  (f"budget: bare torch + {RSS_FACTOR} x (weights + KV + conv)", budget),
                  (f"peak RSS during the {a.prompt_len:,}-token run alone (VmHWM reset after warm-up)",
                   long_["run_hwm"]),
@@ -456,36 +525,38 @@ def report_kv(a: argparse.Namespace, res: dict, r: dict, kv: str, env: dict) -> 
     for t, need, got, ok in rows:
         p(f"| {t} | {need} | {got} | **{'PASS' if ok else 'MISS'}** |")
     p("")
-    per_tok_kv = KV / c["max_len"]
+    per_tok_kv = c["block_bytes"] / c["block_size"]
     read_w = W - long_["embedding_bytes"]
     p(f"decode traffic per token at {a.prompt_len:,}: KV read {per_tok_kv * long_['prompt_len'] / MiB:,.0f} MiB "
       f"({per_tok_kv / 1024:.0f} KiB/token of context) vs weights read {read_w / MiB:,.0f} MiB (without the embedding "
-      f"table); at {a.short_len}: KV {per_tok_kv * a.short_len / MiB:,.1f} MiB. Attention core: "
+      f"table); at {a.short_len}: KV {per_tok_kv * a.short_len / MiB:,.1f} MiB. Attention core (backend.attention): "
       f"{long_['decode_attend_ms_per_token']:.1f} of {long_['decode_ms_per_token']:.1f} ms per token at "
       f"{a.prompt_len:,}, {short['decode_attend_ms_per_token']:.2f} of {short['decode_ms_per_token']:.1f} ms at "
       f"{a.short_len}.")
     if wi := long_.get("what_if"):
         sm = short["decode_ms_median"]
-        best = min(wi.get("core_ms_kernel", 1e9), wi["core_ms_sdpa_gqa"], wi["core_ms_sdpa_folded"])
+        best = min(wi.get("core_ms_kernel", 1e9), wi["core_ms_torch"])
         p(f"\nattention core over {a.prompt_len:,} keys, one layer ({wi['kv_layer_bytes'] / MiB:.0f} MiB of {kv} K+V), "
           f"x{wi['attn_layers']} layers per token:\n")
         p("| variant | ms per layer | x layers, ms per token |\n|---|---:|---:|")
-        for k, label in (("core_ms_kernel", "lfm.kernels.decode_attention (shipped decode path)"),
-                         ("core_ms_sdpa_gqa", "SDPA enable_gqa (the fallback)"),
-                         ("core_ms_sdpa_folded", f"SDPA, GQA heads folded into q's length (max diff "
-                                                 f"{wi['folded_max_abs_diff']:.1e})"),
-                         ("kv_read_ms", f"just reading the layer's K and V once (floor; {wi['read_gb_s']:.1f} GB/s)")):
+        for k, label in (("core_ms_kernel", "lfm.kernels.paged_decode_attention on the engine's cache "
+                                            "(CpuBackend's decode path)"),
+                         ("core_ms_torch", "TorchBackend.decode_attention (the fallback: gather blocks, mask, SDPA)"),
+                         ("kv_read_ms", f"just reading the layer's K and V once (floor; {wi['read_gb_s']:.1f} GB/s"
+                                        f"{'' if wi['kv_read_in_place'] else ', from a gathered copy'})")):
             if k in wi:
                 p(f"| {label} | {wi[k]:.2f} | {wi[k] * wi['attn_layers']:.1f} |")
         floor = sm + wi["attn_layers"] * wi["kv_read_ms"]
-        p(f"\nwhole decode step at {a.prompt_len:,} re-timed ({wi['steps']} steps): {wi['ms_per_token']:.1f} ms. "
+        p(f"\nwhole decode step (engine.step) at {wi['context_at_steps']:,} re-timed ({wi['steps']} steps): "
+          f"{wi['ms_per_token']:.1f} ms. "
           f"Short decode {sm:.1f} ms + the best core x {wi['attn_layers']} = {sm + best * wi['attn_layers']:.1f} ms "
           f"= {(sm + best * wi['attn_layers']) / sm:.2f}x; with this KV cache ({kv}) the decode at {a.prompt_len:,} cannot "
           f"beat ~{floor:.0f} ms/token = {floor / sm:.2f}x the short decode on this machine (memory-traffic floor)."
-          + (f" Kernel vs SDPA max |diff| {wi['kernel_max_abs_diff']:.1e}." if "kernel_max_abs_diff" in wi else ""))
+          + (f" Paged kernel vs torch fallback max |diff| {wi['kernel_max_abs_diff']:.1e}."
+             if "kernel_max_abs_diff" in wi else ""))
     if sweep:
-        p(f"\nprefill chunk sweep: only the last chunk of a {a.prompt_len:,}-token prompt (the widest attention), "
-          f"fresh process each\n")
+        p(f"\nprefill chunk sweep: only the last chunk of a {a.prompt_len:,}-token prompt (the widest attention; "
+          f"the sequence admitted at {a.prompt_len:,} - chunk computed tokens), fresh process each\n")
         p("| chunk | tok/s of that chunk | activation peak MiB | full-run peak ≈ end RSS + activations (MiB) | "
           "same without glibc's kept free heap (trimmed end RSS + activations) |")
         p("|---:|---:|---:|---:|---:|")
@@ -510,7 +581,8 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--prefill-chunk", type=int, default=0, help="LLM.prefill_chunk (0: the engine's default)")
+    ap.add_argument("--prefill-chunk", type=int, default=0,
+                    help="prefill chunk = LLM(max_num_batched_tokens=N), the engine's tokens per step (0: its default)")
     ap.add_argument("--kv-cache-dtype", default="auto",
                     help="comma list of LLM kv_cache_dtype values to run: auto (bf16), int8 (e.g. 'auto,int8')")
     ap.add_argument("--sweep", default="256,2048", help="chunk sizes for the last-chunk sweep ('' = none)")
