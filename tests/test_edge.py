@@ -1,6 +1,6 @@
-"""Edge-engine invariants: chunked prefill equals one-shot prefill, the cache holds KV only for attention layers plus a
-constant conv state (long-context memory accounting), and the MoE path that runs only the selected experts equals a
-dense reference that runs all of them."""
+"""Edge-engine invariants: chunked prefill (a small `max_num_batched_tokens`) equals one-shot prefill, the paged cache
+holds KV only for attention layers plus a constant conv state per sequence (long-context memory accounting), and
+the MoE path that runs only the selected experts equals a dense reference that runs all of them."""
 
 from __future__ import annotations
 
@@ -9,30 +9,47 @@ import torch
 import torch.nn.functional as F
 
 from lfm import LLM, SamplingParams
-from lfm.model.cache import HybridCache
+from lfm.engine.cache import PagedCache
 from lfm.model.presets import preset
 
 from .conftest import CONFIGS, random_model
+from .engine_util import by_tokens, capture, check_against_full_forward
 
 torch.set_grad_enabled(False)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices on shared cores
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("name", ["dense", "moe"])
 def test_chunked_prefill_equals_one_shot(checkpoints, name):
-    llm = LLM(str(checkpoints[name]), dtype="float32")
-    prompts = [list(range(20, 61)), list(range(100, 117)), [5, 300, 301]]  # left padding inside early chunks
+    prompts = [list(range(20, 61)), list(range(100, 117)), [5, 300, 301]]  # chunks that cut across prompts
     sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    llm = LLM(str(checkpoints[name]), dtype="float32")
     ref = [o.token_ids for o in llm.generate(prompts, sp)]
     for chunk in (1, 7, 16):
-        llm.prefill_chunk = chunk
+        llm = LLM(str(checkpoints[name]), dtype="float32", max_num_batched_tokens=chunk)
+        sizes: list[int] = []
+        run = llm.engine.runner.run
+        llm.engine.runner.run = lambda sch: (sizes.append(sum(it.num_tokens for it in sch)), run(sch))[1]
         assert [o.token_ids for o in llm.generate(prompts, sp)] == ref, chunk
-    # and the logits themselves, through the model's cache
+        assert max(sizes) == chunk  # every step within the budget, and the budget used
+    # and the logits themselves at every position: prefill chunks of 10 tokens (two prompts sharing steps)
     model = llm.model
-    x = torch.randint(14, 512, (2, 37))
+    x = torch.randint(14, 512, (2, 37), generator=torch.Generator().manual_seed(0))
     full = model(x)
-    cache = model.new_cache(2, 40)
-    parts = [model(x[:, a:a + 10], cache) for a in range(0, 37, 10)]
-    torch.testing.assert_close(torch.cat(parts, 1), full, atol=2e-5, rtol=1e-5)
+    llm = LLM(model, max_num_batched_tokens=10, block_size=4)
+    rec = capture(llm, all_rows=True)
+    llm.generate(x.tolist(), SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0))
+    got = by_tokens(rec)
+    for b in range(2):
+        for t in range(37):
+            torch.testing.assert_close(got[tuple(x[b, :t + 1].tolist())], full[b, t], atol=2e-5, rtol=1e-5)
 
 
 def test_long_context_cache_is_attention_kv_plus_constant_conv_state():
@@ -40,23 +57,39 @@ def test_long_context_cache_is_attention_kv_plus_constant_conv_state():
     kv_per_token = 2 * len(c.attn_layers) * c.num_key_value_heads * c.head_size * 2  # k and v, bfloat16
     conv = len(c.conv_layers) * c.hidden_size * (c.conv_L_cache - 1) * 2
     assert kv_per_token == 12 * 1024 and conv == 40 * 1024  # the spec's 12 KiB/token, 40 KiB per sequence
-    with torch.device("meta"):
-        for n in (512, 32768):
-            cache = HybridCache.allocate(c, 1, n, torch.bfloat16, "meta")
-            assert cache.nbytes() == n * kv_per_token + conv
-            assert sum(t.numel() for t in cache.conv.values()) * 2 == conv  # independent of n
-    assert HybridCache.allocate(c, 1, 32768, torch.bfloat16, "meta").nbytes() == 384 * 2**20 + 40 * 1024
+    bs, bf16 = 16, torch.bfloat16
+    assert PagedCache.block_bytes(c, bs, bf16, bf16, False) == bs * kv_per_token
+    # with prefix caching each block also keeps a conv snapshot (one sequence's conv state) for prefix hits
+    assert PagedCache.block_bytes(c, bs, bf16, bf16, True) == bs * kv_per_token + conv
+    for n in (512, 32768):
+        cache = PagedCache.allocate(c, n // bs, bs, 1, bf16, "meta", None, False)  # one sequence of n tokens
+        assert cache.nbytes() == n * kv_per_token + conv
+        assert cache.conv.numel() * 2 == conv  # independent of n
+        assert PagedCache.allocate(c, n // bs, bs, 3, bf16, "meta", None, False).nbytes() == n * kv_per_token + 3 * conv
+    assert PagedCache.allocate(c, 32768 // bs, bs, 1, bf16, "meta", None, False).nbytes() == 384 * 2**20 + 40 * 1024
+    # int8 KV: int8 values plus one float32 scale per 64-value vector, 53% of bfloat16
+    q = PagedCache.block_bytes(c, bs, bf16, torch.int8, False)
+    assert q == bs * kv_per_token * (c.head_size + 4) // (2 * c.head_size)
+    assert abs(q / (bs * kv_per_token) - 0.53) < 0.01
+    q_cache = PagedCache.allocate(c, 32768 // bs, bs, 1, bf16, "meta", torch.int8, False)
+    assert q_cache.nbytes() == 32768 // bs * q + conv
 
 
 def test_long_prompt_runs_with_bounded_prefill(checkpoints):
-    """A prompt far longer than one chunk (tiny shape, 4K tokens) decodes like the unchunked path."""
-    llm = LLM(str(checkpoints["dense"]), dtype="float32", max_model_len=4200)
+    """A prompt far longer than one step's budget (tiny shape, 4K tokens) decodes like the unchunked path, and its
+    logits are the full forward's."""
     prompt = torch.randint(14, 512, (4096,), generator=torch.Generator().manual_seed(0)).tolist()
     sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
-    llm.prefill_chunk = 512
+    llm = LLM(str(checkpoints["dense"]), dtype="float32", max_model_len=4200, max_num_batched_tokens=512)
+    sizes: list[int] = []
+    run = llm.engine.runner.run
+    llm.engine.runner.run = lambda sch: (sizes.append(sum(it.num_tokens for it in sch)), run(sch))[1]
+    rec = capture(llm)
     chunked = llm.generate([prompt], sp)[0].token_ids
-    llm.prefill_chunk = 8192
-    assert llm.generate([prompt], sp)[0].token_ids == chunked
+    assert max(sizes) == 512 and len(sizes) == 4096 // 512 + 3  # 8 prefill chunks, then 3 decode steps
+    one = LLM(str(checkpoints["dense"]), dtype="float32", max_model_len=4200, max_num_batched_tokens=8192)
+    assert one.generate([prompt], sp)[0].token_ids == chunked
+    check_against_full_forward(llm.model, rec)
 
 
 @pytest.mark.parametrize("name", ["moe", "moe-top1-untied-kernel4", "moe-topall-scaled", "moe-nobias-nonorm-scaled"])

@@ -71,6 +71,23 @@ def test_step_mixes_prefill_chunks_of_several_sequences_with_decodes():
     assert seen[-1] == [1, 10, 5]
 
 
+def test_a_long_prompt_never_stalls_running_decodes():
+    """A 200-token prompt arriving while another sequence decodes is chunked around it: that sequence gets its
+    token in every step (decodes are scheduled before prompt chunks, as vLLM does)."""
+    m = _model()
+    llm = LLM(m, max_num_batched_tokens=16, block_size=4)
+    eng = llm.engine
+    shares = []
+    run = eng.runner.run
+    eng.runner.run = lambda sch: (shares.append({it.seq.request_id: it.num_tokens for it in sch}), run(sch))[1]
+    eng.add_request("short", [11, 12, 13], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    eng.step()
+    eng.add_request("long", _prompts(15, [200])[0], GREEDY)
+    for _ in range(12):
+        eng.step()
+    assert all(sh.get("short") == 1 and sh.get("long") == 15 for sh in shares[1:13])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunked_and_batched_prefill_equal_one_shot(dtype):
     m = _model("dense", dtype)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 
@@ -74,15 +77,17 @@ def test_sampler_filters_match_transformers_processors():
     from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
                                                         TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
-    from lfm.engine.sampling import Sampler
+    from lfm.engine.sampler import Sampler, filter_logits
+    from lfm.engine.sequence import Sequence
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(1, 50, generator=g) * 3
     prompt = [3, 4, 4, 9]
     sp = SamplingParams(temperature=0.7, top_k=20, top_p=0.8, min_p=0.05, repetition_penalty=1.3)
-    s = Sampler([sp], [prompt], 50, torch.device("cpu"))
-    pen = torch.where(s.seen, torch.where(logits > 0, logits / 1.3, logits * 1.3), logits)
-    ours = Sampler._filter(pen, [sp])
+    seq = Sequence("r", prompt, sp, set(), 16, None, 50)
+    seq.sampling_state(torch.device("cpu"))
+    pen = Sampler._penalize(logits.clone(), [seq])  # the engine's sampler: penalties, then the filters
+    ours = filter_logits(pen, [sp])
     ids = torch.tensor([prompt])
     ref = RepetitionPenaltyLogitsProcessor(1.3)(ids, logits.clone())
     assert torch.allclose(ref, pen)
@@ -101,18 +106,23 @@ def test_repetition_penalty_changes_greedy_output(llm):
     assert len(set(pen.token_ids)) >= len(set(plain.token_ids))
 
 
-def test_stop_token_ids_and_eos(llm, monkeypatch):
+def test_stop_token_ids_and_eos(llm, checkpoints, tmp_path):
     base = llm.generate(["Hello"], GREEDY)[0].token_ids
     t = base[4]
     cut = base[: base.index(t) + 1]
     out = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[t]))[0]
     assert out.token_ids == cut and out.finish_reason == "stop"
-    # the checkpoint's EOS (generation_config.json) stops generation, unless ignore_eos
-    monkeypatch.setitem(llm.generation_config, "eos_token_id", [t])
-    out = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=12))[0]
+    # the checkpoint's EOS (generation_config.json) stops generation, unless ignore_eos (the engine takes its stop
+    # tokens when it is built: a copy of the checkpoint whose generation_config.json names t)
+    ckpt = tmp_path / "eos"
+    shutil.copytree(checkpoints["dense"], ckpt)
+    gen = json.loads((ckpt / "generation_config.json").read_text())
+    (ckpt / "generation_config.json").write_text(json.dumps(dict(gen, eos_token_id=[t])))
+    eos = LLM(str(ckpt), dtype="float32")
+    out = eos.generate(["Hello"], SamplingParams(temperature=0, max_tokens=12))[0]
     assert out.token_ids == cut and out.finish_reason == "stop"
     assert out.text == llm.tokenizer.decode(cut[:-1])
-    assert llm.generate(["Hello"], GREEDY)[0].token_ids == base
+    assert eos.generate(["Hello"], GREEDY)[0].token_ids == base
 
 
 def test_stop_strings_cut_the_text_and_stream_agrees(llm):
@@ -145,16 +155,16 @@ def test_chat_renders_template_and_parses_tool_calls(llm, monkeypatch):
     reply = '<|tool_call_start|>[get_weather(city="Paris")]<|tool_call_end|>Checking.'
     reply_ids = llm.tokenizer.encode(reply, add_bos=False)
     script = iter(reply_ids)
-    real = llm.model.forward
+    real = llm.model.forward_step
 
-    def scripted(input_ids, cache=None, attention_mask=None, logits_to_keep=0):
-        logits = real(input_ids, cache, attention_mask, logits_to_keep)
+    def scripted(input_ids, ctx, logits_indices=None):
+        logits = real(input_ids, ctx, logits_indices)
         nxt = next(script, 7)
         logits[..., :] = -1e4
         logits[..., nxt] = 1e4
         return logits
 
-    monkeypatch.setattr(llm.model, "forward", scripted)
+    monkeypatch.setattr(llm.model, "forward_step", scripted)
     out = llm.chat(msgs, SamplingParams(temperature=0, max_tokens=64), tools=tools)
     assert out.finish_reason == "stop" and out.token_ids[-1] == 7
     assert [(c.name, c.arguments) for c in out.tool_calls] == [("get_weather", {"city": "Paris"})]

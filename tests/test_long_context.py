@@ -1,10 +1,12 @@
 """Long-context memory accounting and chunked prefill, on tiny shapes built here (complements test_edge.py, which
 checks the 350M preset's cache size on meta and float32 chunked prefill through LLM):
 
-* the HybridCache holds KV for attention layers only, linear in max_len and batch, and a conv state whose size does
-  not depend on the length; nothing is reallocated while a long prompt is prefilled chunk by chunk;
-* chunked prefill through one cache gives the logits of an unchunked prefill, for quantized weights (int8, int4),
-  bfloat16 and left-padded batches, and decoding after it continues identically.
+* the engine's PagedCache holds KV for attention layers only, linear in the tokens it has room for (blocks), and a
+  conv state per sequence slot whose size does not depend on the length; nothing is reallocated while a long prompt
+  is prefilled chunk by chunk (`max_num_batched_tokens`), and a sequence takes blocks only as it grows;
+* chunked prefill through the engine gives the logits of an unchunked prefill (and of the plain full forward), for
+  quantized weights (int8, int4), bfloat16 and batches of prompts of different lengths sharing steps, and decoding
+  after it continues identically.
 """
 
 from __future__ import annotations
@@ -14,13 +16,23 @@ import copy
 import pytest
 import torch
 
-from lfm.model.cache import HybridCache
+from lfm import LLM, SamplingParams
+from lfm.engine.cache import PagedCache
 from lfm.model.config import LfmConfig
 from lfm.model.quant import prepare, quantize_model
 
 from .conftest import CONFIGS, layers, random_model
+from .engine_util import by_tokens, capture, scripted
 
 torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices on shared cores
+    yield
+    torch.set_num_threads(before)
 
 
 def _expected_bytes(c: LfmConfig, batch: int, max_len: int, elt: int) -> tuple[int, int]:
@@ -31,18 +43,27 @@ def _expected_bytes(c: LfmConfig, batch: int, max_len: int, elt: int) -> tuple[i
 
 @pytest.mark.parametrize("attn", [[], [1], [0, 2], [0, 1, 2, 3, 4, 5]])
 def test_cache_bytes_scale_with_attention_layers_times_length(attn):
+    """A pool for `batch` sequences of n tokens: batch * n / block_size blocks and batch conv slots."""
     c = LfmConfig.from_dict(dict(CONFIGS["dense"], num_hidden_layers=6, layer_types=layers(6, attn)))
+    bs = 16
     for dtype, elt in ((torch.float32, 4), (torch.bfloat16, 2)):
         sizes = {}
         for batch in (1, 3):
             for n in (16, 1024, 4096):
-                cache = HybridCache.allocate(c, batch, n, dtype, "meta")
+                blocks = batch * n // bs
+                cache = PagedCache.allocate(c, blocks, bs, batch, dtype, "meta", None, False)
                 kv, conv = _expected_bytes(c, batch, n, elt)
                 assert sorted(cache.k) == sorted(cache.v) == list(c.attn_layers)
-                assert sorted(cache.conv) == list(c.conv_layers)
+                assert sorted(cache.conv_index) == list(c.conv_layers)
+                assert cache.conv.shape == (len(c.conv_layers), batch, c.conv_L_cache - 1, c.hidden_size)
                 assert sum(t.numel() * elt for d in (cache.k, cache.v) for t in d.values()) == kv
-                assert sum(t.numel() * elt for t in cache.conv.values()) == conv
+                assert cache.conv.numel() * elt == conv
                 assert cache.nbytes() == kv + conv
+                assert PagedCache.block_bytes(c, bs, dtype, dtype, False) * blocks == kv
+                # prefix caching adds one conv snapshot (a slot's worth) per block
+                snap = PagedCache.allocate(c, blocks, bs, batch, dtype, "meta", None, True)
+                assert snap.nbytes() == kv + conv + blocks * conv // batch
+                assert PagedCache.block_bytes(c, bs, dtype, dtype, True) * blocks == snap.nbytes() - conv
                 sizes[batch, n] = (kv, conv)
         for batch in (1, 3):  # KV is linear in length (zero without attention), the conv state constant
             (kv16, cv16), (kv1k, cv1k), (kv4k, cv4k) = (sizes[batch, n] for n in (16, 1024, 4096))
@@ -53,19 +74,43 @@ def test_cache_bytes_scale_with_attention_layers_times_length(attn):
 
 def test_chunked_prefill_never_reallocates_the_cache():
     model = random_model(CONFIGS["dense"])
-    n, chunk = 300, 64
-    cache = model.new_cache(1, n)
-    ptrs = {(k, i): t.data_ptr() for k, d in (("k", cache.k), ("v", cache.v), ("c", cache.conv)) for i, t in d.items()}
-    before = cache.nbytes()
-    x = torch.randint(14, 512, (1, n), generator=torch.Generator().manual_seed(0))
-    for a in range(0, n, chunk):
-        model(x[:, a:a + chunk], cache, logits_to_keep=1)
-        assert cache.pos == min(a + chunk, n)
-        assert {(k, i): t.data_ptr() for k, d in (("k", cache.k), ("v", cache.v), ("c", cache.conv))
-                for i, t in d.items()} == ptrs
-    assert cache.nbytes() == before
-    with pytest.raises(ValueError, match="cache holds"):
-        model(x[:, :1], cache)
+    n, chunk, bs = 300, 64, 16
+    llm = LLM(model, max_num_batched_tokens=chunk, block_size=bs)
+    eng = llm.engine
+    cache = eng.cache
+
+    def ptrs():
+        assert eng.cache is cache and eng.runner.cache is cache and eng.runner.backend.cache is cache
+        ts = {("k", i): t for i, t in cache.k.items()} | {("v", i): t for i, t in cache.v.items()}
+        ts |= {("conv", 0): cache.conv, ("snap", 0): cache.conv_snap}
+        return {key: t.data_ptr() for key, t in ts.items()}
+
+    before, nbytes = ptrs(), cache.nbytes()
+    progress: list[int] = []
+    run = eng.runner.run
+
+    def watched(scheduled):
+        assert ptrs() == before
+        out = run(scheduled)
+        assert ptrs() == before
+        (it,) = scheduled
+        s = it.seq
+        progress.append(s.num_computed_tokens + it.num_tokens)
+        assert len(s.block_table) == -(-progress[-1] // bs)  # blocks taken as the sequence grows, none ahead
+        return out
+
+    eng.runner.run = watched
+    x = torch.randint(14, 512, (n,), generator=torch.Generator().manual_seed(0)).tolist()
+    out = llm.generate([x], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))[0]
+    assert len(out.token_ids) == 3
+    assert progress == [min(a + chunk, n) for a in range(0, n, chunk)] + [n + 1, n + 2]
+    assert cache.nbytes() == nbytes and ptrs() == before
+    # a context the cache cannot hold is refused up front, and generation stops where the context ends
+    small = LLM(model, max_num_batched_tokens=chunk, block_size=bs, max_model_len=n)
+    with pytest.raises(ValueError, match="no room"):
+        small.generate([x], SamplingParams(temperature=0, max_tokens=1))
+    end = small.generate([x[:n - 5]], SamplingParams(temperature=0, max_tokens=100, ignore_eos=True))[0]
+    assert end.finish_reason == "length" and len(end.token_ids) == 5
 
 
 def _variant(model, kind: str):
@@ -78,28 +123,42 @@ def _variant(model, kind: str):
     return m
 
 
+def _engine_logits(model, prompts: list[list[int]], budget: int, continuations: list[list[int]]
+                   ) -> dict[tuple[int, ...], torch.Tensor]:
+    """Logits at every prompt position and after each forced continuation token, prefilled `budget` tokens a step
+    (the prompts sharing steps)."""
+    llm = LLM(model, max_num_batched_tokens=budget, block_size=8)
+    rec = capture(llm, all_rows=True, force=scripted({tuple(p): c for p, c in zip(prompts, continuations)}))
+    llm.generate(prompts, SamplingParams(temperature=0, max_tokens=len(continuations[0]) + 1, ignore_eos=True,
+                                         prompt_logprobs=0))
+    return by_tokens(rec)
+
+
 @pytest.mark.parametrize("kind", ["int8", "int4", "bf16"])
 def test_chunked_prefill_logits_equal_unchunked(kind):
     base = random_model(CONFIGS["dense"])
     model = _variant(base, kind)
     T = 70
     x = torch.randint(14, 512, (2, T), generator=torch.Generator().manual_seed(1))
-    one = model.new_cache(2, T + 4)
-    full = model(x, one).float()
+    prompts, cont = x.tolist(), [[5, 9, 200], [6, 10, 201]]
     tol = dict(atol=2e-5, rtol=1e-5) if kind != "bf16" else dict(atol=5e-2, rtol=2e-2)
+    one = _engine_logits(model, prompts, 4096, cont)
+    assert len(one) == 2 * (T + 3)  # every prompt position, then the three continuation tokens
+    assert all(tuple(p + c) in one for p, c in zip(prompts, cont))
+    full = model(x).float()
+    for b in range(2):  # the one-shot prefill is the plain full forward
+        for t in range(T):
+            torch.testing.assert_close(one[tuple(prompts[b][:t + 1])], full[b, t], **tol)
     for chunk in (1, 3, 16, 64):  # 1 and 3: chunks shorter than the conv window (its state carries across)
-        cache = model.new_cache(2, T + 4)
-        parts = torch.cat([model(x[:, a:a + chunk], cache) for a in range(0, T, chunk)], 1).float()
-        torch.testing.assert_close(parts, full, **tol, msg=f"{kind} chunk {chunk}")
-        # and decoding continues from either cache identically
-        for t in (5, 9, 200):
-            tok = torch.tensor([[t], [t + 1]])
-            torch.testing.assert_close(model(tok, cache).float(), model(tok, one).float(), **tol)
-        one = model.new_cache(2, T + 4)
-        model(x, one)
+        parts = _engine_logits(model, prompts, chunk, cont)
+        assert parts.keys() == one.keys()
+        for key in one:  # prompt positions, and decoding after the chunked prefill continues identically
+            torch.testing.assert_close(parts[key], one[key], **tol, msg=lambda m: f"{kind} chunk {chunk}: {m}")
 
 
-def test_chunked_prefill_of_a_left_padded_batch_equals_unchunked():
+def test_chunked_prefill_of_a_batch_of_different_lengths_equals_unchunked():
+    """Prompts of 45, 12 and 30 tokens chunked together (chunk boundaries inside and across prompts) equal the
+    unchunked engine, each prompt alone, and the plain model's left-padded batch forward."""
     model = _variant(random_model(CONFIGS["dense"]), "int4")
     lens, T = (45, 12, 30), 45
     x = torch.randint(14, 512, (3, T), generator=torch.Generator().manual_seed(2))
@@ -107,19 +166,20 @@ def test_chunked_prefill_of_a_left_padded_batch_equals_unchunked():
     for i, n in enumerate(lens):
         mask[i, T - n:] = 1
         x[i, :T - n] = 0
-    one = model.new_cache(3, T + 3)
-    full = model(x, one, attention_mask=mask)
-    for chunk in (5, 16):  # boundaries inside row 1's padding and across every row's first tokens
-        cache = model.new_cache(3, T + 3)
-        parts = torch.cat([model(x[:, a:a + chunk], cache, attention_mask=mask[:, a:a + chunk])
-                           for a in range(0, T, chunk)], 1)
-        real = mask.bool()
-        torch.testing.assert_close(parts[real], full[real], atol=2e-5, rtol=1e-5)
-        tok = torch.tensor([[40], [41], [42]])
-        torch.testing.assert_close(model(tok, cache), model(tok, one), atol=2e-5, rtol=1e-5)
-        one = model.new_cache(3, T + 3)
-        model(x, one, attention_mask=mask)
-        # each row alone, unpadded, gives the same last-token logits
-        for i, n in enumerate(lens):
-            alone = model(x[i:i + 1, T - n:], model.new_cache(1, n))[0, -1]
-            torch.testing.assert_close(parts[i, -1], alone, atol=2e-5, rtol=1e-5)
+    padded = model(x, attention_mask=mask)
+    prompts = [x[i, T - n:].tolist() for i, n in enumerate(lens)]
+    cont = [[40], [41], [42]]
+    one = _engine_logits(model, prompts, 4096, cont)
+    alone = {}
+    for p, c in zip(prompts, cont):
+        alone |= _engine_logits(model, [p], 4096, [c])
+    assert alone.keys() == one.keys()
+    for chunk in (5, 16):
+        parts = _engine_logits(model, prompts, chunk, cont)
+        assert parts.keys() == one.keys()
+        for key in one:
+            torch.testing.assert_close(parts[key], one[key], atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(parts[key], alone[key], atol=2e-5, rtol=1e-5)
+        for i, (p, n) in enumerate(zip(prompts, lens)):
+            for t in range(n):
+                torch.testing.assert_close(parts[tuple(p[:t + 1])], padded[i, T - n + t], atol=2e-5, rtol=1e-5)

@@ -17,8 +17,19 @@ from lfm.model.lfm2 import Experts, MoE
 from lfm.model.quant import Int4Linear, QuantExperts, QuantStack, prepare, quantize_model
 
 from .conftest import CONFIGS, random_model
+from .engine_util import by_tokens, capture, scripted
 
 torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # small matrices on shared cores
+    yield
+    torch.set_num_threads(before)
+
+
 # experts of width 64 (so int4 groups of 32 and 64 both divide every matrix), hidden 128
 WIDE_MOE = dict(CONFIGS["moe"], hidden_size=128, intermediate_size=384, block_multiple_of=64, moe_intermediate_size=64)
 KINDS = [(4, 32), (4, 64), (8, 64)]
@@ -111,11 +122,16 @@ def test_one_decode_token_runs_only_its_top_k_experts(monkeypatch):
     moes = [mod for mod in m.modules() if isinstance(mod, MoE)]
     for mod in moes:
         mod.experts.register_forward_pre_hook(lambda ex, args: chosen.__setitem__(id(ex), args[1].reshape(-1).tolist()))
-    ids = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(4))
-    cache = m.new_cache(1, 16)
-    m(ids[:, :11], cache)
+    ids = torch.randint(0, 512, (12,), generator=torch.Generator().manual_seed(4)).tolist()
+    eng = LLM(m).engine
+    eng.add_request("r", ids[:11], SamplingParams(temperature=0, max_tokens=3, ignore_eos=True))
+    eng.step()  # the prompt
     calls.clear()
-    m(ids[:, 11:], cache)
+    steps: list[list[int]] = []
+    run = eng.runner.run
+    eng.runner.run = lambda sch: (steps.append([it.num_tokens for it in sch]), run(sch))[1]
+    eng.step()  # one decode token
+    assert steps == [[1]]
     k = WIDE_MOE["num_experts_per_tok"]
     assert len(moes) == 3 and len(calls) == len(moes) * 2 * k
     for mod in moes:
@@ -146,13 +162,16 @@ def test_quantized_moe_model(bits, group, max_kl, on, tmp_path):
         ref, lo = m(ids).log_softmax(-1), out.log_softmax(-1)
         kl = (ref.exp() * (ref - lo)).sum(-1).mean().item()
         assert 0 < kl <= max_kl
-        # decode through the cache (one token at a time: the k-expert path) = the full forward
-        cache = q.new_cache(2, 32)
-        steps = torch.cat([q(ids[:, :10], cache)] + [q(ids[:, t:t + 1], cache) for t in range(10, 24)], 1)
-        assert (steps - out).abs().max().item() <= 1e-4 * out.abs().max().item()
-        one = q.new_cache(1, 32)  # batch 1: every decode step takes the one-token path
-        steps1 = torch.cat([q(ids[:1, :10], one)] + [q(ids[:1, t:t + 1], one) for t in range(10, 24)], 1)
-        assert (steps1 - out[:1]).abs().max().item() <= 1e-4 * out.abs().max().item()
+        # decode through the engine (one token at a time: the k-expert path) = the full forward
+        for rows in (2, 1):  # two sequences decoding together; one alone (every decode step the one-token path)
+            llm = LLM(q, block_size=8)
+            prompts = ids[:rows, :10].tolist()
+            rec = capture(llm, all_rows=True, force=scripted({tuple(p): r[10:] for p, r in zip(prompts, ids.tolist())}))
+            llm.generate(prompts, SamplingParams(temperature=0, max_tokens=15, ignore_eos=True, prompt_logprobs=0))
+            got = by_tokens(rec)
+            steps = torch.stack([torch.stack([got[tuple(ids[b, :t + 1].tolist())] for t in range(24)])
+                                 for b in range(rows)])
+            assert (steps - out[:rows]).abs().max().item() <= 1e-4 * out.abs().max().item()
         # save -> load round trip: same modules, identical logits
         save_model(q, tmp_path)
         back = load_model(tmp_path)
