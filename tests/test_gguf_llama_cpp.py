@@ -38,6 +38,19 @@ N = 256  # positions compared
 SEQ = torch.randint(14, 512, (N,), generator=torch.Generator().manual_seed(7))
 
 
+def _plain_cpu_params():
+    """llama.cpp's default model params without its extra CPU buffer types (weight repacking, AMX tiles): its AMX
+    path dies with SIGILL in this project's VMs (tileloadd, even with the tile permission granted), and the plain
+    CPU path is the reference we compare against anyway."""
+    p = _default_params()
+    p.use_extra_bufts = False
+    return p
+
+
+_default_params = llama_cpp.llama_cpp.llama_model_default_params
+llama_cpp.llama_cpp.llama_model_default_params = _plain_cpu_params
+
+
 def _llama(path: Path, **kw) -> "llama_cpp.Llama":
     # an F32 KV cache: the default F16 one alone moves logits by ~1e-3
     return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=512, verbose=False, type_k=F32, type_v=F32,
