@@ -182,6 +182,7 @@ def stop_server(proc: subprocess.Popen) -> None:
 
 
 def throughput(a: argparse.Namespace) -> None:
+    load = os.getloadavg()[0]
     url, proc = start_server(a, prefix_caching=not a.no_prefix_caching)
     try:
         rng = random.Random(0)
@@ -197,7 +198,8 @@ def throughput(a: argparse.Namespace) -> None:
     src = a.model or f"{a.preset} (random weights)"
     print(f"\n{src}, {a.dtype}{' ' + a.quantization if a.quantization else ''}, {a.threads} torch thread(s), "
           f"max_num_batched_tokens {a.max_num_batched_tokens}; {a.prompt_tokens} prompt tokens -> {a.max_tokens} "
-          f"output tokens per request, streamed over loopback; load average before: {os.getloadavg()[0]:.2f}\n")
+          f"output tokens per request, streamed over loopback; load average before: {load:.2f}, after: "
+          f"{os.getloadavg()[0]:.2f}\n")
     print("| mode | clients | requests | req/s | output tok/s | vs one at a time | TTFT p50 / p99 (s) | "
           "ITL p50 / p99 (ms) | errors | wall (s) |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -215,6 +217,7 @@ def throughput(a: argparse.Namespace) -> None:
 
 
 def multi_turn(a: argparse.Namespace) -> None:
+    load = os.getloadavg()[0]
     rng = random.Random(1)
     system = [1] + [rng.randrange(14, 512) for _ in range(a.system_tokens - 1)]
     user1 = [[rng.randrange(14, 512) for _ in range(24)] for _ in range(a.conversations)]
@@ -235,7 +238,8 @@ def multi_turn(a: argparse.Namespace) -> None:
     src = a.model or f"{a.preset} (random weights)"
     print(f"\n{src}, {a.dtype}{' ' + a.quantization if a.quantization else ''}, {a.threads} torch thread(s); "
           f"{a.conversations} conversations at once, {a.system_tokens}-token shared system prompt, turn 1 = "
-          f"{len(turn1[0])} tokens, turn 2 = {len(turn2[0])} tokens, {a.max_tokens} output tokens per turn\n")
+          f"{len(turn1[0])} tokens, turn 2 = {len(turn2[0])} tokens, {a.max_tokens} output tokens per turn; load "
+          f"average before: {load:.2f}, after: {os.getloadavg()[0]:.2f}\n")
     print("| prefix caching | turn 1 TTFT p50 / p99 (s) | turn 2 TTFT p50 / p99 (s) | turn 2 output tok/s | "
           "hit rate | errors |")
     print("|---|---|---|---|---|---|")

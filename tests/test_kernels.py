@@ -329,3 +329,37 @@ def test_engine_decode_same_with_and_without_kernels(on, monkeypatch):
     assert [t for t, _ in fast] == [t for t, _ in slow] and len(fast) == 15
     for (_, a), (_, b) in zip(fast, slow):
         assert rel_err(a, b) <= 2e-2 and a.argmax(-1).tolist() == b.argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind,k,n", SHAPES)
+def test_dequant_to_bf16_is_exactly_the_dequantized_weight(on, kind, k, n, scale_dtype):
+    """The bfloat16 copy big batches multiply by: bit for bit `dequantize()` rounded to bfloat16 (nearest even)."""
+    q = layer(kind, k, n, scale_dtype)
+    buf = torch.full((n * k + 5,), float("nan"), dtype=torch.bfloat16)
+    if kind == "int8":
+        on.int8_dequant_bf16(q.weight, q.scales, buf)
+    else:
+        on.int4_dequant_bf16(q.qweight, q.scales, q.zeros, q.group_size, buf)
+    assert torch.equal(buf[:n * k].view(n, k), q.dequantize().to(torch.bfloat16))
+    assert buf[n * k:].isnan().all()  # nothing past N * K is written
+
+
+@pytest.mark.parametrize("kind,k,n", [("int8", 256, 96), ("int4-64", 256, 96), ("int4-32", 160, 33)])
+def test_big_bf16_batches_take_the_dequantized_path_where_bf16_is_native(on, monkeypatch, kind, k, n):
+    """From DEQUANT_ROWS rows of bfloat16 activations, on a CPU with native bfloat16 matmul, the layer multiplies by
+    its dequantized weight (same result as the kernel within bfloat16 rounding); fewer rows take the kernel."""
+    q = layer(kind, k, n, torch.bfloat16)
+    w = q.dequantize()
+    used = []
+    real = kernels.dequant_linear
+    monkeypatch.setattr(kernels, "dequant_linear", lambda *a: used.append(real(*a) is not None) or real(*a))
+    monkeypatch.setattr(kernels, "_native_bf16", True)  # the path itself runs on any CPU (oneDNN or emulated)
+    for rows in (1, kernels.DEQUANT_ROWS - 1, kernels.DEQUANT_ROWS, 64):
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+        y = q(x)
+        assert rel_err(y, x.float() @ w.T) < 2e-2
+    assert used == [False, False, True, True]
+    monkeypatch.setattr(kernels, "_native_bf16", False)  # without native bfloat16: always the kernels
+    assert kernels.dequant_linear(torch.zeros(64, k, dtype=torch.bfloat16), *(
+        (q.weight, q.scales) if kind == "int8" else (q.qweight, q.scales, q.zeros, q.group_size))) is None

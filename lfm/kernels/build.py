@@ -23,7 +23,7 @@ from types import ModuleType
 
 import torch
 
-SOURCES = [Path(__file__).with_name(f) for f in ("gemv.cpp", "bf16.cpp", "attention.cpp")]
+SOURCES = [Path(__file__).with_name(f) for f in ("gemv.cpp", "bf16.cpp", "attention.cpp", "dequant.cpp")]
 HEADERS = [Path(__file__).with_name("common.h")]
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]

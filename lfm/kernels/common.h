@@ -47,6 +47,16 @@ inline int32_t hsum_i32(__m256i v) {
   return _mm_cvtsi128_si32(s);
 }
 
+template <typename F>
+void by_float_type(at::ScalarType t, const char* what, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(BFloat16{}); break;
+    case at::kHalf: f(Half{}); break;
+    default: TORCH_CHECK(false, what, " must be float32, bfloat16 or float16, got ", t);
+  }
+}
+
 inline float to_f(float v) { return v; }
 inline float to_f(BFloat16 v) { return static_cast<float>(v); }
 inline float to_f(Half v) { return static_cast<float>(v); }

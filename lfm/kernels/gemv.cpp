@@ -598,16 +598,6 @@ void int4f_dispatch(const float* x, const float* xsum, int64_t M, int64_t K, int
 // ---------------------------------------------------------------------------------------------------------------
 // dtype plumbing
 
-template <typename F>
-void by_float_type(at::ScalarType t, const char* what, F&& f) {
-  switch (t) {
-    case at::kFloat: f(float{}); break;
-    case at::kBFloat16: f(BFloat16{}); break;
-    case at::kHalf: f(Half{}); break;
-    default: TORCH_CHECK(false, what, " must be float32, bfloat16 or float16, got ", t);
-  }
-}
-
 void check_x(const at::Tensor& x) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous(), "x must be a contiguous 2-D CPU tensor");
 }
@@ -734,6 +724,10 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
                                   const at::Tensor& block_tables, const at::Tensor& context_lens,
                                   double scale);  // attention.cpp
 
+void int4_dequant_bf16(const at::Tensor& qweight, const at::Tensor& scales, const at::Tensor& zeros, int64_t gs,
+                       at::Tensor& out);  // dequant.cpp
+void int8_dequant_bf16(const at::Tensor& weight, const at::Tensor& scales, at::Tensor& out);  // dequant.cpp
+
 at::Tensor paged_decode_attention_nogil(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                         const at::Tensor& k_scale, const at::Tensor& v_scale,
                                         const at::Tensor& block_tables, const at::Tensor& context_lens,
@@ -842,6 +836,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(reads only: the new key / value are already in the cache)",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("k_scale"), py::arg("v_scale"),
         py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"));
+  m.def("int4_dequant_bf16", &int4_dequant_bf16, "out[:N*K] = Int4Linear's weight as bfloat16", py::arg("qweight"),
+        py::arg("scales"), py::arg("zeros"), py::arg("group"), py::arg("out"),
+        py::call_guard<py::gil_scoped_release>());
+  m.def("int8_dequant_bf16", &int8_dequant_bf16, "out[:N*K] = Int8Linear's weight as bfloat16", py::arg("weight"),
+        py::arg("scales"), py::arg("out"), py::call_guard<py::gil_scoped_release>());
   m.def("int8_linear", &int8_linear, "Int8Linear's kernel, or None where it does not apply", py::arg("x"),
         py::arg("q"), py::arg("scale"), py::arg("max_rows"));
   m.def("int4_linear", &int4_linear, "Int4Linear's kernel, or None where it does not apply", py::arg("x"),

@@ -62,8 +62,10 @@ class Int8Linear(nn.Module):
         return m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # --- lfm.kernels dispatch ---
-        y = _kernels.int8_linear(x, self.weight, self.scales)
+        # --- lfm.kernels dispatch (big bfloat16 batches: dequantized + native bf16 matmul, where the CPU has one) ---
+        y = _kernels.dequant_linear(x, self.weight, self.scales)
+        if y is None:
+            y = _kernels.int8_linear(x, self.weight, self.scales)
         if y is not None:
             return y
         # --- end lfm.kernels dispatch ---
@@ -103,8 +105,11 @@ class Int4Linear(nn.Module):
         self._sz = torch.stack([self.scales.t(), self.zeros.t()], dim=-1).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # --- lfm.kernels dispatch (reads qweight / scales / zeros as stored) ---
-        y = _kernels.int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size)
+        # --- lfm.kernels dispatch (reads qweight / scales / zeros as stored; big bfloat16 batches: dequantized +
+        # native bf16 matmul, where the CPU has one) ---
+        y = _kernels.dequant_linear(x, self.qweight, self.scales, self.zeros, self.group_size)
+        if y is None:
+            y = _kernels.int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size)
         if y is not None:
             return y
         # --- end lfm.kernels dispatch ---
