@@ -126,3 +126,28 @@ def test_full_waiting_queue_answers_429_and_recovers(checkpoints):
         assert state.llm.engine.block_manager.num_used_blocks == 0
         r = client.completions.create(model=MODEL, prompt="fourth", max_tokens=2)
         assert r.choices[0].finish_reason in ("stop", "length")
+
+
+def test_shared_prefix_is_served_from_the_prefix_cache_and_metrics_say_so(checkpoints):
+    """Two completions sharing a 40-token prompt prefix: the second reuses its full blocks (the same tokens come
+    back as with prefix caching off), and /metrics reports the hit rate and the blocks."""
+    outs = {}
+    for caching in (True, False):
+        cfg = ServeConfig(model=str(checkpoints["dense"]), served_model_name=MODEL, dtype="float32", threads=1,
+                          block_size=8, enable_prefix_caching=caching)
+        state = ServerState(cfg)
+        with ServerThread(state) as s:
+            client = OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+            shared = [1] + list(range(20, 59))
+            texts = [client.completions.create(model=MODEL, prompt=shared + tail, max_tokens=6, temperature=0,
+                                               logprobs=0, extra_body={"ignore_eos": True}).choices[0]
+                     for tail in ([70, 71, 72], [80, 81])]
+            outs[caching] = [(c.text, c.logprobs.tokens) for c in texts]
+            m = wait_idle(state, s.url)
+            assert m["lfm_kv_cache_blocks_used"] == 0 and m["lfm_kv_cache_block_size"] == 8
+            assert m["lfm_kv_cache_blocks_free"] == m["lfm_kv_cache_blocks_total"]
+            if caching:  # the second prompt (42 tokens) finds the first's 5 full blocks: 40 of 85 looked-up tokens
+                assert m["lfm_prefix_cache_hit_rate"] == pytest.approx(40 / 85)
+            else:
+                assert m["lfm_prefix_cache_hit_rate"] == 0
+    assert outs[True] == outs[False]
