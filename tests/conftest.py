@@ -87,6 +87,15 @@ def checkpoints(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
     return out
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (tiny matrices on a shared 2-core machine: more threads only add syncs)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _training_tests_get_autograd(request):
     """Inference test modules switch autograd off at import (collection), process-wide; training tests need it on."""

@@ -67,3 +67,19 @@ def check_against_full_forward(model, rec, atol=1e-4, rtol=1e-4) -> None:
     for tokens, logits in rec:
         ref = model(torch.tensor([tokens]))[0, -1].float()
         torch.testing.assert_close(logits, ref, atol=atol, rtol=rtol, msg=lambda m: f"{len(tokens)} tokens: {m}")
+
+
+def paged_kernel_calls(monkeypatch) -> list[bool]:
+    """Record, for every call of lfm.kernels.paged_decode_attention, whether the kernel ran (not None)."""
+    from lfm import kernels
+
+    used: list[bool] = []
+    paged = kernels.paged_decode_attention
+
+    def counting(*a, **k):
+        o = paged(*a, **k)
+        used.append(o is not None)
+        return o
+
+    monkeypatch.setattr(kernels, "paged_decode_attention", counting)
+    return used

@@ -18,12 +18,7 @@ from .engine_util import by_tokens, capture, check_against_full_forward
 torch.set_grad_enabled(False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices on shared cores
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices on shared cores
 
 
 @pytest.mark.parametrize("name", ["dense", "moe"])

@@ -23,12 +23,7 @@ from .engine_util import check_against_full_forward as _check_against_full_forwa
 torch.set_grad_enabled(False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices on shared cores
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices on shared cores
 
 
 def _model(name: str = "dense", dtype: torch.dtype = torch.float32):

@@ -12,17 +12,12 @@ from lfm.engine.cache import PagedCache, quantize_kv
 from lfm.model.checkpoint import empty_model
 from lfm.model.presets import preset
 
-from .engine_util import by_tokens, capture, scripted
+from .engine_util import by_tokens, capture, paged_kernel_calls, scripted
 
 torch.set_grad_enabled(False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices on shared cores
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices on shared cores
 
 
 def model(dtype: torch.dtype = torch.float32):
@@ -121,15 +116,7 @@ def test_decode_kernel_equals_the_dequantizing_path(monkeypatch):
     ids = torch.randint(3, 500, (40,), generator=torch.Generator().manual_seed(2)).tolist()
     if not kernels.available():
         pytest.skip("lfm.kernels unavailable: only the PyTorch path exists")
-    used: list[bool] = []
-    paged = kernels.paged_decode_attention
-
-    def counting(*a, **k):
-        o = paged(*a, **k)
-        used.append(o is not None)
-        return o
-
-    monkeypatch.setattr(kernels, "paged_decode_attention", counting)
+    used = paged_kernel_calls(monkeypatch)
     fast = logits_through_cache(m, ids, "int8").float()
     assert used and all(used)  # every decode step's attention ran in the kernel
     used.clear()

@@ -27,12 +27,7 @@ from .engine_util import by_tokens, capture, scripted
 torch.set_grad_enabled(False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices on shared cores
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices on shared cores
 
 
 def _expected_bytes(c: LfmConfig, batch: int, max_len: int, elt: int) -> tuple[int, int]:

@@ -17,12 +17,7 @@ from .engine_util import by_tokens, capture, scripted
 torch.set_grad_enabled(False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # small matrices on shared cores
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices on shared cores
 
 
 WIDE = dict(CONFIGS["dense"], hidden_size=128, intermediate_size=384, block_multiple_of=64)

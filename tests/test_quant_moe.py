@@ -22,12 +22,7 @@ from .engine_util import by_tokens, capture, scripted
 torch.set_grad_enabled(False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # small matrices on shared cores
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny matrices on shared cores
 
 
 # experts of width 64 (so int4 groups of 32 and 64 both divide every matrix), hidden 128
