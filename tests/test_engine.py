@@ -305,3 +305,19 @@ def test_prompt_logprobs_equal_the_full_forward():
         assert abs(rec.logprob - float(ref[j - 1, p[j]])) < 1e-4
         assert [t for t, _ in rec.top] == ref[j - 1].topk(2).indices.tolist()
     assert len(out.logprobs) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["dense", "moe"])
+def test_engine_on_cuda_equals_the_cpu_reference(name):
+    """The portable backend on a GPU: mixed prefill / decode steps, a prefix hit and preemption-free decoding give
+    the CPU full forward's logits (float32) and the same greedy tokens."""
+    m = _model(name)
+    cpu_tokens = [o.token_ids for o in LLM(m, block_size=8).generate(_prompts(16, [3, 40, 17]), GREEDY)]
+    gpu = LLM(_model(name).cuda(), block_size=8, max_num_batched_tokens=16)
+    rec = _capture(gpu)
+    prompts = _prompts(16, [3, 40, 17])
+    assert [o.token_ids for o in gpu.generate(prompts, GREEDY)] == cpu_tokens
+    gpu.generate([prompts[1][:33] + [5, 6]], GREEDY)  # a prefix hit (32 tokens)
+    assert gpu.engine.block_manager.hit_tokens >= 32
+    _check_against_full_forward(m, [(t, x.cpu()) for t, x in rec])
