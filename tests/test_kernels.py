@@ -262,28 +262,43 @@ def test_bf16_linear_swap_keeps_the_module_and_defers_where_it_should(on, monkey
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("heads,kv,d", [(16, 8, 64), (4, 4, 12), (6, 2, 16)])
-def test_decode_attention_equals_sdpa_per_sequence(on, dtype, heads, kv, d):
+def test_paged_decode_attention_equals_sdpa_per_sequence(on, dtype, heads, kv, d):
+    """Sequences at different lengths in one paged cache, their blocks in random order through the block table:
+    each sequence's output is SDPA over its own keys, and the op only reads the cache."""
     g = torch.Generator().manual_seed(heads + kv + d)
-    lens, max_len = [1, 7, 40, 300], 320  # sequences at different lengths, each in its own cache
+    lens, bs = [1, 7, 40, 300], 16
     n = len(lens)
-    ks = [torch.randn(1, kv, max_len, d, generator=g).to(dtype) for _ in lens]
-    vs = [torch.randn(1, kv, max_len, d, generator=g).to(dtype) for _ in lens]
+    nblk = [(L + bs - 1) // bs for L in lens]
+    num_blocks = sum(nblk) + 3  # and a few blocks no sequence owns
+    perm = torch.randperm(num_blocks, generator=g).tolist()
+    tables = torch.full((n, max(nblk) + 1), -1, dtype=torch.int32)  # -1: padding past each sequence's last block
+    # every slot no sequence covers holds NaN: a read outside a sequence's keys shows in its output
+    kc = torch.full((num_blocks, kv, bs, d), float("nan"), dtype=dtype)
+    vc = torch.full((num_blocks, kv, bs, d), float("nan"), dtype=dtype)
+    ks, vs = [], []  # sequence b's keys / values [KV, L, D]
+    for b, L in enumerate(lens):
+        tables[b, :nblk[b]] = torch.tensor(perm[sum(nblk[:b]):sum(nblk[:b + 1])], dtype=torch.int32)
+        k, v = torch.randn(kv, L, d, generator=g).to(dtype), torch.randn(kv, L, d, generator=g).to(dtype)
+        slot = torch.arange(L)
+        blk = tables[b, slot // bs].long()  # key l in block tables[b, l // bs] at offset l % bs
+        kc[blk, :, slot % bs], vc[blk, :, slot % bs] = k.transpose(0, 1), v.transpose(0, 1)
+        ks.append(k)
+        vs.append(v)
     q = torch.randn(n, heads, d, generator=g).to(dtype)
-    kn, vn = torch.randn(n, kv, d, generator=g).to(dtype), torch.randn(n, kv, d, generator=g).to(dtype)
-    before = [(k.clone(), v.clone()) for k, v in zip(ks, vs)]
-    pos = [x - 1 for x in lens]
-    out = kernels.decode_attention(q, kn, vn, ks, vs, pos, d ** -0.5)
+    context = torch.tensor(lens, dtype=torch.int32)
+    before = kc.clone(), vc.clone(), tables.clone()
+    out = kernels.paged_decode_attention(q, kc, vc, None, None, tables, context, d ** -0.5)
     assert out is not None and out.shape == (n, heads, d) and out.dtype == dtype
-    for b, p in enumerate(pos):
-        k0, v0 = before[b]
-        k0[:, :, p], v0[:, :, p] = kn[b], vn[b]
-        assert torch.equal(ks[b], k0) and torch.equal(vs[b], v0)  # the new key / value went in at p, nothing else moved
+    for a, a0 in zip((kc, vc, tables), before):  # read only (NaN slots included)
+        assert torch.equal(a.isnan(), a0.isnan()) and torch.equal(a.nan_to_num(), a0.nan_to_num())
+    for b in range(n):
         want = torch.nn.functional.scaled_dot_product_attention(
-            q[b:b + 1, :, None].double(), k0[:, :, :p + 1].double(), v0[:, :, :p + 1].double(), enable_gqa=True)[0, :, 0]
+            q[b:b + 1, :, None].double(), ks[b][None].double(), vs[b][None].double(), enable_gqa=True)[0, :, 0]
+        assert torch.isfinite(out[b]).all(), b
         assert rel_err(out[b], want) <= (1e-5 if dtype == torch.float32 else 1e-2), (b, rel_err(out[b], want))
-    with torch.enable_grad():  # autograd: left to PyTorch, nothing written
-        assert kernels.decode_attention(q.float().requires_grad_(), kn.float(), vn.float(), [k.float() for k in ks],
-                                        [v.float() for v in vs], pos, 1.0) is None
+    with torch.enable_grad():  # autograd: left to PyTorch
+        assert kernels.paged_decode_attention(q.float().requires_grad_(), kc.float(), vc.float(), None, None, tables,
+                                              context, 1.0) is None
 
 
 def test_engine_decode_same_with_and_without_kernels(on, monkeypatch):
@@ -293,21 +308,13 @@ def test_engine_decode_same_with_and_without_kernels(on, monkeypatch):
     from lfm.model.checkpoint import empty_model
     from lfm.model.presets import preset
 
-    from .engine_util import capture, scripted
+    from .engine_util import capture, paged_kernel_calls, scripted
 
     model = empty_model(preset("tiny"), torch.bfloat16)
     model.init_weights(0.05, generator=torch.Generator().manual_seed(0))
     model.eval()
     prompts = [[5, 6, 7], list(range(10, 30)), [9]]
-    used: list[bool] = []
-    paged = kernels.paged_decode_attention
-
-    def counting(*a, **k):
-        o = paged(*a, **k)
-        used.append(o is not None)
-        return o
-
-    monkeypatch.setattr(kernels, "paged_decode_attention", counting)
+    used = paged_kernel_calls(monkeypatch)
 
     def run() -> list[tuple[list[int], torch.Tensor]]:
         """The prompts, then tokens 3, 4, 5 (one per sequence) fed four times: decode steps of all three."""

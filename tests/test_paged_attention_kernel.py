@@ -9,41 +9,16 @@ Where the extension cannot be built the tests skip (with the reason), except und
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from lfm import kernels
-from lfm.kernels import build
+
+from .test_kernels import ext, on  # noqa: F401  (the built extension, dispatched to in this process)
 
 torch.set_grad_enabled(False)
 
 LENS = [1, 7, 16, 17, 100, 300]
-
-
-@pytest.fixture(scope="module")
-def ext():
-    """The built extension, whatever LFM_KERNELS says."""
-    ok, why = build.cpu_supported()
-    reason = f"the AVX2 kernels cannot run here: {why}"
-    if ok:
-        try:
-            return build.compile_and_load()
-        except Exception as e:  # noqa: BLE001
-            reason = f"the AVX2 kernels cannot be built here: {e}"
-    if os.environ.get("CI", "").lower() == "true":
-        pytest.fail(reason)
-    pytest.skip(reason)
-
-
-@pytest.fixture
-def on(ext, monkeypatch):
-    """Dispatch to the built extension in this process (even under LFM_KERNELS=0)."""
-    monkeypatch.setattr(kernels, "_ext", ext)
-    monkeypatch.setattr(kernels, "_tried", True)
-    monkeypatch.setattr(kernels, "_enabled", True)
-    return ext
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -137,43 +112,6 @@ def test_float16_query(on, cdtype):
     args = paged_batch(LENS, 8, 2, 64, 16, torch.float16, cdtype, seed=3)
     out = kernels.paged_decode_attention(*args, 0.125)
     assert out.dtype == torch.float16 and rel_err(out, reference(*args, 0.125)) <= 1e-2
-
-
-@pytest.mark.parametrize("cdtype", CDTYPES, ids=str)
-@pytest.mark.parametrize("bs", [16, 320])
-def test_same_bits_as_contiguous_decode_attention(on, cdtype, bs):
-    """Runs of 8 keys inside a block are the contiguous kernel's runs: with block_size % 8 == 0 the paged op gives
-    decode_attention's exact bits (the shared math), after decode_attention has written the new keys."""
-    heads, kv, d, max_len = 16, 8, 64, 320
-    g = torch.Generator().manual_seed(7)
-    lens = [1, 9, 40, 300]
-    n, int8 = len(lens), cdtype == torch.int8
-    qdtype = torch.bfloat16 if int8 else cdtype
-    if int8:
-        ks = [torch.randint(-127, 128, (1, kv, max_len, d), generator=g, dtype=torch.int8) for _ in lens]
-        vs = [torch.randint(-127, 128, (1, kv, max_len, d), generator=g, dtype=torch.int8) for _ in lens]
-        kss = [torch.rand(1, kv, max_len, generator=g) / 64 for _ in lens]
-        vss = [torch.rand(1, kv, max_len, generator=g) / 64 for _ in lens]
-    else:
-        ks = [torch.randn(1, kv, max_len, d, generator=g).to(cdtype) for _ in lens]
-        vs = [torch.randn(1, kv, max_len, d, generator=g).to(cdtype) for _ in lens]
-        kss = vss = None
-    q = torch.randn(n, heads, d, generator=g).to(qdtype)
-    kn, vn = torch.randn(n, kv, d, generator=g).to(qdtype), torch.randn(n, kv, d, generator=g).to(qdtype)
-    want = kernels.decode_attention(q, kn, vn, ks, vs, [L - 1 for L in lens], d ** -0.5, kss, vss)
-    # the per-sequence caches [1, KV, max_len, D] as blocks of bs keys, in reverse order in the pool
-    per = max_len // bs
-
-    def pool(caches: list[torch.Tensor]) -> torch.Tensor:
-        blocks = [c[0].reshape(kv, per, bs, *c.shape[3:]).transpose(0, 1) for c in caches]  # [per, KV, bs, (D)]
-        return torch.cat(blocks).flip(0).contiguous()  # the flip puts every block somewhere else
-
-    total = n * per
-    tables = torch.tensor([[total - 1 - (b * per + j) for j in range(per)] for b in range(n)], dtype=torch.int32)
-    got = kernels.paged_decode_attention(q, pool(ks), pool(vs), pool(kss) if int8 else None,
-                                         pool(vss) if int8 else None, tables, torch.tensor(lens, dtype=torch.int32),
-                                         d ** -0.5)
-    assert torch.equal(got, want)
 
 
 def test_threads_give_the_same_bits(on):

@@ -104,7 +104,7 @@ class PagedCache:
 
 
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., hd] -> int8 values and one float32 scale per vector (amax / 127; what lfm.kernels' decode writes)."""
+    """x [..., hd] -> int8 values and one float32 scale per vector (amax / 127), as the int8 cache stores them."""
     xf = x.float()
     s = xf.abs().amax(-1) / 127.0
     q = torch.where(s[..., None] > 0, xf / s[..., None], torch.zeros((), device=x.device)).round().clamp(-127, 127)

@@ -147,21 +147,6 @@ def bf16_faster() -> bool:
     return available() and not ({"avx512_bf16", "amx_bf16"} & flags)
 
 
-def decode_attention(q: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, ks: list[torch.Tensor],
-                     vs: list[torch.Tensor], pos: list[int], scale: float, k_scales: list[torch.Tensor] | None = None,
-                     v_scales: list[torch.Tensor] | None = None) -> torch.Tensor | None:
-    """One decode step of attention for n sequences, each with its own cache: writes k_new[b] / v_new[b] at pos[b]
-    of ks[b] / vs[b] ([1, KV, max_len, D]; int8 caches with their per-vector scales [1, KV, max_len]) and returns
-    softmax(q k^T * scale) v over keys 0..pos[b] as [n, H, D]. None where the kernel does not apply (autograd,
-    kernels unavailable); nothing is written then."""
-    if not _enabled or (torch.is_grad_enabled() and (q.requires_grad or k_new.requires_grad)):
-        return None
-    ext = _ext if _tried else extension()
-    if ext is None:
-        return None
-    return ext.decode_attention(q, k_new, v_new, ks, vs, k_scales or [], v_scales or [], pos, scale)
-
-
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
                            v_scale: torch.Tensor | None, block_tables: torch.Tensor, context_lens: torch.Tensor,
                            scale: float) -> torch.Tensor | None:

@@ -1,21 +1,21 @@
-// Decode attention: one new query per sequence against that sequence's own KV cache, for many sequences in one call.
+// Paged decode attention: one new query per sequence against that sequence's keys in a paged KV cache (vLLM style),
+// for many sequences in one call.
 //
-// What continuous batching needs (every sequence has its own cache and length) and what PyTorch's CPU SDPA does
+// What continuous batching needs (every sequence has its own keys and length) and what PyTorch's CPU SDPA does
 // slowly for a single query: on bfloat16 caches it converts and blocks as for a long query (4x slower than float
-// math at 1K keys). Here each (sequence, KV head) pair is one task: the new key and value are written into the
-// cache at the sequence's position, then the G = H / KV query heads of the group read the keys once (scores in
-// float32), softmax, and read the values once. Cache elements are widened to float32 in registers, so a bfloat16
-// cache costs its own bytes and no copy. Output in q's dtype, rounded once.
+// math at 1K keys). The cache is one pool of blocks [num_blocks, KV, block_size, D] shared by all sequences,
+// sequence b's key l in physical block block_tables[b, l / block_size] at offset l % block_size. The caller has
+// already written the new keys / values; this op only reads. Each (sequence, KV head) pair is one task: the
+// G = H / KV query heads of the group read the keys once (scores in float32), softmax, and read the values once.
+// Cache elements are widened to float32 in registers, so a bfloat16 cache costs its own bytes and no copy. Output in
+// q's dtype, rounded once.
 //
 // An int8 cache (LLM(kv_cache_dtype="int8")) holds each key / value vector of a head as int8 times one float32
-// scale (amax / 127, the same rounding as HybridCache.write): the new vectors are quantized here, scores are
+// scale (amax / 127, rounded by lfm.engine.cache.quantize_kv when the keys are written): scores are
 // (q . k_int8) * k_scale, and each probability is multiplied by the value's scale. Half the bytes of bfloat16.
 //
-// paged_decode_attention is the same math over a paged KV cache (vLLM style): one pool of blocks
-// [num_blocks, KV, block_size, D] shared by all sequences, sequence b's key l in physical block
-// block_tables[b, l / block_size] at offset l % block_size. The caller has already written the new keys / values;
-// this op only reads. `attend` holds the math for both: it walks a head's keys as runs of consecutive keys (the whole
-// cache for decode_attention, one block at a time for the paged op), 8 keys per reduction inside a run.
+// `attend` holds the math: it walks a head's keys as runs of consecutive keys (one block at a time), 8 keys per
+// reduction inside a run.
 
 #include "common.h"
 
@@ -58,44 +58,14 @@ inline __m256 exp8(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-// one vector of D values into the cache: as is, or as int8 with its scale (amax / 127, round half to even)
-template <typename TQ, typename TC>
-inline void put(const TQ* src, TC* dst, float* scale, int64_t D) {
-  if constexpr (std::is_same_v<TC, int8_t>) {
-    float amax = 0.0f;
-    for (int64_t d = 0; d < D; ++d) amax = std::max(amax, std::fabs(to_f(src[d])));
-    const float sc = amax / 127.0f;
-    *scale = sc;
-    for (int64_t d = 0; d < D; ++d) {
-      const float r = sc > 0.0f ? std::nearbyint(to_f(src[d]) / sc) : 0.0f;
-      dst[d] = static_cast<int8_t>(std::max(-127.0f, std::min(127.0f, r)));
-    }
-  } else {
-    for (int64_t d = 0; d < D; ++d) dst[d] = TC(to_f(src[d]));
-  }
-}
-
-// The keys / values of one KV head, as runs of consecutive keys: runs<Side>(l0, l1, f) calls f(l, m, k, v) for keys
-// l .. l + m - 1 of [l0, l1), key l + i at k + i * D, its value at v + i * D. Side: what f reads, 0 keys, 1 values.
-
-// decode_attention's cache: the head's keys one after the other ([max_len, D])
-template <typename TC>
-struct FlatKV {
-  const TC* k;
-  const TC* v;
-  int64_t D;
-  template <int Side, typename F>
-  void runs(int64_t l0, int64_t l1, F&& f) const {
-    if (l0 < l1) f(l0, l1 - l0, k + l0 * D, v + l0 * D);
-  }
-};
-
 // bytes of the next block prefetched while a paged block is read: the hardware prefetcher starts over at every block
 // (measured, one thread, block_size 16: bfloat16 ~15% faster, int8 ~30%; 512 or 4096 bytes did worse)
 constexpr int64_t kBlockPrefetch = 1024;
 
-// paged cache: key l in physical block table[l / bs] at offset l % bs, for the sequence's nblocks blocks; k / v point
-// at the head's slice of block 0, block p's slice is `stride` (KV * bs * D) elements further
+// The keys / values of one KV head, as runs of consecutive keys: runs<Side>(l0, l1, f) calls f(l, m, k, v) for keys
+// l .. l + m - 1 of [l0, l1), key l + i at k + i * D, its value at v + i * D. Side: what f reads, 0 keys, 1 values.
+// Paged cache: key l in physical block table[l / bs] at offset l % bs, for the sequence's nblocks blocks; k / v point
+// at the head's slice of block 0, block p's slice is `stride` (KV * bs * D) elements further; one run per block.
 template <typename TC>
 struct PagedKV {
   const TC* k;
@@ -226,47 +196,6 @@ void attend(const TQ* q, const KVs& kv, const float* ksc, const float* vsc, int6
 }
 
 template <typename TQ, typename TC>
-void attend_one(const TQ* q, const TQ* kn, const TQ* vn, TC* kc, TC* vc, float* ksc, float* vsc, int64_t pos,
-                int64_t G, int64_t D, float scale, TQ* out, std::vector<float>& buf) {
-  // write the new key / value at pos (the cache is [max_len, D] for this head; int8: with a scale per vector)
-  put(kn, kc + pos * D, ksc ? ksc + pos : nullptr, D);
-  put(vn, vc + pos * D, vsc ? vsc + pos : nullptr, D);
-  attend<TQ, TC>(q, FlatKV<TC>{kc, vc, D}, ksc, vsc, pos + 1, G, D, scale, out, buf);
-}
-
-template <typename TQ, typename TC>
-void run_all(const at::Tensor& q, const at::Tensor& kn, const at::Tensor& vn, const std::vector<at::Tensor>& ks,
-             const std::vector<at::Tensor>& vs, const std::vector<at::Tensor>& kss, const std::vector<at::Tensor>& vss,
-             const std::vector<int64_t>& pos, float scale, at::Tensor& out) {
-  const int64_t n = q.size(0), H = q.size(1), D = q.size(2), KV = kn.size(1), G = H / KV;
-  const TQ* qp = q.data_ptr<TQ>();
-  const TQ* kp = kn.data_ptr<TQ>();
-  const TQ* vp = vn.data_ptr<TQ>();
-  TQ* op = out.data_ptr<TQ>();
-  const int64_t tasks = n * KV;
-  int64_t work = 0;
-  for (int64_t b = 0; b < n; ++b) work += (pos[b] + 1) * KV * D;
-  int nt = at::get_num_threads();
-  if (nt < 1 || work < (int64_t(1) << 16)) nt = 1;
-  if (nt > tasks) nt = static_cast<int>(tasks);
-#pragma omp parallel num_threads(nt) if (nt > 1)
-  {
-    std::vector<float> buf;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t b = t / KV, h = t % KV;
-      const int64_t max_len = ks[b].size(2);
-      TC* kc = ks[b].data_ptr<TC>() + h * max_len * D;
-      TC* vc = vs[b].data_ptr<TC>() + h * max_len * D;
-      float* ksc = kss.empty() ? nullptr : kss[b].data_ptr<float>() + h * max_len;
-      float* vsc = vss.empty() ? nullptr : vss[b].data_ptr<float>() + h * max_len;
-      attend_one<TQ, TC>(qp + (b * H + h * G) * D, kp + (b * KV + h) * D, vp + (b * KV + h) * D, kc, vc, ksc, vsc,
-                         pos[b], G, D, scale, op + (b * H + h * G) * D, buf);
-    }
-  }
-}
-
-template <typename TQ, typename TC>
 void run_paged(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& kss,
                const at::Tensor& vss, const at::Tensor& tables, const at::Tensor& lens, float scale, at::Tensor& out) {
   const int64_t n = q.size(0), H = q.size(1), D = q.size(2), KV = kc.size(1), bs = kc.size(2), G = H / KV;
@@ -323,60 +252,6 @@ void by_type(at::ScalarType t, F&& f) {
 }
 
 }  // namespace
-
-// q [n, H, D]; k_new, v_new [n, KV, D] (q's dtype); ks[b], vs[b]: sequence b's cache [1, KV, max_len, D] (one dtype
-// for all); pos[b]: where b's new key goes (it attends over keys 0..pos[b]). Writes the new keys / values into the
-// caches and returns the attention output [n, H, D] in q's dtype. int8 caches come with k_scales[b], v_scales[b]
-// ([1, KV, max_len] float32); float caches with empty scale lists.
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
-                            const std::vector<at::Tensor>& ks, const std::vector<at::Tensor>& vs,
-                            const std::vector<at::Tensor>& k_scales, const std::vector<at::Tensor>& v_scales,
-                            const std::vector<int64_t>& pos, double scale) {
-  TORCH_CHECK(q.dim() == 3 && q.is_contiguous() && q.device().is_cpu(), "q must be a contiguous CPU [n, H, D] tensor");
-  const int64_t n = q.size(0), H = q.size(1), D = q.size(2);
-  TORCH_CHECK(k_new.dim() == 3 && v_new.sizes() == k_new.sizes() && k_new.size(0) == n && k_new.size(2) == D &&
-                  k_new.is_contiguous() && v_new.is_contiguous() && k_new.scalar_type() == q.scalar_type() &&
-                  v_new.scalar_type() == q.scalar_type(),
-              "k_new / v_new must be contiguous [n, KV, D] tensors in q's dtype");
-  const int64_t KV = k_new.size(1);
-  TORCH_CHECK(KV > 0 && H % KV == 0, "query heads must be a multiple of KV heads");
-  TORCH_CHECK(static_cast<int64_t>(ks.size()) == n && static_cast<int64_t>(vs.size()) == n &&
-                  static_cast<int64_t>(pos.size()) == n,
-              "one cache and one position per sequence");
-  at::ScalarType ct = n ? ks[0].scalar_type() : q.scalar_type();
-  for (int64_t b = 0; b < n; ++b) {
-    for (const at::Tensor* c : {&ks[b], &vs[b]}) {
-      TORCH_CHECK(c->device().is_cpu() && c->is_contiguous() && c->dim() == 4 && c->size(0) == 1 &&
-                      c->size(1) == KV && c->size(3) == D && c->scalar_type() == ct,
-                  "each cache must be a contiguous [1, KV, max_len, D] CPU tensor of one dtype");
-    }
-    TORCH_CHECK(vs[b].size(2) == ks[b].size(2) && pos[b] >= 0 && pos[b] < ks[b].size(2), "position outside the cache");
-  }
-  const bool int8 = ct == at::kChar;
-  TORCH_CHECK(int8 ? (static_cast<int64_t>(k_scales.size()) == n && static_cast<int64_t>(v_scales.size()) == n)
-                   : (k_scales.empty() && v_scales.empty()),
-              "int8 caches need one k / v scale tensor per sequence, float caches none");
-  if (int8)
-    for (int64_t b = 0; b < n; ++b)
-      for (const at::Tensor* c : {&k_scales[b], &v_scales[b]})
-        TORCH_CHECK(c->device().is_cpu() && c->is_contiguous() && c->scalar_type() == at::kFloat &&
-                        c->numel() == KV * ks[b].size(2),
-                    "scales must be contiguous float32 [1, KV, max_len] tensors");
-  auto out = at::empty({n, H, D}, q.options());
-  if (n == 0) return out;
-  by_type(q.scalar_type(), [&](auto tq) {
-    using TQ = decltype(tq);
-    if (int8) {
-      run_all<TQ, int8_t>(q, k_new, v_new, ks, vs, k_scales, v_scales, pos, static_cast<float>(scale), out);
-      return;
-    }
-    by_type(ct, [&](auto tc) {
-      using TC = decltype(tc);
-      run_all<TQ, TC>(q, k_new, v_new, ks, vs, k_scales, v_scales, pos, static_cast<float>(scale), out);
-    });
-  });
-  return out;
-}
 
 // q [n, H, D]; k_cache, v_cache [num_blocks, KV, block_size, D] (float32 / bfloat16 / float16, or int8 with
 // k_scale, v_scale [num_blocks, KV, block_size] float32; float caches: empty scales); block_tables [n, max_blocks]

@@ -706,19 +706,6 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
 namespace py = pybind11;
 
 at::Tensor bf16_gemm(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias);  // bf16.cpp
-at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
-                            const std::vector<at::Tensor>& ks, const std::vector<at::Tensor>& vs,
-                            const std::vector<at::Tensor>& k_scales, const std::vector<at::Tensor>& v_scales,
-                            const std::vector<int64_t>& pos, double scale);  // attention.cpp
-
-at::Tensor decode_attention_nogil(const at::Tensor& q, const at::Tensor& k_new, const at::Tensor& v_new,
-                                  const std::vector<at::Tensor>& ks, const std::vector<at::Tensor>& vs,
-                                  const std::vector<at::Tensor>& k_scales, const std::vector<at::Tensor>& v_scales,
-                                  const std::vector<int64_t>& pos, double scale) {
-  py::gil_scoped_release nogil;
-  return decode_attention(q, k_new, v_new, ks, vs, k_scales, v_scales, pos, scale);
-}
-
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                                   const at::Tensor& k_scale, const at::Tensor& v_scale,
                                   const at::Tensor& block_tables, const at::Tensor& context_lens,
@@ -827,10 +814,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("w"), py::arg("bias") = py::none());
   m.def("bf16_linear", &bf16_linear, "nn.Linear on bfloat16 weights, or None where the kernel does not apply",
         py::arg("x"), py::arg("w"), py::arg("bias"), py::arg("max_rows"));
-  m.def("decode_attention", &decode_attention_nogil,
-        "one query per sequence against its own KV cache (writes the new key / value at pos)", py::arg("q"),
-        py::arg("k_new"), py::arg("v_new"), py::arg("ks"), py::arg("vs"), py::arg("k_scales"), py::arg("v_scales"),
-        py::arg("pos"), py::arg("scale"));
   m.def("paged_decode_attention", &paged_decode_attention_nogil,
         "one query per sequence against a paged KV cache [num_blocks, KV, block_size, D] through block tables "
         "(reads only: the new key / value are already in the cache)",
