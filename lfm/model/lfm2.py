@@ -150,8 +150,8 @@ class Attention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         B, H, T, hd = q.shape
         if T == 1 and mask is None and H != self.nkv:
-            # one query (decode without the kernels): a KV head's query heads as that head's queries, since SDPA's
-            # enable_gqa path is ~6x slower on CPU for a single query (38 -> 6.6 ms per layer at 32K keys)
+            # one query: a KV head's query heads as that head's queries, since SDPA's enable_gqa path is ~6x slower
+            # on CPU for a single query (the engine's portable decode attention does the same)
             o = F.scaled_dot_product_attention(q.view(B, self.nkv, H // self.nkv, hd), k, v)
             return o.view(B, H, 1, hd)
         causal = mask is None and T > 1
