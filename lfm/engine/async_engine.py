@@ -127,10 +127,14 @@ class AsyncEngine:
     def abort(self, stream: RequestStream) -> None:
         """Stop the stream's unfinished sequences now and free their caches (client went away)."""
         with self._cv:
+            queued = {r.request_id for r in self._inbox} & stream.open
+            if queued:  # not picked up by the engine thread yet: never start them
+                self._inbox = [r for r in self._inbox if r.request_id not in queued]
             for rid in stream.open:
                 if self._streams.pop(rid, None) is not None:  # else its last delta is already on the way
                     self.observer.finished("abort")
-                    self._aborts.append(rid)
+                    if rid not in queued:
+                        self._aborts.append(rid)
                 self._timing.pop(rid, None)
             stream.open.clear()
             self._cv.notify()
@@ -170,7 +174,10 @@ class AsyncEngine:
             self.steps += 1
             if deltas:
                 self._post(deltas)
-        self._post(self.engine.fail_all("server shutting down"))
+        with self._cv:
+            left, self._inbox = self._inbox, []
+        self._post(self.engine.fail_all("server shutting down") + [
+            RequestDelta(r.request_id, finish_reason="error", error="server shutting down") for r in left])
 
     def _post(self, deltas: list[RequestDelta]) -> None:
         try:

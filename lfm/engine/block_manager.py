@@ -96,8 +96,8 @@ class BlockManager:
         seq.num_computed_tokens = seq.num_cached_tokens = len(hit) * self.block_size
         seq.conv_slot = heapq.heappop(self.free_slots)
         seq.conv_restore = hit[-1] if hit else -1
-        if self.enable_prefix_caching and seq.params.prompt_logprobs is None:
-            self.queried_tokens += len(seq)
+        if self.enable_prefix_caching and seq.params.prompt_logprobs is None and not seq.num_preemptions:
+            self.queried_tokens += len(seq)  # first admissions only: a recomputed sequence would count twice
             self.hit_tokens += seq.num_cached_tokens
         self.grow(seq, num_tokens)
 
@@ -153,13 +153,14 @@ class BlockManager:
         seq.block_table, seq.block_hashes, seq.conv_slot, seq.conv_restore = [], [], -1, None
         seq.num_computed_tokens = seq.num_cached_tokens = 0
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached block that no sequence uses (e.g. after the weights change)."""
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (e.g. after the weights change). Refused (False) while any block is in use:
+        running sequences would go on registering blocks computed with the old state (vLLM refuses too)."""
+        if self.num_used_blocks:
+            return False
         while self.evictable:
             heapq.heappush(self.clean, self._evict())
-        for h, b in list(self.cached.items()):  # blocks still in use stay, but are no longer offered
-            del self.cached[h]
-            self.hash_of[b] = self.tokens_of[b] = None
+        return True
 
     def _take(self) -> int:
         if self.clean:

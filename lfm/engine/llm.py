@@ -74,6 +74,7 @@ class LLM:
                            enable_prefix_caching=enable_prefix_caching,
                            kv_cache_dtype=torch.int8 if kv_cache_dtype == "int8" else None, max_model_len=max_model_len)
         self.engine = LLMEngine(self.model, self.tokenizer, self.stop_ids(False), self.stop_ids(True), cfg)
+        self._mailbox: dict[str, list] = {}  # deltas one open call stepped for another (interleaved streams)
         self.max_model_len = self.engine.max_model_len
 
     # ---- public API -------------------------------------------------------------------------------------------
@@ -151,11 +152,16 @@ class LLM:
                 seqs.append(eng.add_request(r, p, sp, chat))
             open_ = set(rids)
             while open_:
-                if not eng.has_unfinished_requests():
-                    raise RuntimeError("the engine stopped with requests unfinished")
-                for d in eng.step():
-                    if d.request_id not in index:
-                        continue  # another caller's request
+                mine = [d for r in rids for d in self._mailbox.pop(r, [])]  # stepped by another open call
+                if not mine:
+                    if not eng.has_unfinished_requests():
+                        raise RuntimeError("the engine stopped with requests unfinished")
+                    for d in eng.step():
+                        if d.request_id in index:
+                            mine.append(d)
+                        else:  # another open call's (a stream being read, say): keep it for that call
+                            self._mailbox.setdefault(d.request_id, []).append(d)
+                for d in mine:
                     if d.finish_reason == "error":
                         raise RuntimeError(d.error or "generation failed")
                     if d.finish_reason is not None:
@@ -164,6 +170,7 @@ class LLM:
         finally:
             for r in rids:
                 eng.abort_request(r)
+                self._mailbox.pop(r, None)
             if outputs is not None:
                 for r, s in zip(rids, seqs):
                     outputs[r] = s.to_output()

@@ -88,7 +88,7 @@ class LLMEngine:
         V = self.model.config.vocab_size
         if not prompt_ids:
             raise ValueError("prompt is empty")
-        bad = [t for t in prompt_ids if not 0 <= t < V]
+        bad = [t for t in [*prompt_ids, *(params.logit_bias or {})] if not 0 <= t < V]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary (0..{V - 1})")
         room = self.max_model_len - len(prompt_ids)
@@ -141,7 +141,11 @@ class LLMEngine:
             return out
         seqs = [s for s, _ in due]
         logits = result.logits[torch.tensor([r for _, r in due], device=result.logits.device)]
-        tokens, records = self.sampler(logits, seqs)
+        try:
+            tokens, records = self.sampler(logits, seqs)
+        except Exception as e:  # noqa: BLE001  these sequences cannot go on; the others are untouched
+            log.exception("sampling failed")
+            return out + [self._end(s, "error", f"sampling failed: {type(e).__name__}: {e}") for s in seqs]
         for s, t, rec in zip(seqs, tokens, records):
             if t < 0:
                 out.append(self._end(s, "error", "sampling failed: the logits or the sampling parameters produced "
@@ -196,7 +200,7 @@ class LLMEngine:
         lp = torch.log_softmax(logits[row:row + n], -1)
         for j in range(n):
             p = c + j + 1
-            if p < s.num_prompt_tokens:
+            if p == len(s.prompt_logprobs) and p < s.num_prompt_tokens:  # a recomputed (preempted) prompt: once
                 s.prompt_logprobs.append(logprob_record(lp[j], s.token_ids[p], s.params.prompt_logprobs))
 
     def _end(self, s: Sequence, reason: str, error: str | None = None) -> RequestDelta:
