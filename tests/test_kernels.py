@@ -18,6 +18,8 @@ from lfm import kernels
 from lfm.kernels import build
 from lfm.model.quant import Int4Linear, Int8Linear
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 torch.set_grad_enabled(False)
 
 # max |kernel - x @ dequantized.T| / max |x @ dequantized.T|: float32 activations are multiplied in float; bfloat16
@@ -370,3 +372,28 @@ def test_big_bf16_batches_take_the_dequantized_path_where_bf16_is_native(on, mon
     monkeypatch.setattr(kernels, "_native_bf16", False)  # without native bfloat16: always the kernels
     assert kernels.dequant_linear(torch.zeros(64, k, dtype=torch.bfloat16), *(
         (q.weight, q.scales) if kind == "int8" else (q.qweight, q.scales, q.zeros, q.group_size))) is None
+
+
+def test_int4_vnni_path_gives_the_avx2_paths_bits(on):
+    """Where the CPU has AVX-512 VNNI the int4 kernel (int8 activations) runs vpdpbusd on two chunks at once; the
+    integers and the float summation order are the AVX2 path's, so the output bits must be too (compared with a
+    process that forces the AVX2 path)."""
+    from lfm.kernels.build import cpu_flags
+
+    if "avx512_vnni" not in cpu_flags():
+        pytest.skip("no AVX-512 VNNI here: the AVX2 path is the only one")
+    code = ("import sys, torch\nfrom lfm import kernels\nfrom tests.test_kernels import layer\nout = []\n"
+            "for kind, k, n in [('int4-32', 160, 33), ('int4-64', 1024, 40), ('int4-128', 384, 9), ('int4-32', 96, 8)]:\n"
+            "    q = layer(kind, k, n, torch.bfloat16)\n"
+            "    for M in (1, 5, 12):\n"
+            "        x = torch.randn(M, k, generator=torch.Generator().manual_seed(M)).to(torch.bfloat16)\n"
+            "        out.append(kernels.int4_linear(x, q.qweight, q.scales, q.zeros, q.group_size))\n"
+            "torch.save(out, sys.argv[1])\n")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        for name, env in (("vnni", {}), ("avx2", {"LFM_KERNELS_NO_VNNI": "1"})):
+            subprocess.run([sys.executable, "-c", code, f"{d}/{name}.pt"], check=True, cwd=ROOT,
+                           env={**os.environ, **env})
+        a, b = torch.load(f"{d}/vnni.pt"), torch.load(f"{d}/avx2.pt")
+    assert len(a) == 12 and all(x is not None and torch.equal(x, y) for x, y in zip(a, b))

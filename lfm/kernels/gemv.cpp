@@ -327,62 +327,130 @@ inline void combine_scales(const TS* s, const float* sx, int64_t U, int64_t Urea
   for (; u <= U; ++u) comb[u] = 0.0f;
 }
 
-// int8 activations. CPG: 64-input chunks per weight group (1, 2, 4), or 0 for group 32.
-template <int MT, int CPG, typename TS, typename TO>
-void int4a8_rows(const XQ4& X, int64_t m0, const uint8_t* W, const TS* S, const TS* Z, TO* Y, int64_t N,
-                 int64_t n0, int64_t n1, float* comb) {
-  const int64_t K = X.K, Kp = X.Kp, G = X.G, U = X.U, srow = U + 8, cstride = round_up(U + 1, 8);
-  constexpr int R = CPG == 0 ? 1 : CPG;  // units per group
-  const int64_t chunks = K / 64;
+// The int8-activation rows of one tile: quantized values, scales, -8 corrections, group sums, combined scales.
+template <int MT>
+struct A8Rows {
   const int8_t* xq[MT];
   const float* xs[MT];
   const float* xc[MT];
   const float* xsum[MT];
   float* cb[MT];
-  for (int m = 0; m < MT; ++m) {
-    xq[m] = X.q8.data() + (m0 + m) * Kp;
-    xs[m] = X.s.data() + (m0 + m) * srow;
-    xc[m] = X.corr.data() + (m0 + m) * srow;
-    xsum[m] = X.sum.data() + (m0 + m) * G;
-    cb[m] = comb + m * cstride;
+  A8Rows(const XQ4& X, int64_t m0, float* comb) {
+    const int64_t srow = X.U + 8, cstride = round_up(X.U + 1, 8);
+    for (int m = 0; m < MT; ++m) {
+      xq[m] = X.q8.data() + (m0 + m) * X.Kp;
+      xs[m] = X.s.data() + (m0 + m) * srow;
+      xc[m] = X.corr.data() + (m0 + m) * srow;
+      xsum[m] = X.sum.data() + (m0 + m) * X.G;
+      cb[m] = comb + m * cstride;
+    }
   }
-  const __m256i lanes = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+};
+
+// one 64-input chunk c of one weight row (32 bytes v) into the tile's accumulators, AVX2: maddubs + madd
+template <int MT, int CPG>
+inline __attribute__((always_inline)) void a8_chunk(const A8Rows<MT>& r, int64_t c, __m256i v, __m256* acc) {
   const __m256i lo4 = _mm256_set1_epi8(0x0F);
-  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i lo = _mm256_and_si256(v, lo4);
+  const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4);
+  for (int m = 0; m < MT; ++m) {
+    const __m256i* xp = reinterpret_cast<const __m256i*>(r.xq[m] + c * 64);
+    __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(xp)),
+                                 _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xp + 1)));
+    __m256 vs;
+    if constexpr (CPG == 0) {
+      __m128 two = _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(r.cb[m] + 2 * c)));
+      vs = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+    } else {
+      vs = _mm256_broadcast_ss(r.cb[m] + c);
+    }
+    acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, _mm256_set1_epi16(1))), vs, acc[m]);
+  }
+}
+
+// after the chunks: a leftover even chunk, group 32's last half chunk (upper lane zero, as its activations), and
+// the row's outputs (the scales' dot products for the -8 offsets and the zeros)
+template <int MT, int CPG, typename TS, typename TO>
+inline __attribute__((always_inline)) void a8_finish(const A8Rows<MT>& r, const XQ4& X, int64_t c, const uint8_t* w,
+                                                     const TS* Z, TO* Y, int64_t N, int64_t m0, int64_t n,
+                                                     __m256* acc0, __m256* acc1) {
+  const int64_t chunks = X.K / 64;
+  if (c < chunks) a8_chunk<MT, CPG>(r, c, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * 32)), acc0);
+  if (X.K & 32)
+    a8_chunk<MT, CPG>(r, chunks, _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(
+                                     w + chunks * 32))), acc1);
+  for (int m = 0; m < MT; ++m)
+    store_out(Y + (m0 + m) * N + n, hsum(_mm256_add_ps(acc0[m], acc1[m])) + dot_f(r.cb[m], r.xc[m], X.U) +
+                                        dot_z(Z + n * X.G, r.xsum[m], X.G));
+}
+
+// int8 activations. CPG: 64-input chunks per weight group (1, 2, 4), or 0 for group 32.
+template <int MT, int CPG, typename TS, typename TO>
+void int4a8_rows(const XQ4& X, int64_t m0, const uint8_t* W, const TS* S, const TS* Z, TO* Y, int64_t N,
+                 int64_t n0, int64_t n1, float* comb) {
+  constexpr int R = CPG == 0 ? 1 : CPG;  // units per group
+  const int64_t K = X.K, G = X.G, chunks = K / 64;
+  const A8Rows<MT> r(X, m0, comb);
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* w = W + n * (K / 2);
-    for (int m = 0; m < MT; ++m) combine_scales<R>(S + n * G, xs[m], U, G * R, cb[m]);
+    for (int m = 0; m < MT; ++m) combine_scales<R>(S + n * G, r.xs[m], X.U, G * R, r.cb[m]);
     __m256 acc0[MT], acc1[MT];  // even / odd chunks: the FMA latency stays off the critical path
     for (int m = 0; m < MT; ++m) acc0[m] = acc1[m] = _mm256_setzero_ps();
-    auto step = [&](int64_t c, __m256i v, __m256* acc) __attribute__((always_inline)) {
-      const __m256i lo = _mm256_and_si256(v, lo4);
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4);
-      for (int m = 0; m < MT; ++m) {
-        const __m256i* xp = reinterpret_cast<const __m256i*>(xq[m] + c * 64);
-        __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_loadu_si256(xp)),
-                                     _mm256_maddubs_epi16(hi, _mm256_loadu_si256(xp + 1)));
-        __m256 vs;
-        if constexpr (CPG == 0) {
-          __m128 two = _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(cb[m] + 2 * c)));
-          vs = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(two), lanes);
-        } else {
-          vs = _mm256_broadcast_ss(cb[m] + c);
-        }
-        acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones)), vs, acc[m]);
-      }
-    };
     int64_t c = 0;
     for (; c + 2 <= chunks; c += 2) {
       _mm_prefetch(reinterpret_cast<const char*>(w + c * 32 + kPrefetch), _MM_HINT_T0);
-      step(c, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * 32)), acc0);
-      step(c + 1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * 32 + 32)), acc1);
+      a8_chunk<MT, CPG>(r, c, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * 32)), acc0);
+      a8_chunk<MT, CPG>(r, c + 1, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * 32 + 32)), acc1);
     }
-    if (c < chunks) step(c, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c * 32)), acc0);
-    if (K & 32)  // group 32 with an odd number of groups: a last half chunk (upper lane zero, as its activations)
-      step(chunks, _mm256_zextsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + chunks * 32))), acc1);
-    for (int m = 0; m < MT; ++m)
-      store_out(Y + (m0 + m) * N + n, hsum(_mm256_add_ps(acc0[m], acc1[m])) + dot_f(cb[m], xc[m], U) +
-                                          dot_z(Z + n * G, xsum[m], G));
+    a8_finish<MT, CPG>(r, X, c, w, Z, Y, N, m0, n, acc0, acc1);
+  }
+}
+
+// int4a8_rows on AVX-512 VNNI (chosen at run time where the CPU has it): two 64-input chunks per zmm, each 4-byte
+// group's u8 x s8 products summed by vpdpbusd instead of maddubs + madd (the same integers: no int16 saturation
+// is possible at 15 x 127 x 2), lanes 0-7 = the even chunk and 8-15 = the odd one, i.e. exactly the AVX2 path's
+// acc0 / acc1: the float sums, their order and so the output bits are the same.
+template <int MT, int CPG, typename TS, typename TO>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) void int4a8_rows_vnni(
+    const XQ4& X, int64_t m0, const uint8_t* W, const TS* S, const TS* Z, TO* Y, int64_t N, int64_t n0, int64_t n1,
+    float* comb) {
+  constexpr int R = CPG == 0 ? 1 : CPG;
+  const int64_t K = X.K, G = X.G, chunks = K / 64;
+  const A8Rows<MT> r(X, m0, comb);
+  const __m512i lo4 = _mm512_set1_epi8(0x0F);
+  const __m512i pair = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  const __m512i quad = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* w = W + n * (K / 2);
+    for (int m = 0; m < MT; ++m) combine_scales<R>(S + n * G, r.xs[m], X.U, G * R, r.cb[m]);
+    __m512 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 2 <= chunks; c += 2) {
+      _mm_prefetch(reinterpret_cast<const char*>(w + c * 32 + kPrefetch), _MM_HINT_T0);
+      const __m512i v = _mm512_loadu_si512(w + c * 32);
+      const __m512i lo = _mm512_and_si512(v, lo4);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), lo4);
+      for (int m = 0; m < MT; ++m) {
+        const int8_t* xp = r.xq[m] + c * 64;  // chunk c: xp[0..63], chunk c + 1: xp[64..127]
+        const __m512i xl = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(xp))), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 64)), 1);
+        const __m512i xh = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(xp + 32))), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xp + 96)), 1);
+        const __m512i p = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xl), hi, xh);
+        const __m512 vs = CPG == 0
+            ? _mm512_permutexvar_ps(quad, _mm512_castps128_ps512(_mm_loadu_ps(r.cb[m] + 2 * c)))
+            : _mm512_permutexvar_ps(pair, _mm512_castps128_ps512(_mm_castsi128_ps(
+                  _mm_loadl_epi64(reinterpret_cast<const __m128i*>(r.cb[m] + c)))));
+        acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), vs, acc[m]);
+      }
+    }
+    __m256 acc0[MT], acc1[MT];
+    for (int m = 0; m < MT; ++m) {
+      acc0[m] = _mm512_castps512_ps256(acc[m]);
+      acc1[m] = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[m]), 1));
+    }
+    a8_finish<MT, CPG>(r, X, c, w, Z, Y, N, m0, n, acc0, acc1);
   }
 }
 
@@ -449,6 +517,13 @@ void int4a16_rows(const XQ4& X, int64_t m0, const uint8_t* W, const TS* S, const
   }
 }
 
+// AVX-512 VNNI present (checked once; LFM_KERNELS_NO_VNNI=1 forces the AVX2 path, to compare)
+inline bool vnni512() {
+  static const bool ok = __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && std::getenv("LFM_KERNELS_NO_VNNI") == nullptr;
+  return ok;
+}
+
 template <typename TS, typename TO>
 void int4_dispatch(const XQ4& X, int64_t M, int64_t gs, const uint8_t* W, const TS* S, const TS* Z, TO* Y,
                    int64_t N) {
@@ -468,6 +543,11 @@ void int4_dispatch(const XQ4& X, int64_t M, int64_t gs, const uint8_t* W, const 
         else if (gs == 64) int4a16_rows<MT, 1>(X, m0, W, S, Z, Y, N, r0, r1, buf);
         else if (gs == 128) int4a16_rows<MT, 2>(X, m0, W, S, Z, Y, N, r0, r1, buf);
         else int4a16_rows<MT, 4>(X, m0, W, S, Z, Y, N, r0, r1, buf);
+      } else if (vnni512()) {
+        if (gs == 32) int4a8_rows_vnni<MT, 0>(X, m0, W, S, Z, Y, N, r0, r1, buf);
+        else if (gs == 64) int4a8_rows_vnni<MT, 1>(X, m0, W, S, Z, Y, N, r0, r1, buf);
+        else if (gs == 128) int4a8_rows_vnni<MT, 2>(X, m0, W, S, Z, Y, N, r0, r1, buf);
+        else int4a8_rows_vnni<MT, 4>(X, m0, W, S, Z, Y, N, r0, r1, buf);
       } else {
         if (gs == 32) int4a8_rows<MT, 0>(X, m0, W, S, Z, Y, N, r0, r1, buf);
         else if (gs == 64) int4a8_rows<MT, 1>(X, m0, W, S, Z, Y, N, r0, r1, buf);
