@@ -93,12 +93,12 @@ class BlockManager:
             self.ref[b] += 1
         seq.block_table = list(hit)
         seq.block_hashes = list(hashes)
-        seq.num_computed_tokens = seq.num_cached_tokens = len(hit) * self.block_size
+        seq.num_computed_tokens = len(hit) * self.block_size
         seq.conv_slot = heapq.heappop(self.free_slots)
         seq.conv_restore = hit[-1] if hit else -1
         if self.enable_prefix_caching and seq.params.prompt_logprobs is None and not seq.num_preemptions:
             self.queried_tokens += len(seq)  # first admissions only: a recomputed sequence would count twice
-            self.hit_tokens += seq.num_cached_tokens
+            self.hit_tokens += seq.num_computed_tokens
         self.grow(seq, num_tokens)
 
     # ---- growth -------------------------------------------------------------------------------------------------
@@ -151,7 +151,7 @@ class BlockManager:
         if seq.conv_slot >= 0:
             heapq.heappush(self.free_slots, seq.conv_slot)
         seq.block_table, seq.block_hashes, seq.conv_slot, seq.conv_restore = [], [], -1, None
-        seq.num_computed_tokens = seq.num_cached_tokens = 0
+        seq.num_computed_tokens = 0
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block (e.g. after the weights change). Refused (False) while any block is in use:

@@ -22,7 +22,7 @@ from .model_runner import ModelRunner, ScheduledSeq
 from .sampler import Sampler, logprob_record
 from .sampling import SamplingParams
 from .scheduler import Scheduler
-from .sequence import RequestOutput, Sequence, SequenceStatus, TokenLogprob
+from .sequence import Sequence, TokenLogprob
 
 log = logging.getLogger("lfm.engine")
 
@@ -118,9 +118,6 @@ class LLMEngine:
     @property
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
-
-    def output(self, request_id: str) -> RequestOutput:
-        return self.seqs[request_id].to_output()
 
     # ---- the step ---------------------------------------------------------------------------------------------
     def step(self) -> list[RequestDelta]:

@@ -60,7 +60,6 @@ class Sequence:
         self.arrival = time.monotonic()
         # cache: the block manager fills these while the sequence runs, and empties them on preemption / finish
         self.num_computed_tokens = 0  # tokens whose KV and conv state are in the cache
-        self.num_cached_tokens = 0  # of those, how many came from the prefix cache when it was admitted
         self.block_table: list[int] = []
         self.block_hashes: list[int] = []  # chained hashes of the full blocks (prefix caching)
         self.conv_slot = -1
@@ -97,10 +96,6 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
 
     def sampling_state(self, device: torch.device) -> None:
         """Create the generator and penalty tensors on the logits' device (once, at the first sample)."""
