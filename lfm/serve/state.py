@@ -20,6 +20,7 @@ from ..engine.llm import LLM
 from ..engine.llm_engine import RequestDelta
 from ..engine.sampling import SamplingParams
 from ..engine.sequence import TokenLogprob
+from ..text.reasoning import PARSERS as REASONING_PARSERS
 from .errors import ApiError, bad_request
 from .metrics import Metrics
 from .protocol import _Sampling
@@ -45,6 +46,7 @@ class ServeConfig:
     threads: int | None = None  # torch CPU threads (process-wide); None leaves torch's choice
     quantization: str | None = None  # "int8" / "int4": weight-only, quantized on load (CPU)
     kv_cache_dtype: str = "auto"  # "int8": quantized KV cache (CPU kernels)
+    reasoning_parser: str | None = None  # "lfm2" (or vLLM's "deepseek_r1" / "qwen3"): <think> text -> reasoning_content
 
 
 @dataclass
@@ -62,6 +64,9 @@ class Choice:
 class ServerState:
     def __init__(self, cfg: ServeConfig, llm: LLM | None = None) -> None:
         self.cfg = cfg
+        if cfg.reasoning_parser not in (None, *REASONING_PARSERS):
+            raise ValueError(f"unknown reasoning parser {cfg.reasoning_parser!r} (choose from "
+                             f"{', '.join(REASONING_PARSERS)})")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if llm is None:
