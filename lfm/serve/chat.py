@@ -179,7 +179,7 @@ def reasoning_mode(state: ServerState, prompt: list[int]) -> tuple[str, bool] | 
     name = state.cfg.reasoning_parser
     if not name:
         return None
-    tail = state.tokenizer.decode(prompt[-8:], skip_special_tokens=False)
+    tail = state.tokenizer.decode(prompt[-32:], skip_special_tokens=False)
     return name, tail.rfind(THINK_START) > tail.rfind(THINK_END)
 
 

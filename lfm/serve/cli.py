@@ -110,6 +110,6 @@ def startup_lines(state, host: str, port: int) -> list[str]:
             f"KV cache  {bm.num_blocks} blocks of {bm.block_size} tokens = {bm.num_blocks * bm.block_size:,} tokens "
             f"(budget {cfg.kv_cache_memory / (1 << 30):.2f} GiB), prefix caching "
             + ("on" if cfg.enable_prefix_caching else "off"),
-            f"threads   {torch.get_num_threads()} torch CPU threads",
+            f"threads   {torch.get_num_threads()} (torch CPU)",
             f"reasoning {cfg.reasoning_parser or 'off (think text stays in content)'}",
             f"serving   http://{host}:{port}/v1 (OpenAI API), /tokenize, /health, /metrics"]
