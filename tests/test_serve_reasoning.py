@@ -101,6 +101,20 @@ def test_reasoning_content_in_message_and_stream_deltas(thinking_dir):
         assert [e.item.type for e in events if e.type == "response.output_item.done"] == ["reasoning", "message"]
 
 
+def test_forced_output_is_never_reasoning(checkpoints):
+    """deepseek_r1 calls an output without </think> reasoning; a grammar-forced one (JSON, a required call) cannot
+    think, so it stays content."""
+    cfg = ServeConfig(model=str(checkpoints["dense"]), served_model_name=MODEL, threads=1,
+                      reasoning_parser="deepseek_r1")
+    with ServerThread(ServerState(cfg)) as s:
+        c = OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+        m = c.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=30, seed=0,
+                                      response_format={"type": "json_object"}).choices[0].message
+        assert m.content and getattr(m, "reasoning_content", None) is None
+        free = c.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=5, seed=0).choices[0].message
+        assert free.reasoning_content and not free.content  # random weights write no </think>: all reasoning
+
+
 def test_without_the_flag_nothing_changes(thinking_dir):
     with serve(thinking_dir, None, {"on": ({}, "I should greet.</think>Hello!")}) as s:
         c = OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)

@@ -80,6 +80,6 @@ def test_health_is_json_and_startup_lines_name_the_settings(server):
     assert status == 200 and body == {"status": "ok", "model": MODEL}
     lines = "\n".join(startup_lines(server.state, "127.0.0.1", 8123))
     eng = server.state.llm.engine
-    for want in (MODEL, "float32", "256 tokens", f"{eng.block_manager.num_blocks} blocks", "threads   1 (torch CPU)",
+    for want in (MODEL, "float32", "256 tokens", f"{eng.block_manager.num_blocks:,} blocks", "threads   1 (torch CPU)",
                  "http://127.0.0.1:8123/v1"):
         assert want in lines, (want, lines)

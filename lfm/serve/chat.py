@@ -48,7 +48,10 @@ async def chat_completions(state: ServerState, request: Request, body: ChatCompl
     ids = [r.request_id for r in reqs]
     rid = ids[0].rsplit("-", 1)[0]
     created = int(time.time())
-    think = reasoning_mode(state, prompt)
+    # output forced by a grammar from its first token (a required call, a JSON format) cannot hold <think>
+    forced = isinstance(choice, dict) or choice == "required" or (body.response_format or {}).get("type") in (
+        "json_object", "json_schema")
+    think = None if forced else reasoning_mode(state, prompt)
     if body.stream:
         gen = _stream(state, stream, ids, rid, created, body, tools if parse_tools else None, len(prompt), think)
         return state.sse(gen, stream)

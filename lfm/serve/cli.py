@@ -107,7 +107,7 @@ def startup_lines(state, host: str, port: int) -> list[str]:
             f"dtype     {str(eng.model.dtype).removeprefix('torch.')}"
             + (f", {cfg.quantization} weights" if cfg.quantization else "") + f", KV cache {kv}",
             f"context   {state.max_model_len} tokens, up to {eng.config.max_num_seqs} sequences",
-            f"KV cache  {bm.num_blocks} blocks of {bm.block_size} tokens = {bm.num_blocks * bm.block_size:,} tokens "
+            f"KV cache  {bm.num_blocks:,} blocks of {bm.block_size} tokens = {bm.num_blocks * bm.block_size:,} tokens "
             f"(budget {cfg.kv_cache_memory / (1 << 30):.2f} GiB), prefix caching "
             + ("on" if cfg.enable_prefix_caching else "off"),
             f"threads   {torch.get_num_threads()} (torch CPU)",
