@@ -1,5 +1,6 @@
 """lm-evaluation-harness's `local-completions` model against `lfm serve`: a multiple-choice task scores every
-choice with the same log-likelihood as a direct float32 forward of the model.
+choice, and perplexity scoring (`loglikelihood_rolling`) scores a text, with the same log-likelihood as a direct float32
+forward of the model.
 
 This is how lm-eval is pointed at an OpenAI-compatible server (vLLM's documented recipe): it finds `/tokenizer_info`
 and `/tokenize` (its "remote" tokenizer backend, so nothing is downloaded), sends context + continuation as token
@@ -41,6 +42,7 @@ metric_list:
 
 def test_multiple_choice_loglikelihoods_equal_a_direct_forward(checkpoints, tmp_path):
     from lm_eval import simple_evaluate
+    from lm_eval.api.instance import Instance
     from lm_eval.models.openai_completions import LocalCompletionsAPI
     from lm_eval.tasks import TaskManager
 
@@ -54,9 +56,20 @@ def test_multiple_choice_loglikelihoods_equal_a_direct_forward(checkpoints, tmp_
         assert lm.tokenizer_backend == "remote"
         tasks = TaskManager(include_path=str(task_yaml(tmp_path)))
         out = simple_evaluate(model=lm, tasks=["lfm_tiny_mc"], task_manager=tasks, log_samples=True, bootstrap_iters=0)
+        # perplexity (loglikelihood_rolling): lm-eval's prefix token is the BOS id it gets from /tokenize
+        text = "The json module encodes Python objects as JSON text."
+        [rolling] = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
     torch.set_num_threads(before)
 
     model = load_model(str(checkpoints["dense"]), dtype="float32")
+
+    def direct(ids: list[int], start: int) -> float:
+        """sum of log p(ids[k] | ids[:k]) for k >= start, one full float32 forward."""
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
+        return sum(lp[k - 1, ids[k]].item() for k in range(start, len(ids)))
+
+    assert rolling == pytest.approx(direct([tok.bos_token_id, *tok.encode(text, add_bos=False)], 1), abs=1e-5)
     samples = out["samples"]["lfm_tiny_mc"]
     docs = [json.loads(line) for line in DATA.read_text().splitlines()]
     assert len(samples) == len(docs)
@@ -73,10 +86,7 @@ def test_multiple_choice_loglikelihoods_equal_a_direct_forward(checkpoints, tmp_
                 context, continuation = context[:-n], context[-n:] + continuation
             whole = tok.encode(context + continuation, add_bos=False)
             ctx = tok.encode(context, add_bos=False)
-            with torch.no_grad():
-                lp = torch.log_softmax(model(torch.tensor([whole]))[0].float(), -1)
-            ref = sum(lp[k - 1, whole[k]].item() for k in range(len(ctx), len(whole)))
-            assert ll == pytest.approx(ref, abs=1e-5), (context, continuation)
+            assert ll == pytest.approx(direct(whole, len(ctx)), abs=1e-5), (context, continuation)
             assert ll < 0  # issue 16: every choice used to score 0.0
             checked += 1
     assert checked == sum(len(d["choices"]) for d in docs)

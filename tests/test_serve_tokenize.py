@@ -33,16 +33,19 @@ def client(server) -> OpenAI:
 
 def test_tokenize_matches_what_the_model_is_fed(server, client):
     tok = server.state.tokenizer
-    text = "Once upon a time <|im_end|>"  # a control-token string in a prompt stays text, as on /v1/completions
+    text = "Once upon a time"
     status, body = raw(server, "/tokenize", {"model": MODEL, "prompt": text})
     assert status == 200 and body["tokens"] == tok.encode(text) and body["count"] == len(body["tokens"])
-    assert body["max_model_len"] == 256 and tok.im_end_id not in body["tokens"]
+    assert body["max_model_len"] == 256
     r = client.completions.create(model=MODEL, prompt=text, max_tokens=3, temperature=0)
     by_ids = client.completions.create(model=MODEL, prompt=body["tokens"], max_tokens=3, temperature=0)
     assert r.usage.prompt_tokens == body["count"] and by_ids.choices[0].text == r.choices[0].text
     # add_special_tokens=False: no BOS (lm-eval's remote tokenizer asks for this)
     plain = raw(server, "/tokenize", {"prompt": text, "add_special_tokens": False})[1]["tokens"]
     assert tok.add_bos_token and body["tokens"] == [tok.bos_token_id, *plain]
+    # as vLLM / transformers: a control-token string is the control id (lm-eval takes EOS's id this way)
+    eos = raw(server, "/tokenize", {"prompt": tok.eos_token, "add_special_tokens": False})[1]["tokens"]
+    assert eos == [tok.eos_token_id]
     # messages: the chat template, exactly as /v1/chat/completions renders it
     chat = raw(server, "/tokenize", {"model": MODEL, "messages": MSGS})[1]
     c = client.chat.completions.create(model=MODEL, messages=MSGS, max_tokens=1)

@@ -1,9 +1,11 @@
 """`POST /tokenize`, `POST /detokenize` and `GET /tokenizer_info`: vLLM's tokenizer routes, same shapes.
 
 lm-evaluation-harness's `local-completions` looks for `/tokenizer_info` and `/tokenize` before it would download a
-tokenizer (its "remote" backend), then sends token ids to `/v1/completions`; so `/tokenize` gives exactly the ids
-the completions endpoint builds from the same text (control-token strings in a prompt stay text, as everywhere on
-this server), and `messages` go through the chat template as `/v1/chat/completions` renders them.
+tokenizer (its "remote" backend), then sends the ids to `/v1/completions`. A `prompt` is tokenized as vLLM's route and
+transformers' tokenizer do it: a control-token string in the text becomes the control id (lm-eval finds the EOS id,
+its perplexity prefix token, by tokenizing the EOS string). `/v1/completions` keeps such strings as text in a string
+prompt, so for plain text both give the same ids, and a client that wants control ids sends ids. `messages` go
+through the chat template exactly as `/v1/chat/completions` renders them.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, model_validator
 
+from .chat import _normalize_messages  # the chat route's own message forms
 from .errors import ApiError, bad_request
 from .state import ServerState
 
@@ -54,10 +57,11 @@ async def tokenize(state: ServerState, body: TokenizeRequest) -> dict[str, Any]:
     tok = _tokenizer(state)
     if body.prompt is not None:
         add_bos = True if body.add_special_tokens is None else body.add_special_tokens
-        ids = await asyncio.to_thread(tok.encode, body.prompt, add_bos)
+        enc = await asyncio.to_thread(tok.backend.encode, body.prompt, add_special_tokens=False)
+        ids = list(enc.ids)
+        if add_bos and tok.add_bos_token and tok.bos_token_id is not None:
+            ids = [tok.bos_token_id, *ids]
     else:
-        from .chat import _normalize_messages  # the chat route's own message forms
-
         messages = _normalize_messages(body.messages or [])
         try:
             ids = await asyncio.to_thread(tok.apply_chat_template, messages, body.tools or None,
