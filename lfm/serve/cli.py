@@ -32,7 +32,7 @@ def _positive(text: str) -> int:
 
 
 def add_serve_parser(sub) -> argparse.ArgumentParser:
-    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, tools, JSON output)")
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, responses, tools, JSON output)")
     s.add_argument("model", nargs="?", help="checkpoint directory or Hugging Face Hub id (default: the built-in demo "
                    "model, offline)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
