@@ -122,7 +122,12 @@ def test_streaming_events(client):
     (dict(input=[{"type": "web_search_call"}]), "input[0]"),
     (dict(input="hi", tools=[{"type": "web_search"}]), "tools[0]"),
     (dict(input="hi", previous_response_id="resp_x"), "previous_response_id"),
-    (dict(input="hi", text={"format": {"type": "xml"}}), "response_format"),
+    (dict(input="hi", text={"format": {"type": "xml"}}), "text.format"),
+    (dict(input="hi", text={"format": {"type": "json_schema", "name": "x", "schema": {"type": "strin"}}}),
+     "text.format"),
+    (dict(input="hi", tools=[{**WEATHER, "parameters": {"type": "object", "properties": {"a": {"type": 5}}}}]),
+     "tools[0].parameters"),
+    (dict(input="word " * 2000), "input"),
     (dict(input="hi", tools=[WEATHER], tool_choice={"type": "function", "name": "nope"}), "tool_choice"),
     (dict(input="hi", max_output_tokens=0), "max_output_tokens"),
 ])

@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 
 from .chat import chat_completions
-from .errors import bad_request
+from .errors import ApiError, bad_request
 from .protocol import ChatCompletionRequest
 from .state import ServerState
 
@@ -174,9 +174,17 @@ def chat_request(body: ResponsesRequest, stream: bool) -> ChatCompletionRequest:
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err.get("loc", ()))
-        param = {"messages": "input", "max_tokens": "max_output_tokens",
-                 "response_format": "text.format"}.get(loc.split(".")[0], loc or None)
-        raise bad_request(f"{loc}: {err.get('msg', 'invalid value')}", param) from None
+        raise bad_request(f"{responses_param(loc)}: {err.get('msg', 'invalid value')}", responses_param(loc)) from None
+
+
+def responses_param(param: str | None) -> str | None:
+    """A chat request's field name in an error -> the Responses request's name for it."""
+    if not param:
+        return None
+    for chat, ours in (("messages", "input"), ("max_tokens", "max_output_tokens"), ("response_format", "text.format")):
+        if param == chat or param.startswith(chat + ".") or param.startswith(chat + "["):
+            return ours + param[len(chat):] if chat != "messages" else ours
+    return param.replace(".function.", ".")  # tools[i].function.parameters -> tools[i].parameters
 
 
 # ------------------------------------------------------------------------------------------------ response
@@ -219,7 +227,11 @@ async def responses(state: ServerState, request: Request, body: ResponsesRequest
     state.check_model(body.model)
     chat_body = chat_request(body, body.stream)
     rid, created = new_id("resp"), int(time.time())
-    answer = await chat_completions(state, request, chat_body)
+    try:
+        answer = await chat_completions(state, request, chat_body)
+    except ApiError as e:
+        e.param = responses_param(e.param)
+        raise
     if body.stream:
         from .responses_stream import response_events
 
