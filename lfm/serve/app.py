@@ -126,8 +126,8 @@ async def _parse(state: ServerState, request: Request, model: type[BaseModel]) -
     raw = b"".join(chunks)
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise bad_request(f"the body is not valid JSON: {e}", None, "invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, and integers over Python's 4300-digit limit
+        raise bad_request(f"the body is not valid JSON: {str(e)[:200]}", None, "invalid_json") from None
     except RecursionError:
         raise bad_request("the body nests too deeply", None, "invalid_json") from None
     if not isinstance(data, dict):

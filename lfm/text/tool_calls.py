@@ -11,6 +11,17 @@ Decisions a caller must know:
 - After the calls are extracted, a bare `[f(...)]` in the content that repeats only already-extracted calls is an
   echo and is removed. Separate sentinel blocks are never deduplicated (two identical calls can be intended).
 - With calls found, content is the non-empty, stripped text pieces around the blocks joined by "\n".
+- Never drop a call. Liquid's own chat templates (llama.cpp's models/templates/ LFM2.5-Instruct, LFM2-8B-A1B) render
+  assistant calls with single-quoted, unescaped strings, so a model trained on them writes `f(q='it's 5')`. When
+  the strict reading fails, every reading that lets an inner `'` be a literal is tried: exactly one complete reading
+  is taken; none or several leave the block as content (`ParsedToolCalls.unparsed` says which text that was).
+- A block cut off by the end of generation (max_tokens) keeps its complete calls, and its last, incomplete call is
+  returned with `partial=True` and the arguments generated so far as a JSON prefix, as OpenAI returns a call cut by
+  `max_tokens` (finish_reason "length", `arguments` an unterminated JSON string); the control-token text is never
+  handed back as content.
+- `sentinels`: where the caller knows which `<|tool_call_start|>` / `<|tool_call_end|>` texts are real control
+  tokens (their character offsets, see `sentinel_offsets`), only those count; the same characters spelled by ordinary
+  tokens are plain text. Without it (a plain string), every occurrence counts.
 """
 
 from __future__ import annotations
@@ -18,6 +29,7 @@ from __future__ import annotations
 import json
 import uuid
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 TOOL_CALL_START = "<|tool_call_start|>"
@@ -34,14 +46,15 @@ class ToolCall:
 
     name: str
     arguments: dict[str, Any] = field(default_factory=dict)
+    partial: bool = False  # cut off by the end of generation: `arguments` holds the complete ones only
+    partial_json: str | None = field(default=None, compare=False)  # the JSON prefix of a partial call's arguments
 
     def to_openai(self, call_id: str | None = None) -> dict[str, Any]:
-        """OpenAI chat-completions `tool_calls` entry; arguments become a JSON string as the API requires."""
-        return {
-            "id": call_id or new_call_id(),
-            "type": "function",
-            "function": {"name": self.name, "arguments": json.dumps(self.arguments, ensure_ascii=False)},
-        }
+        """OpenAI chat-completions `tool_calls` entry; arguments become a JSON string as the API requires (for a
+        partial call, the unterminated JSON generated so far, as OpenAI returns a call cut by max_tokens)."""
+        args = self.partial_json if self.partial and self.partial_json is not None else json.dumps(
+            self.arguments, ensure_ascii=False)
+        return {"id": call_id or new_call_id(), "type": "function", "function": {"name": self.name, "arguments": args}}
 
 
 def new_call_id() -> str:
@@ -56,9 +69,21 @@ class _ParseError(Exception):
 class _Scanner:
     """Recursive-descent reader over Python-literal / JSON syntax with call expressions."""
 
-    def __init__(self, text: str, pos: int = 0) -> None:
+    def __init__(self, text: str, pos: int = 0, choices: list[bool] | None = None) -> None:
         self.text = text
         self.pos = pos
+        # lenient mode (choices not None): inside a single-quoted string, a `'` followed by a delimiter is a choice
+        # point (close here, or a literal apostrophe); choices[k] decides the k-th one, then False (literal) is
+        # assumed and recorded. A `'` not followed by a delimiter is always literal.
+        self.choices = choices
+        self.decided = 0
+        # progress of the call being read, for a call cut off by the end of the text
+        self.call_name: str | None = None
+        self.call_args: dict[str, Any] | None = None
+        self.call_key: str | None = None
+        self.open_string: str | None = None  # an unterminated string's text so far
+        self.open_string_at = -1  # where that string starts
+        self.value_at = -1  # where the current argument's value starts
 
     def peek(self) -> str:
         return self.text[self.pos] if self.pos < len(self.text) else ""
@@ -116,19 +141,45 @@ class _Scanner:
         triple = self.text.startswith(quote * 3, self.pos)
         self.pos += 3 if triple else 1
         out: list[str] = []
+        self.open_string, self.open_string_at = "", self.pos - (3 if triple else 1)
         while True:
             if self.pos >= len(self.text):
                 raise _ParseError("unterminated string")
             c = self.text[self.pos]
             if c == "\\":
                 self.pos += 1
+                if self.pos >= len(self.text):
+                    self.open_string = "".join(out)
                 out.append(self._escape())
                 continue
             if c == quote and (not triple or self.text.startswith(quote * 3, self.pos)):
+                if quote == "'" and not triple and self.choices is not None and not self._closes():
+                    out.append(c)
+                    self.pos += 1
+                    continue
                 self.pos += 3 if triple else 1
+                self.open_string = None
                 return "".join(out)
             out.append(c)
             self.pos += 1
+            if self.pos >= len(self.text):
+                self.open_string = "".join(out)
+
+    def _closes(self) -> bool:
+        """Lenient mode, at a `'` inside a single-quoted string: does it close the string?"""
+        after = self.pos + 1
+        while after < len(self.text) and self.text[after] in " \t":
+            after += 1
+        if after < len(self.text) and self.text[after] not in ",)]}:\n":
+            return False  # `it's`: only a literal reading continues
+        assert self.choices is not None
+        if self.decided < len(self.choices):
+            pick = self.choices[self.decided]
+        else:
+            pick = False
+            self.choices.append(pick)
+        self.decided += 1
+        return pick
 
     def _escape(self) -> str:
         if self.pos >= len(self.text):
@@ -224,6 +275,7 @@ class _Scanner:
         """`(a=1, b="x", 3)`: keywords by name (Python keywords such as `from` included), positionals as argN."""
         self.expect("(")
         args: dict[str, Any] = {}
+        self.call_args, self.call_key = args, None
         index = 0
         while True:
             self.skip_ws()
@@ -242,7 +294,11 @@ class _Scanner:
                     self.pos = start
             if key is None:
                 key, index = f"arg{index}", index + 1
+            self.call_key = key
+            self.skip_ws()
+            self.value_at = self.pos
             args[key] = self.value()
+            self.call_key = None
             self.skip_ws()
             if self.peek() == ",":
                 self.pos += 1
@@ -253,8 +309,25 @@ class _Scanner:
         self.skip_ws()
         if self.peek() == "{":
             return _call_from_json(self.mapping())
+        self.call_name, self.call_args = None, None
         name = self.name(dotted=True)
-        return ToolCall(name, self.call_arguments())
+        self.call_name = name
+        args = self.call_arguments()
+        self.call_name = self.call_args = None
+        return ToolCall(name, args)
+
+    def partial_call(self) -> ToolCall | None:
+        """The call this scanner was reading when the text ended (None if not even its `(` was read)."""
+        if self.call_name is None or self.call_args is None:
+            return None
+        done = dict(self.call_args)
+        if self.call_key is not None:
+            done.pop(self.call_key, None)
+        prefix = json.dumps(done, ensure_ascii=False)[:-1]
+        if self.call_key is not None and self.open_string is not None and self.open_string_at == self.value_at:
+            prefix += (", " if done else "") + json.dumps(self.call_key, ensure_ascii=False) + ": "
+            prefix += json.dumps(self.open_string, ensure_ascii=False)[:-1]
+        return ToolCall(self.call_name, done, partial=True, partial_json=prefix)
 
 
 def _call_from_json(obj: Any) -> ToolCall:
@@ -292,22 +365,110 @@ def _parse_call_list(scanner: _Scanner, calls: list[ToolCall]) -> None:
             raise _ParseError(f"expected ',' or ']' at {scanner.pos}")
 
 
-def _parse_block(body: str) -> tuple[list[ToolCall], bool]:
-    """Calls in one block body: lists, bare calls or JSON objects, in sequence. Returns (calls, fully parsed)."""
+@dataclass
+class _Block:
+    calls: list[ToolCall]
+    complete: bool  # the whole body was read
+    rest: int  # where the unread text starts (len(body) when complete)
+
+
+def _read(body: str, choices: list[bool] | None = None) -> tuple[_Block, _Scanner]:
+    """Calls in one block body: lists, bare calls or JSON objects, in sequence."""
     calls: list[ToolCall] = []
-    scanner = _Scanner(body)
+    scanner = _Scanner(body, 0, choices)
+    rest = 0
     try:
         while True:
             while scanner.pos < len(body) and (body[scanner.pos].isspace() or body[scanner.pos] in ",;"):
                 scanner.pos += 1
             if scanner.pos >= len(body):
-                return calls, True
+                return _Block(calls, True, len(body)), scanner
+            rest = scanner.pos
             if scanner.peek() == "[":
-                _parse_call_list(scanner, calls)
+                scanner.expect("[")
+                while True:
+                    scanner.skip_ws()
+                    if scanner.peek() == "]":
+                        scanner.pos += 1
+                        break
+                    calls.append(scanner.call())
+                    rest = scanner.pos
+                    scanner.skip_ws()
+                    if scanner.peek() == ",":
+                        scanner.pos += 1
+                        rest = scanner.pos
+                    elif scanner.peek() != "]":
+                        raise _ParseError(f"expected ',' or ']' at {scanner.pos}")
             else:
                 calls.append(scanner.call())
+                rest = scanner.pos
     except (_ParseError, RecursionError):
-        return calls, False
+        return _Block(calls, False, rest), scanner
+
+
+_MAX_READINGS = 256  # lenient readings tried per block (each is one linear pass)
+
+
+def _lenient(body: str, tools: list[dict] | None) -> list[ToolCall] | None:
+    """The one complete reading of a block whose single-quoted strings hold unescaped `'`; None if there is no
+    such reading or more than one (depth-first over the choice points, at most _MAX_READINGS passes). With
+    `tools`, readings that call an unknown tool, pass an unknown argument or miss a required one are discarded
+    first (`f(a='it's', b='x')` also reads as a="it's', b='x", which leaves out b)."""
+    found: list[list[ToolCall]] = []
+    todo: list[list[bool]] = [[]]
+    tries = 0
+    while todo and tries < _MAX_READINGS:
+        prefix = todo.pop()
+        tries += 1
+        choices = list(prefix)
+        block, _ = _read(body, choices)
+        for k in range(len(choices) - 1, len(prefix) - 1, -1):  # choice points this pass met first: branch
+            todo.append(choices[:k] + [True])
+        if block.complete and block.calls and block.calls not in found and _fits(block.calls, tools):
+            found.append(block.calls)
+            if len(found) > 1:
+                return None
+    return found[0] if len(found) == 1 and not todo else None
+
+
+def _fits(calls: list[ToolCall], tools: list[dict] | None) -> bool:
+    """Whether every call names a given tool with known arguments and all required ones (True without tools)."""
+    if not tools:
+        return True
+    schemas = {}
+    for tool in tools:
+        fn = tool.get("function", tool) if isinstance(tool, dict) else {}
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            schemas[fn["name"]] = fn.get("parameters") or {}
+    for call in calls:
+        if call.name not in schemas:
+            return False
+        params = schemas[call.name] if isinstance(schemas[call.name], dict) else {}
+        props = list(params.get("properties") or {})
+        named = [props[int(k[3:])] if k.startswith("arg") and k[3:].isdigit() and int(k[3:]) < len(props) else k
+                 for k in call.arguments]
+        if props and any(k not in props for k in named):
+            return False
+        if any(r not in named for r in params.get("required") or []):
+            return False
+    return True
+
+
+def _parse_block(body: str, truncated: bool, tools: list[dict] | None) -> _Block:
+    """A block's calls: the strict reading, else the one lenient reading, else the complete calls before the
+    failure (and, if the text ended inside the block, the call it was cut in, partial)."""
+    block, scanner = _read(body)
+    if block.complete:
+        return block
+    if "'" in body[block.rest:]:
+        calls = _lenient(body, tools)
+        if calls is not None:
+            return _Block(calls, True, len(body))
+    if truncated:
+        cut = scanner.partial_call()
+        if cut is not None:
+            return _Block(block.calls + [cut], True, len(body))
+    return block
 
 
 def _name_positionals(calls: list[ToolCall], tools: list[dict] | None) -> None:
@@ -353,30 +514,79 @@ def _strip_echoes(text: str, calls: list[ToolCall]) -> str:
     return text
 
 
-def parse_tool_calls(text: str, tools: list[dict] | None = None) -> tuple[list[ToolCall], str]:
+@dataclass
+class ParsedToolCalls:
+    """What `parse_tool_calls_detailed` found: the calls, the content, and the text of call blocks that could not
+    be read (returned as content; a server should say so, e.g. in its log)."""
+
+    calls: list[ToolCall]
+    content: str
+    unparsed: list[str] = field(default_factory=list)
+
+
+def sentinel_offsets(token_ids: list[int], start_id: int | None, end_id: int | None,
+                     decode: Callable[[list[int]], str]) -> list[int]:
+    """Character offsets, in `decode(token_ids)`, of the real `<|tool_call_start|>` / `<|tool_call_end|>` tokens
+    (so that the same characters spelled by ordinary tokens stay text)."""
+    marks = {start_id, end_id} - {None}
+    return [len(decode(token_ids[:k])) for k, t in enumerate(token_ids) if t in marks]
+
+
+def parse_tool_calls(text: str, tools: list[dict] | None = None,
+                     sentinels: list[int] | None = None) -> tuple[list[ToolCall], str]:
     """Split model output into (tool calls, remaining content). Never raises on model output."""
-    if TOOL_CALL_START not in text:
-        return [], text
+    r = parse_tool_calls_detailed(text, tools, sentinels)
+    return r.calls, r.content
+
+
+def parse_tool_calls_detailed(text: str, tools: list[dict] | None = None,
+                              sentinels: list[int] | None = None) -> ParsedToolCalls:
+    """`parse_tool_calls`, also saying which call blocks could not be read (see the module notes)."""
+    real = None if sentinels is None else set(sentinels)
+
+    def find(marker: str, pos: int) -> int:
+        at = text.find(marker, pos)
+        while real is not None and at != -1 and at not in real:
+            at = text.find(marker, at + 1)
+        return at
+
+    def drop_ends(a: int, b: int) -> str:
+        """text[a:b] without (real) end sentinels."""
+        out, pos = [], a
+        while (at := find(TOOL_CALL_END, pos)) != -1 and at < b:
+            out.append(text[pos:at])
+            pos = at + len(TOOL_CALL_END)
+        out.append(text[pos:b])
+        return "".join(out)
+
+    if find(TOOL_CALL_START, 0) == -1:
+        return ParsedToolCalls([], text)
     calls: list[ToolCall] = []
     pieces: list[str] = []
+    unparsed: list[str] = []
     pos = 0
-    while (start := text.find(TOOL_CALL_START, pos)) != -1:
+    while (start := find(TOOL_CALL_START, pos)) != -1:
         body_start = start + len(TOOL_CALL_START)
-        end = text.find(TOOL_CALL_END, body_start)
+        end = find(TOOL_CALL_END, body_start)
         body = text[body_start:] if end == -1 else text[body_start:end]
-        found, _ = _parse_block(body)
-        pieces.append(text[pos:start].replace(TOOL_CALL_END, ""))
-        if found:
-            calls.extend(found)
-        else:  # nothing usable: leave the raw block as content
-            pieces.append(text[start:] if end == -1 else text[start:end + len(TOOL_CALL_END)])
+        block = _parse_block(body, end == -1, tools)
+        pieces.append(drop_ends(pos, start))
+        calls.extend(block.calls)
+        if not block.complete:
+            if not block.calls and end != -1:  # nothing usable in a closed block: the raw block is content
+                raw = text[start:end + len(TOOL_CALL_END)]
+            else:  # the unread rest (or a cut-off block's text) without control-token text
+                raw = body[block.rest:] if block.calls else body
+            if raw.strip():
+                pieces.append(raw)
+                unparsed.append(raw)
         if end == -1:
             pos = len(text)
             break
         pos = end + len(TOOL_CALL_END)
-    pieces.append(text[pos:].replace(TOOL_CALL_END, ""))
-    if not calls:
-        return [], text
+    pieces.append(drop_ends(pos, len(text)))
+    if not calls:  # the text as it was, less control-token text of cut-off blocks and stray end sentinels
+        return ParsedToolCalls([], "".join(pieces), unparsed)
     content = "\n".join(p.strip() for p in (_strip_echoes(p, calls) for p in pieces) if p.strip())
     _name_positionals(calls, tools)
-    return calls, content
+    return ParsedToolCalls(calls, content, unparsed)
