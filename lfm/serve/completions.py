@@ -3,6 +3,7 @@ logprobs)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -30,6 +31,7 @@ def _prompts(state: ServerState, p: str | list) -> list[tuple[list[int], str]]:
         if isinstance(f, str):
             if state.tokenizer is None:
                 raise bad_request("this checkpoint has no tokenizer: send token ids", param)
+            state.check_text_fits(len(f), param)
             ids, text = state.tokenizer.encode(f), f
         else:
             ids = list(f)
@@ -47,7 +49,7 @@ async def completions(state: ServerState, request: Request, body: CompletionRequ
         raise bad_request("suffix is not supported by this model", "suffix")
     if body.best_of is not None and body.best_of != body.n:
         raise bad_request("best_of other than n is not supported", "best_of")
-    prompts = _prompts(state, body.prompt)
+    prompts = await asyncio.to_thread(_prompts, state, body.prompt)  # tokenizing a large prompt takes a while
     reqs, meta = [], []
     for k, (ids, text) in enumerate(prompts):
         max_tokens = state.max_tokens_for(body.max_tokens, len(ids))
