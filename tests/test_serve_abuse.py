@@ -289,3 +289,30 @@ def test_a_slow_schema_does_not_hold_up_other_constrained_requests(server):
     cached = len(server.state.grammar._cache)
     assert post(server, CHAT, big)[0] == 200
     assert len(server.state.grammar._cache) == cached  # the same schema again: no second compilation
+
+
+def test_call_cut_off_by_max_tokens_is_a_partial_call_not_control_text(server):
+    """OpenAI answers a tool call cut by max_tokens with finish_reason "length" and the call's arguments so far (an
+    unterminated JSON string); the raw `<|tool_call_start|>[f(` text never reaches the client as content."""
+    from lfm.serve.chat import _choice_json
+    from lfm.serve.state import Choice
+
+    state = server.state
+    tok, g = state.tokenizer, state.grammar
+    ids = [g.start_id] + tok.encode('[f(city="Par', add_bos=False)
+    c = Choice(text=tok.decode(ids), token_ids=ids, finish_reason="length")
+    out = _choice_json(state, 0, c, [CITY], False)
+    assert out["finish_reason"] == "length" and out["message"]["content"] is None
+    (call,) = out["message"]["tool_calls"]
+    assert call["function"] == {"name": "f", "arguments": '{"city": "Par'}
+    ids = [g.start_id] + tok.encode("[f", add_bos=False)  # not even the name is complete: content, no control text
+    out = _choice_json(state, 0, Choice(text=tok.decode(ids), token_ids=ids, finish_reason="length"), [CITY], False)
+    assert out["message"] == {"role": "assistant", "content": "[f"} and out["finish_reason"] == "length"
+
+
+def test_control_text_in_template_variables_stays_text(server):
+    """chat_template_kwargs are client strings too: control-token text in them is encoded as text."""
+    tok = server.state.tokenizer
+    ids = tok.apply_chat_template(MSGS, add_generation_prompt=True, bos_token="<|im_end|>")
+    ref = tok.apply_chat_template(MSGS, add_generation_prompt=True, bos_token="x")
+    assert ids.count(tok.im_end_id) == ref.count(tok.im_end_id)

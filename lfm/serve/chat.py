@@ -213,6 +213,7 @@ def _choice_json(state: ServerState, i: int, c: Choice, tools: list[dict] | None
         marks = sentinel_offsets(c.token_ids, g.start_id, g.end_id, _decoder(state, skip_special_tokens))
         parsed = parse_tool_calls_detailed(c.text, tools, marks)
         calls, content = parsed.calls, parsed.content
+        msg["content"] = content  # without the control text of a block cut off before its call had a name
         if parsed.unparsed:
             log.warning("a tool-call block could not be read as calls; returned as content: %.200r", parsed.unparsed)
         if calls:

@@ -243,9 +243,10 @@ class Tokenizer:
 
     def _encode_chat(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool,
                      with_mask: bool, kwargs: dict) -> ChatEncoding:
-        marked_messages = [self._mark_trusted(m) if m.get("role") in _TRUSTED_ROLES else self._mark(m) for m in messages]
+        marked_messages = [self._mark_trusted(m) if m.get("role") in _TRUSTED_ROLES else self._mark(m)
+                           for m in messages]
         marked_tools = self._mark(tools) if tools is not None else None
-        rendered = self._render(marked_messages, marked_tools, add_generation_prompt, with_mask, kwargs)
+        rendered = self._render(marked_messages, marked_tools, add_generation_prompt, with_mask, self._mark(kwargs))
         ids: list[int] = []
         starts: list[int] = []
         pos = 0
