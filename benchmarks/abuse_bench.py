@@ -7,9 +7,9 @@ The server runs in a child process (`lfm serve`, 127.0.0.1). Each phase starts 6
 (greedy, `ignore_eos`, a fixed `max_tokens`, so every phase does the same work) and measures each stream's total
 latency. In the "attack" phase another client meanwhile loops over: a ~1 MB response_format schema, a schema with
 2,000 optional properties, a 4 MB prompt, and a request whose sampling would produce NaN (`temperature` 1e-42), one
-after the other with --attack-pause seconds between them; each must get its 4xx. A third client polls `/health` every 50 ms throughout. Phases alternate (baseline, attack, ...)
---repeats times; the table shows medians over repeats. Pass: 0 stream errors, attack p99 <= 2x baseline p99,
-every /health answer within 1 s.
+after the other with --attack-pause seconds between them; each must get its 4xx. A third client polls `/health`
+every 50 ms throughout. Phases alternate (baseline, attack, ...) --repeats times; the table shows medians over
+repeats. Pass: 0 stream errors, every attack a 4xx, attack p99 <= 2x baseline p99, every /health answer within 1 s.
 """
 
 from __future__ import annotations

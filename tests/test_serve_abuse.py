@@ -279,7 +279,8 @@ def test_a_slow_schema_does_not_hold_up_other_constrained_requests(server):
     big = chat(response_format={"type": "json_schema", "json_schema": {"name": "big", "schema": wide}}, max_tokens=1)
     ends: dict[str, float] = {}
     got: list = []
-    t = threading.Thread(target=lambda: (got.append(post(server, CHAT, big)), ends.__setitem__("big", time.monotonic())))
+    t = threading.Thread(target=lambda: (got.append(post(server, CHAT, big)),
+                                         ends.__setitem__("big", time.monotonic())))
     t.start()
     time.sleep(0.05)
     status, _ = post(server, CHAT, chat(tools=[CITY], tool_choice="required", max_tokens=1))

@@ -36,8 +36,8 @@ import xgrammar as xgr
 from ..text import Tokenizer
 from .tool_grammar import ToolSchemaError, tool_call_ebnf
 
-__all__ = ["GrammarBackend", "GrammarError", "ConstraintSpec", "Constraint", "Force", "Match", "Trigger", "SchemaBudget",
-           "schema_cost"]
+__all__ = ["GrammarBackend", "GrammarError", "ConstraintSpec", "Constraint", "Force", "Match", "Trigger",
+           "SchemaBudget", "schema_cost"]
 
 
 class GrammarError(ValueError):
