@@ -317,3 +317,25 @@ def test_control_text_in_template_variables_stays_text(server):
     ids = tok.apply_chat_template(MSGS, add_generation_prompt=True, bos_token="<|im_end|>")
     ref = tok.apply_chat_template(MSGS, add_generation_prompt=True, bos_token="x")
     assert ids.count(tok.im_end_id) == ref.count(tok.im_end_id)
+
+
+def test_compile_that_overruns_its_timeout_is_a_400(server):
+    """--grammar-compile-timeout: the request stops waiting (400 naming the flag); the server goes on."""
+    state = server.state
+    real, timeout = state.grammar.compiler, state.cfg.grammar_compile_timeout
+
+    class Slow:
+        def compile_json_schema(self, *a, **k):
+            time.sleep(1.5)
+            return real.compile_json_schema(*a, **k)
+
+    state.grammar.compiler, state.cfg.grammar_compile_timeout = Slow(), 0.3
+    try:
+        schema = {"type": "object", "properties": {"slow": {"type": "integer"}}}
+        status, out = post(server, CHAT, chat(response_format={"type": "json_schema", "json_schema": {
+            "name": "s", "schema": schema}}))
+    finally:
+        time.sleep(1.5)  # let the abandoned compilation finish before the real compiler comes back
+        state.grammar.compiler, state.cfg.grammar_compile_timeout = real, timeout
+    assert status == 400 and "--grammar-compile-timeout" in out["error"]["message"], out
+    still_serving(server)
