@@ -39,8 +39,15 @@ class Entry:
     nbytes: int
 
 
-def _no_constant(name: str) -> object:
-    raise ValueError(f"{name} is not a JSON number")  # Python's json accepts NaN / Infinity; safetensors does not
+class _Constant:
+    """NaN / Infinity / -Infinity, which Python's json accepts and JSON (and safetensors) does not: kept as a marker
+    so that the entry holding it is refused by name below."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
 
 
 def _count(v: object) -> int:
@@ -67,7 +74,9 @@ def read_header(path: str | Path) -> tuple[dict[str, Entry], dict[str, str]]:
             if n > min(size - 8, _MAX_HEADER):
                 raise SafetensorsError(f"{path}: header length {n} exceeds the file ({size} bytes): truncated or not safetensors")
             raw = f.read(n)
-        header = json.loads(raw, parse_constant=_no_constant)
+        header = json.loads(raw, parse_constant=_Constant)
+    except SafetensorsError:
+        raise
     except FileNotFoundError:
         raise SafetensorsError(f"{path}: file not found") from None
     except IsADirectoryError:
