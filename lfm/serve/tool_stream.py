@@ -32,15 +32,21 @@ class ToolStreamParser:
     calls_emitted: int = 0
     unparsed: list[str] = field(default_factory=list)  # block text that came back as content (for a log line)
     _ids: list[int] = field(default_factory=list)
-    _base: int = 0  # text offset of buf[0]
+    _base: int = 0  # offset of buf[0] in the decoded output
+    _shift: int = 0
     _marks: list[int] = field(default_factory=list)  # offsets of real sentinels not yet consumed, ascending
 
     @property
     def by_ids(self) -> bool:
         return self.decode is not None and self.start_id is not None and self.end_id is not None
 
-    def feed(self, delta: str, token_ids: list[int] = ()) -> tuple[str, list[ToolCall]]:
-        """Add text (and the ids that produced it); return (content that is now final, calls that just closed)."""
+    def feed(self, delta: str, token_ids: list[int] = (), shift: int = 0) -> tuple[str, list[ToolCall]]:
+        """Add text (and the ids that produced it); return (content that is now final, calls that just closed).
+        `shift`: how many characters of the decoded output come before the text this parser sees (a reasoning
+        parser in front takes the `<think>` block off the start)."""
+        if shift != self._shift:
+            self._base += shift - self._shift
+            self._shift = shift
         if self.by_ids:
             for t in token_ids:
                 if t in (self.start_id, self.end_id):
