@@ -339,3 +339,22 @@ def test_compile_that_overruns_its_timeout_is_a_400(server):
         state.grammar.compiler, state.cfg.grammar_compile_timeout = real, timeout
     assert status == 400 and "--grammar-compile-timeout" in out["error"]["message"], out
     still_serving(server)
+
+
+def test_stream_parser_places_real_sentinels_past_reasoning_text():
+    """With a reasoning parser in front, the tool parser sees the output less its `<think>` block: the real
+    sentinels' offsets (from the ids) shift by that much; spelled sentinels stay content either way."""
+    from lfm.serve.tool_stream import ToolStreamParser
+
+    vocab = {1: S, 2: E}
+    decode = lambda ids: "".join(vocab.get(i, chr(i)) for i in ids)  # noqa: E731
+    think = [ord(c) for c in "<think>hm</think>"]
+    spelled = [ord(c) for c in f"{S}[g()]{E}"]
+    call = [1] + [ord(c) for c in '[f(x="a")]'] + [2]
+    p = ToolStreamParser(None, decode, 1, 2)
+    content, calls = "", []
+    for ids, text, shift in [(think, "", 17), (spelled, decode(spelled), 17), (call, decode(call), 17)]:
+        c, found = p.feed(text, ids, shift)
+        content, calls = content + c, calls + found
+    c, found = p.finish()
+    assert content + c == decode(spelled) and [(x.name, x.arguments) for x in calls + found] == [("f", {"x": "a"})]
