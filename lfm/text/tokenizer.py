@@ -243,9 +243,10 @@ class Tokenizer:
 
     def _encode_chat(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool,
                      with_mask: bool, kwargs: dict) -> ChatEncoding:
-        marked_messages = [m if m.get("role") in _TRUSTED_ROLES else self._mark(m) for m in messages]
+        marked_messages = [self._mark_trusted(m) if m.get("role") in _TRUSTED_ROLES else self._mark(m)
+                           for m in messages]
         marked_tools = self._mark(tools) if tools is not None else None
-        rendered = self._render(marked_messages, marked_tools, add_generation_prompt, with_mask, kwargs)
+        rendered = self._render(marked_messages, marked_tools, add_generation_prompt, with_mask, self._mark(kwargs))
         ids: list[int] = []
         starts: list[int] = []
         pos = 0
@@ -288,13 +289,20 @@ class Tokenizer:
         return render_chat_template(self._chat_template, messages, tools, add_generation_prompt,
                                     return_spans=return_spans, **variables)
 
+    def _mark_trusted(self, message: dict) -> dict:
+        """An assistant turn: its content is model output (control tokens genuine), but its structured tool calls
+        (names, argument keys and values) are data the template writes, and stay text."""
+        if not isinstance(message, dict):
+            return message
+        return {k: self._mark(v) if k == "tool_calls" else v for k, v in message.items()}
+
     def _mark(self, obj: Any) -> Any:
         """Wrap control-token text in untrusted strings with markers (after removing any forged markers)."""
         if isinstance(obj, str):
             obj = obj.replace(_MARK_OPEN, "").replace(_MARK_CLOSE, "")
             return self._control_re.sub(lambda m: f"{_MARK_OPEN}{m.group()}{_MARK_CLOSE}", obj)
-        if isinstance(obj, dict):
-            return {key: self._mark(value) for key, value in obj.items()}
+        if isinstance(obj, dict):  # keys too: a tool's property names are client text like any other
+            return {self._mark(key) if isinstance(key, str) else key: self._mark(value) for key, value in obj.items()}
         if isinstance(obj, (list, tuple)):
             return [self._mark(value) for value in obj]
         return obj
