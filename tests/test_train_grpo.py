@@ -136,12 +136,13 @@ def write_prompts(path: Path, n: int = 16, **extra) -> Path:
     return path
 
 
-def grpo_cfg(tmp_path: Path, tokenizer_dir: Path, name: str, steps: int = 30, **grpo) -> TrainConfig:
+def grpo_cfg(tmp_path: Path, tokenizer_dir: Path, name: str, steps: int = 30, batch_size: int = 2,
+             **grpo) -> TrainConfig:
     prompts = tmp_path / "prompts.jsonl"
     if not prompts.exists():
         write_prompts(prompts, answer_regex="k")
     return TrainConfig.from_dict({
-        "out_dir": str(tmp_path / name), "steps": steps, "batch_size": 2, "save_every": 0, "eval_every": 0,
+        "out_dir": str(tmp_path / name), "steps": steps, "batch_size": batch_size, "save_every": 0, "eval_every": 0,
         "threads": 1, "model": {"init": "tiny", "tokenizer": str(tokenizer_dir), "seed": 0},
         "data": {"task": "grpo", "train": [str(prompts)], "seq_len": 64},
         "optim": {"lr": 1e-2, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0},
@@ -161,10 +162,14 @@ def test_rollouts_use_the_policy_module_and_match_trainer_logprobs(tmp_path, tok
     t = make_trainer(grpo_cfg(tmp_path, tokenizer_dir, "gap", temperature=temperature), progress=False)
     assert isinstance(t, GrpoTrainer)
     assert t.rollouts.engine.model is t.model  # no copy: the engine runs the module the optimizer updates
-    for _ in range(3):
+    trained = 0
+    for _ in range(4):
         rec = t.train_step()  # the weights move; the sampler must follow with no sync
-        assert rec["logprob_gap_max"] <= 1e-5, rec
-        assert abs(rec["is_weight"] - 1.0) <= 1e-5
+        if rec["groups_kept"] > 0:
+            trained += 1
+            assert rec["logprob_gap_max"] <= 1e-5, rec
+            assert abs(rec["is_weight"] - 1.0) <= 1e-5
+    assert trained >= 2
     assert t.model.training  # back in train mode after the rollout
     _, samples = t.sample()
     for s in samples:
@@ -186,9 +191,10 @@ def test_grpo_raises_the_reward_and_a_shuffled_control_does_not(tmp_path, tokeni
     assert a[0]["reward_mean"] == b[0]["reward_mean"] < 0.3  # same seed: the same first rollout
     assert _mean_reward(a[-5:]) >= 0.8, [r["reward_mean"] for r in a]
     assert _mean_reward(b[-5:]) <= 0.4, [r["reward_mean"] for r in b]
-    for r in a[:3]:
-        assert set(r) >= {"reward_mean", "reward_std", "response_len", "entropy", "clip_frac", "logprob_gap",
-                          "groups_kept", "rollouts_per_s"}
+    for r in a:
+        assert set(r) >= {"reward_mean", "reward_std", "response_len", "groups_kept", "rollouts_per_s"}
+        if r["groups_kept"] > 0:
+            assert set(r) >= {"entropy", "clip_frac", "logprob_gap", "logprob_gap_max", "is_weight"}
 
 
 def _metrics(run: Path) -> list[dict]:
@@ -216,7 +222,7 @@ def test_killed_grpo_run_resumes_bit_for_bit(tmp_path, tokenizer_dir):
     resumed.run()
     want, got = _metrics(tmp_path / "full"), _metrics(tmp_path / "cut")
     assert len(want) == 6 and got == want
-    assert any(r["clip_frac"] > 0 for r in want) and all("kl" in r for r in want)
+    assert any(r.get("clip_frac", 0) > 0 for r in want) and any("kl" in r for r in want)
 
 
 def test_grpo_config_and_data_errors(tmp_path, tokenizer_dir):
@@ -231,3 +237,29 @@ def test_grpo_config_and_data_errors(tmp_path, tokenizer_dir):
     cfg.data.train = [str(tmp_path / "bad.jsonl")]
     with pytest.raises(DataError, match="prompt record 0"):
         make_trainer(cfg, progress=False)
+
+
+def test_fsdp2_two_ranks_sample_and_learn_as_one_process(tmp_path, tokenizer_dir):
+    """Rollouts per rank on gathered FSDP2 shards: 2 ranks x batch 1 give the 1 x batch 2 run (same samples, since
+    seeds follow the place in the global batch; gradients equal up to float reduction order)."""
+    import os
+    import subprocess
+
+    paths = {}
+    for bs in (1, 2):
+        cfg = grpo_cfg(tmp_path, tokenizer_dir, f"bs{bs}", steps=4, batch_size=bs)
+        cfg.batch_size = bs
+        paths[bs] = tmp_path / f"bs{bs}.toml"
+        paths[bs].write_text(cfg.to_toml())
+    make_trainer(TrainConfig.from_toml(paths[2]), progress=False).run()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "lfm.train", str(paths[1]), "--no-progress"], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = _metrics(tmp_path / "bs2"), _metrics(tmp_path / "bs1")
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two):
+        assert a["reward_mean"] == b["reward_mean"] and a["response_len"] == b["response_len"]
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+        assert b.get("logprob_gap_max", 0.0) <= 1e-5

@@ -114,23 +114,25 @@ class GrpoTrainer(Trainer):
             self.ref = ref.to(self.world.device).eval().requires_grad_(False)
 
     def _seed(self, j: int) -> int:
-        w = self.world
-        return (((self.cfg.model.seed * 1_000_003 + self.step) * 4099 + w.rank) * 65_537 + j) % (1 << 62)
+        return ((self.cfg.model.seed * 1_000_003 + self.step) * 1_000_000_007 + j) % (1 << 62)
 
     def sample(self) -> tuple[list[tuple[int, int]], list[Sample]]:
-        """This rank's prompts for the step as (micro-batch, prompt index), and group_size samples of each."""
+        """This rank's prompts for the step as (micro-batch, prompt index), and group_size samples of each. A
+        sample's seed is a function of (seed, step, its place in the global batch), not of the rank: 2 ranks with
+        batch_size 1 sample what 1 process with batch_size 2 samples."""
         cfg, g, w = self.cfg, self.cfg.grpo, self.world
-        picks = []
+        picks, where = [], []
         for m in range(cfg.grad_accum):
             start = self.consumed + (m * w.size + w.rank) * cfg.batch_size
             picks += [(m, int(i)) for i in self.order.indices(start, cfg.batch_size)]
+            where += range(start - self.consumed, start - self.consumed + cfg.batch_size)
         prompts, params, chat = [], [], []
-        for j, (_, i) in enumerate(picks):
+        for (_, i), pos in zip(picks, where):
             for k in range(g.group_size):
                 prompts.append(self.prompts[i])
                 chat.append(self.chat[i])
                 params.append(SamplingParams(temperature=g.temperature, top_p=g.top_p, max_tokens=g.max_tokens,
-                                             seed=self._seed(j * g.group_size + k), logprobs=0,
+                                             seed=self._seed(pos * g.group_size + k), logprobs=0,
                                              skip_special_tokens=False))
         return picks, self.rollouts.generate(prompts, params, chat)
 
@@ -181,7 +183,7 @@ class GrpoTrainer(Trainer):
         rewards = torch.tensor([self.reward_fn(s.text, self.records[picks[n // G][1]]) for n, s in enumerate(samples)],
                                dtype=torch.float32)
         if g.shuffle_rewards:  # the control: same rewards, randomly reassigned, so no completion earns its own
-            gen = torch.Generator().manual_seed(self._seed(1 << 20))
+            gen = torch.Generator().manual_seed(self._seed(-1 - w.rank))
             rewards = rewards[torch.randperm(len(rewards), generator=gen)]
         adv, keep = group_advantages(rewards, G, g.scale_rewards)
         batches = [self._batch_of([n for n in range(len(samples)) if keep[n] and picks[n // G][0] == m], samples, adv)
@@ -234,13 +236,15 @@ class GrpoTrainer(Trainer):
             "step": self.step, "loss": float(sums[0]) / total, "lr": lr, "grad_norm": float(gn),
             "tokens": self.tokens_seen, "reward_mean": mean,
             "reward_std": max(float(stats[1]) / n - mean * mean, 0.0) ** 0.5, "response_len": float(stats[3]) / n,
-            "groups_kept": float(stats[4]) / n, "entropy": float(sums[3]) / total,
-            "clip_frac": float(sums[1]) / (total * g.updates_per_rollout),
-            "logprob_gap": float(sums[4]) / total, "logprob_gap_max": self._max(gap_max),
-            "is_weight": float(sums[5]) / total,
+            "groups_kept": float(stats[4]) / n,
             "rollouts_per_s": n / max(float(stats[5]) / w.size, 1e-9),
             "sample_tokens_per_s": float(stats[3]) / max(float(stats[5]) / w.size, 1e-9),
             "processed_tokens": int(stats[6])}
-        if self.ref is not None:
-            rec["kl"] = float(sums[2]) / total
+        gap_max = self._max(gap_max)
+        if float(n_tok) > 0:  # per trained token: absent when every group tied
+            rec.update({"entropy": float(sums[3]) / total, "clip_frac": float(sums[1]) / (total * g.updates_per_rollout),
+                        "logprob_gap": float(sums[4]) / total, "logprob_gap_max": gap_max,
+                        "is_weight": float(sums[5]) / total})
+            if self.ref is not None:
+                rec["kl"] = float(sums[2]) / total
         return rec
