@@ -166,3 +166,29 @@ def test_distill_mixes_ce_and_config_errors(tmp_path, tokenizer_dir, teacher_dir
     bad.distill.teacher = ""
     with pytest.raises(TrainConfigError, match="distill.teacher"):
         bad.validate()
+
+
+def test_distill_under_fsdp2_equals_one_process(tmp_path, tokenizer_dir, teacher_dir):
+    """Student sharded by FSDP2, teacher whole on each rank: 2 ranks x batch 1 = 1 process x batch 2."""
+    import os
+    import subprocess
+    import sys
+
+    paths = {}
+    for bs in (1, 2):
+        cfg = _distill_cfg(tmp_path, tokenizer_dir, teacher_dir, f"bs{bs}", alpha=0.5)
+        cfg.batch_size, cfg.steps = bs, 4
+        paths[bs] = tmp_path / f"bs{bs}.toml"
+        paths[bs].write_text(cfg.to_toml())
+    make_trainer(TrainConfig.from_toml(paths[2]), progress=False).run()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "lfm.train", str(paths[1]), "--no-progress"], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    read = lambda p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    one, two = read(tmp_path / "bs2"), read(tmp_path / "bs1")
+    assert len(one) == len(two) == 4
+    for a, b in zip(one, two):
+        for k in ("loss", "kl", "ce"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5), (k, a, b)
