@@ -1,8 +1,10 @@
 """Rollouts for RL: the engine (`LLMEngine`: paged KV, continuous batching, the one sampler) run on the very module
 the trainer optimises, so every rollout samples from the policy's current weights with no copy and no sync.
 
-The engine is built once around the policy and reused: its KV blocks are only scratch space between rollouts, and
-prefix caching is off (a cached block would hold keys computed with older weights). During a rollout the policy is
+The engine is built once around the policy and reused. Its prefix cache is emptied at the start of every rollout
+(a block cached by the previous rollout holds keys computed with older weights, as verl resets vLLM's), and within a
+rollout the first sample of each prompt is prefilled before its siblings are added, so a group of G samples
+computes its prompt once. During a rollout the policy is
 in eval mode and under inference_mode; under FSDP2 its shards are gathered first (`unshard`) and released after, so
 each rank samples its own prompts with the whole model. The sampler reports the log-probability of each token under
 the distribution it drew from (temperature applied: logprobs_mode="processed_logprobs"), which is what the
@@ -67,30 +69,46 @@ class Rollouts:
                  kv_cache_memory: int = 1 << 30) -> None:
         self.model, self.tok = model, tok
         cfg = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max(2048, max_model_len),
-                           kv_cache_memory=kv_cache_memory, enable_prefix_caching=False,
+                           kv_cache_memory=kv_cache_memory, enable_prefix_caching=True,
                            max_model_len=max_model_len, logprobs_mode="processed_logprobs")
         with inference_view(model):
             self.engine = LLMEngine(model, tok, stop_ids(model, tok, False), stop_ids(model, tok, True), cfg)
         self._n = 0
 
+    def _step(self) -> None:
+        for d in self.engine.step():
+            if d.finish_reason == "error":
+                raise RuntimeError(f"rollout failed: {d.error}")
+
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: list[SamplingParams], chat: list[bool]) -> list[Sample]:
         eng = self.engine
-        seqs = []
+        seqs: list = []
         with inference_view(self.model):
+            if not eng.block_manager.reset_prefix_cache():
+                raise RuntimeError("rollout engine still holds sequences of an earlier rollout")
             try:
-                for p, sp, c in zip(prompts, params, chat):
+                leaders: dict[tuple[int, ...], int] = {}
+                for i, p in enumerate(prompts):
+                    leaders.setdefault(tuple(p), i)
+                order = sorted(range(len(prompts)), key=lambda i: leaders[tuple(prompts[i])] != i)  # leaders first
+                seqs = [None] * len(prompts)
+                for i in order:
+                    if leaders[tuple(prompts[i])] != i and seqs[i] is None:
+                        while any(s.num_output_tokens == 0 and s.finish_reason is None
+                                  for s in seqs if s is not None):  # leaders' prompts computed and cached first
+                            self._step()
                     self._n += 1
-                    seqs.append(eng.add_request(f"rl-{self._n}", p, sp, c))
+                    seqs[i] = eng.add_request(f"rl-{self._n}", prompts[i], params[i], chat[i])
                 while eng.has_unfinished_requests():
-                    for d in eng.step():
-                        if d.finish_reason == "error":
-                            raise RuntimeError(f"rollout failed: {d.error}")
+                    self._step()
             finally:
                 for s in seqs:
-                    eng.abort_request(s.request_id)
+                    if s is not None:
+                        eng.abort_request(s.request_id)
         out = []
         for s in seqs:
+            assert s is not None
             o = s.to_output()
             ids = list(o.token_ids)
             body = ids[:-1] if ids and o.finish_reason == "stop" and ids[-1] in s.stop_ids else ids
