@@ -263,3 +263,15 @@ def test_fsdp2_two_ranks_sample_and_learn_as_one_process(tmp_path, tokenizer_dir
         assert a["reward_mean"] == b["reward_mean"] and a["response_len"] == b["response_len"]
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
         assert b.get("logprob_gap_max", 0.0) <= 1e-5
+
+
+def test_shipped_configs_parse_and_validate():
+    root = Path(__file__).resolve().parents[1]
+    g = TrainConfig.from_toml(root / "configs" / "grpo-tools.toml")
+    g.validate()
+    assert g.data.task == "grpo" and Path(g.data.train[0]).is_file() and g.grpo.rewards == ["tool_call"]
+    rec = json.loads(Path(g.data.train[0]).read_text().splitlines()[0])
+    assert {"messages", "tools", "tool_calls"} <= set(rec)
+    d = TrainConfig.from_toml(root / "configs" / "distill-demo.toml")
+    d.validate()
+    assert d.data.task == "distill" and d.distill.top_k == 64 and Path(d.distill.cache).is_absolute()

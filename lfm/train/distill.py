@@ -19,6 +19,8 @@ the teacher runs whole on every rank, under no_grad (or is not loaded at all whe
 
 from __future__ import annotations
 
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,8 +85,13 @@ class DistillTrainer(Trainer):
             teacher = load_teacher(d.teacher, dtype, dev, vocab)
             meta = CacheMeta(d.top_k, d.temperature, cfg.data.seq_len, len(self.rows), d.rows_per_shard,
                              rows_digest(self.rows), d.teacher)
+            t0 = time.perf_counter()
             build_cache(Path(d.cache), self.rows, lambda b: self._teacher_logits(teacher, b), meta, self.world,
                         cfg.batch_size, dev)
+            if self.world.is_main:
+                dt = time.perf_counter() - t0
+                print(f"top-K cache {d.cache}: {len(self.rows)} rows in {dt:.1f} s "
+                      f"({len(self.rows) * cfg.data.seq_len / max(dt, 1e-9):.0f} teacher tokens/s)", file=sys.stderr)
             del teacher
         if d.cache:
             self.cache = TopKCache(d.cache)
