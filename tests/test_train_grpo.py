@@ -157,9 +157,11 @@ def trainer_logprobs(model, s, temperature):
     return torch.stack([lsm[P - 1 + j, t] for j, t in enumerate(s.ids)])
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_rollouts_use_the_policy_module_and_match_trainer_logprobs(tmp_path, tokenizer_dir, temperature):
-    t = make_trainer(grpo_cfg(tmp_path, tokenizer_dir, "gap", temperature=temperature), progress=False)
+@pytest.mark.parametrize("model,temperature", [("tiny", 1.0), ("tiny", 0.7), ("tiny-moe", 1.0)])
+def test_rollouts_use_the_policy_module_and_match_trainer_logprobs(tmp_path, tokenizer_dir, model, temperature):
+    cfg = grpo_cfg(tmp_path, tokenizer_dir, "gap", temperature=temperature)
+    cfg.model.init = model
+    t = make_trainer(cfg, progress=False)
     assert isinstance(t, GrpoTrainer)
     assert t.rollouts.engine.model is t.model  # no copy: the engine runs the module the optimizer updates
     trained = 0

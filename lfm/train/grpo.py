@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from ..engine.sampling import SamplingParams
 from ..model.checkpoint import load_model
+from .balance import imbalance, moe_layers, update_expert_bias
 from .config import TrainConfig
 from .data import DataError, RowOrder, iter_records
 from .loop import Trainer, build_model, lr_at
@@ -198,7 +199,7 @@ class GrpoTrainer(Trainer):
                     if self.ref is not None:
                         b["ref_lp"] = self.logprobs(self.ref, b)[0]
         sums = torch.zeros(6)  # loss, clipped, kl, entropy, |gap| sum, importance weight (first update)
-        gap_max, clipped_all, gn = 0.0, 0.0, torch.zeros(())
+        gap_max, clipped_all, gn, loads = 0.0, 0.0, torch.zeros(()), {}
         params = [p for p in self.model.parameters() if p.requires_grad]
         for u in range(g.updates_per_rollout):
             for b in batches:
@@ -217,6 +218,9 @@ class GrpoTrainer(Trainer):
                                           float(gap.sum()), float(t["is_weight"])])
             gn = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
             gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
+            loads = update_expert_bias(self.model, cfg.moe.bias_update_rate, w)  # MoE: as in pretraining
+            for _, moe in moe_layers(self.model):
+                moe.aux_loss = None  # the auxiliary loss is a pretraining device; RL does not add it
             if float(n_tok) > 0:  # nothing to learn from (every group tied): no step, no weight decay drift
                 self.optim.step()
             self.optim.zero_grad(set_to_none=True)
@@ -240,6 +244,8 @@ class GrpoTrainer(Trainer):
             "rollouts_per_s": n / max(float(stats[5]) / w.size, 1e-9),
             "sample_tokens_per_s": float(stats[3]) / max(float(stats[5]) / w.size, 1e-9),
             "processed_tokens": int(stats[6])}
+        if loads:
+            rec["max_imbalance"] = max(imbalance(v) for v in loads.values())
         gap_max = self._max(gap_max)
         if float(n_tok) > 0:  # per trained token: absent when every group tied
             rec.update({"entropy": float(sums[3]) / total, "clip_frac": float(sums[1]) / (total * g.updates_per_rollout),
