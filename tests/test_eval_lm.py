@@ -1,0 +1,136 @@
+"""`lfm.eval.LfmLM`, the lm-evaluation-harness backend: its log-likelihoods equal a direct float32 forward of the
+model (loglikelihood on a local YAML multiple-choice task through `simple_evaluate`, and loglikelihood_rolling), and
+generate_until honours `until` and `max_gen_toks`. The task is local (tests/data/tiny_mc.jsonl through the `json`
+dataset builder, as tests/test_serve_lm_eval.py does): nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lfm import LLM, load_model
+
+DATA = Path(__file__).parent / "data" / "tiny_mc.jsonl"
+
+
+def task_yaml(tmp: Path) -> Path:
+    (tmp / "tiny_mc.yaml").write_text(f"""task: lfm_eval_tiny_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {DATA}
+  cache_dir: {tmp / "hf-cache"}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+""")
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def lm(checkpoints):
+    from lfm.eval import LfmLM
+
+    return LfmLM(llm=LLM(str(checkpoints["dense"]), dtype="float32", max_model_len=64), batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def direct(checkpoints):
+    model = load_model(str(checkpoints["dense"]), dtype="float32")
+
+    def run(ids: list[int], start: int) -> tuple[float, bool]:
+        """sum of log p(ids[k] | ids[:k]) for k >= start, and whether each is the argmax: one full forward."""
+        with torch.no_grad():
+            lp = torch.log_softmax(model(torch.tensor([ids]))[0].float(), -1)
+        ks = range(start, len(ids))
+        return sum(lp[k - 1, ids[k]].item() for k in ks), all(lp[k - 1].argmax().item() == ids[k] for k in ks)
+    return run
+
+
+def test_simple_evaluate_loglikelihoods_equal_a_direct_forward(lm, direct, tmp_path, one_thread):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    tasks = TaskManager(include_path=str(task_yaml(tmp_path)))
+    out = simple_evaluate(model=lm, tasks=["lfm_eval_tiny_mc"], task_manager=tasks, log_samples=True,
+                          bootstrap_iters=0)
+    docs = [json.loads(line) for line in DATA.read_text().splitlines()]
+    samples = out["samples"]["lfm_eval_tiny_mc"]
+    assert len(samples) == len(docs)
+    checked = 0
+    for smp in samples:
+        for (context, continuation), resp in zip(smp["arguments"], smp["resps"]):
+            ll, greedy = resp[0]
+            # lm-eval's _encode_pair (HFLM): trailing context spaces join the continuation; whole and context are
+            # tokenized without BOS and the continuation is whole[len(context):]
+            n = len(context) - len(context.rstrip())
+            if n:
+                context, continuation = context[:-n], context[-n:] + continuation
+            tok = lm.tok
+            whole, ctx = tok.encode(context + continuation, add_bos=False), tok.encode(context, add_bos=False)
+            want_ll, want_greedy = direct(whole, len(ctx))
+            assert ll == pytest.approx(want_ll, abs=1e-5)
+            assert greedy == want_greedy
+            checked += 1
+    assert checked == sum(len(d["choices"]) for d in docs)
+    assert 0.0 <= out["results"]["lfm_eval_tiny_mc"]["acc,none"] <= 1.0
+
+
+def test_loglikelihood_rolling_equals_a_direct_forward_across_windows(lm, direct, one_thread):
+    from lm_eval.api.instance import Instance
+
+    short = "The json module encodes Python objects as JSON text."
+    long = " ".join(["os.path.join joins path components; shutil copies files."] * 12)  # > max_length: 2+ windows
+    tok = lm.tok
+    ids_long = tok.encode(long, add_bos=False)
+    assert len(ids_long) > lm.max_length
+    reqs = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate([short, long])]
+    got = lm.loglikelihood_rolling(reqs, disable_tqdm=True)
+    bos = tok.bos_token_id
+    assert got[0] == pytest.approx(direct([bos, *tok.encode(short, add_bos=False)], 1)[0], abs=1e-5)
+    # lm-eval's windows: the first max_length tokens after BOS, then each next block of tokens conditioned on the
+    # max_length tokens before its last one (disjoint: every token scored once)
+    L, total, pos = lm.max_length, 0.0, 0
+    seq = [bos, *ids_long]
+    total += direct(seq[:L + 1], 1)[0]
+    pos = L
+    while pos < len(ids_long):
+        end = min(pos + L, len(ids_long))  # score tokens ids_long[pos:end]
+        window = seq[end + 1 - (L + 1):end + 1] if end + 1 >= L + 1 else seq[:end + 1]
+        total += direct(window, len(window) - (end - pos))[0]
+        pos = end
+    assert got[1] == pytest.approx(total, abs=1e-5)
+
+
+def test_generate_until_respects_until_and_max_gen_toks(lm, one_thread):
+    from lm_eval.api.instance import Instance
+
+    prompt = "Once upon a time"
+    free = lm.generate_until([Instance("generate_until", {}, (prompt, {"max_gen_toks": 12}), 0)], disable_tqdm=True)[0]
+    ids = lm.tok.encode(free, add_bos=False)
+    assert 0 < len(lm.llm.generate([lm.tok_encode(prompt)], lm.sampling_params({"max_gen_toks": 12}))[0].token_ids) <= 12
+    # greedy is deterministic: the same prompt with a stop string cut from the free text ends before it
+    stop = free[len(free) // 2:len(free) // 2 + 2]
+    assert stop.strip() and len(ids) > 1
+    reqs = [Instance("generate_until", {}, (prompt, {"until": [stop], "max_gen_toks": 12}), 0),
+            Instance("generate_until", {}, (prompt, {"max_gen_toks": 3}), 1)]
+    cut, short = lm.generate_until(reqs, disable_tqdm=True)
+    assert cut == free[:free.index(stop)]
+    assert stop not in cut
+    assert len(lm.llm.generate([lm.tok_encode(prompt)], lm.sampling_params({"max_gen_toks": 3}))[0].token_ids) == 3
+    assert free.startswith(short) and len(short) < len(free)
+
+
+def test_registered_under_lfm():
+    from lm_eval.api.registry import get_model
+
+    from lfm.eval import LfmLM
+
+    assert get_model("lfm") is LfmLM
