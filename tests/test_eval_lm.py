@@ -134,3 +134,14 @@ def test_registered_under_lfm():
     from lfm.eval import LfmLM
 
     assert get_model("lfm") is LfmLM
+
+
+@pytest.mark.parametrize("n", [0, 1, 5, 59, 60, 61, 130])
+def test_rolling_windows_are_lm_evals(n):
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+    from lfm.eval.scoring import rolling_windows
+
+    ids = list(range(100, 100 + n))
+    want = [make_disjoint_window(w) for w in get_rolling_token_windows(ids, 1, 60, 1)]
+    assert [(list(a), list(b)) for a, b in rolling_windows(ids, 1, 60)] == [(list(a), list(b)) for a, b in want]
