@@ -1,25 +1,28 @@
-"""Evaluation: lm-evaluation-harness backend (`LfmLM`, model name `lfm`), local tasks and `lfm eval`.
+"""Evaluation: lm-evaluation-harness backend (`LfmLM`, model name `lfm`), built-in local tasks and `lfm eval`.
 
 `checks` (IFEval-style instruction checks) and `tool_match` (BFCL-style tool-call matching) are plain functions
-with no engine or lm-eval dependency, shared with RL rewards. `LfmLM` needs lm-eval and is imported on first use.
+with no engine or lm-eval dependency, shared with RL rewards. Names are imported on first use, so `lfm eval --help`
+(which imports lfm.eval.cli) loads neither torch nor lm-eval.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-from .checks import INSTRUCTIONS, check_instruction, follow_instructions, instruction_reward
-from .tool_match import ToolCallScore, match_call, score_tool_calls, tool_call_reward
-
-__all__ = ["LfmLM", "INSTRUCTIONS", "check_instruction", "follow_instructions", "instruction_reward",
-           "ToolCallScore", "match_call", "score_tool_calls", "tool_call_reward"]
+_WHERE = {"LfmLM": "lm", "Scorer": "scoring", "INSTRUCTIONS": "checks", "check_instruction": "checks",
+          "follow_instructions": "checks", "instruction_reward": "checks", "ToolCallScore": "tool_match",
+          "match_call": "tool_match", "score_tool_calls": "tool_match", "tool_call_reward": "tool_match"}
+__all__ = list(_WHERE)
 
 
 def __getattr__(name: str) -> Any:
-    if name == "LfmLM":
-        try:
-            from .lm import LfmLM
-        except ImportError as e:
-            raise ImportError(f"lfm.eval.LfmLM needs lm-evaluation-harness: pip install 'lm-eval' ({e})") from None
-        return LfmLM
-    raise AttributeError(f"module 'lfm.eval' has no attribute {name!r}")
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lfm.eval' has no attribute {name!r}")
+    try:
+        return getattr(importlib.import_module(f".{module}", __name__), name)
+    except ImportError as e:
+        if module != "lm":
+            raise
+        raise ImportError(f"lfm.eval.LfmLM needs lm-evaluation-harness: pip install 'lfm[eval]' ({e})") from None
