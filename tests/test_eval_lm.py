@@ -145,3 +145,14 @@ def test_rolling_windows_are_lm_evals(n):
     ids = list(range(100, 100 + n))
     want = [make_disjoint_window(w) for w in get_rolling_token_windows(ids, 1, 60, 1)]
     assert [(list(a), list(b)) for a, b in rolling_windows(ids, 1, 60)] == [(list(a), list(b)) for a, b in want]
+
+
+def test_chat_template_when_asked(lm):
+    """simple_evaluate(apply_chat_template=True) renders through apply_chat_template and encodes the string with
+    tok_encode: the control-token strings must become the same control ids the template's own encoding gives
+    (transformers: a rendered chat tokenized with add_special_tokens=False)."""
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What does json.dumps do?"}]
+    text = lm.apply_chat_template(msgs)
+    assert text.endswith("<|im_start|>assistant\n")
+    assert lm.tok_encode(text) == lm.tok.apply_chat_template(msgs)
+    assert lm.chat_template(True) == lm.tok.chat_template and lm.chat_template(False) is None
