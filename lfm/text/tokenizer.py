@@ -232,9 +232,14 @@ class Tokenizer:
         return self._render(messages, tools, add_generation_prompt, False, kwargs).text
 
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
-                            add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
-        """Render and tokenize a chat; only template-written control tokens become control ids."""
-        return self._encode_chat(messages, tools, add_generation_prompt, False, kwargs).ids
+                            add_generation_prompt: bool = True, trust_assistant: bool = True,
+                            **kwargs: Any) -> list[int]:
+        """Render and tokenize a chat; only template-written control tokens become control ids.
+
+        `trust_assistant=True` (training data, `LLM.chat`) keeps control tokens written in assistant turns' content as
+        control ids (they are model output). A server passes False: there every string a client sends, assistant
+        history included, is untrusted and stays text."""
+        return self._encode_chat(messages, tools, add_generation_prompt, False, kwargs, trust_assistant).ids
 
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None,
                     add_generation_prompt: bool = False, **kwargs: Any) -> ChatEncoding:
@@ -242,9 +247,9 @@ class Tokenizer:
         return self._encode_chat(messages, tools, add_generation_prompt, True, kwargs)
 
     def _encode_chat(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool,
-                     with_mask: bool, kwargs: dict) -> ChatEncoding:
-        marked_messages = [self._mark_trusted(m) if m.get("role") in _TRUSTED_ROLES else self._mark(m)
-                           for m in messages]
+                     with_mask: bool, kwargs: dict, trust_assistant: bool = True) -> ChatEncoding:
+        marked_messages = [self._mark_trusted(m) if trust_assistant and m.get("role") in _TRUSTED_ROLES
+                           else self._mark(m) for m in messages]
         marked_tools = self._mark(tools) if tools is not None else None
         rendered = self._render(marked_messages, marked_tools, add_generation_prompt, with_mask, self._mark(kwargs))
         ids: list[int] = []
