@@ -25,7 +25,9 @@ _MARK_CLOSE = "\U000f0001"
 
 # Special tokens that carry meaning in generated text and so survive `decode(skip_special_tokens=True)`:
 # the tool parser needs the call sentinels even where a checkpoint flags them special.
-KEEP_ON_SKIP = ("<|tool_call_start|>", "<|tool_call_end|>")
+# Thinking tags too: a checkpoint may mark `<think>` / `</think>` special, and the reasoning parser (and a reader of the
+# raw output) must still see where thinking ends.
+KEEP_ON_SKIP = ("<|tool_call_start|>", "<|tool_call_end|>", "<think>", "</think>")
 
 # Roles whose content is model output; its control tokens are genuine (e.g. a tool-call block) and stay tokens.
 _TRUSTED_ROLES = ("assistant",)
