@@ -146,6 +146,8 @@ def test_no_call_needed():
 def test_unparseable_call_and_parallel_calls():
     s = score_tool_calls(f"{S}[lookup_doc(name=]{E}", DOC, TOOLS)
     assert not s.parsed and not s.correct
+    s = score_tool_calls(f'{S}[lookup_doc(name="json.dumps")]', DOC, TOOLS)  # cut off before the end sentinel
+    assert not s.parsed and not s.correct
     two = DOC + [{"name": "get_weather", "arguments": {"city": ["Paris"]}}]
     swapped = [ToolCall("get_weather", {"city": "Paris"}), ToolCall("lookup_doc", {"name": "json.dumps"})]
     assert score_tool_calls(swapped, two, TOOLS).correct

@@ -99,10 +99,10 @@ def run(a: argparse.Namespace) -> None:
         if kind in ("mc", "ppl") and arg and not Path(arg).is_file():
             raise ValueError(f"{kind}:{arg}: no such file")
     if any(k == "lm-eval" for k, _ in tasks):
-        try:
-            import lm_eval  # noqa: F401
-        except ImportError:
-            raise ValueError("lm-eval tasks need lm-evaluation-harness: pip install 'lfm[eval]'") from None
+        import importlib.util
+
+        if importlib.util.find_spec("lm_eval") is None:
+            raise ValueError("lm-eval tasks need lm-evaluation-harness: pip install 'lfm[eval]'")
 
     import random
 

@@ -80,6 +80,8 @@ class Scorer:
                     open_[rid] = (i, eng.add_request(rid, list(prompts[i]), params[i], chat))
                 if not open_:
                     break
+                if not eng.has_unfinished_requests():
+                    raise RuntimeError("the engine stopped with requests unfinished")
                 for d in eng.step():
                     if d.request_id in open_ and d.finish_reason is not None:
                         i, seq = open_.pop(d.request_id)

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from ..text.tool_calls import TOOL_CALL_START, ToolCall, parse_tool_calls
+from ..text.tool_calls import TOOL_CALL_END, TOOL_CALL_START, ToolCall, parse_tool_calls
 
 
 def standardize(value: str) -> str:
@@ -26,7 +26,7 @@ def standardize(value: str) -> str:
 class ToolCallScore:
     """One response against its reference. `correct` is the score; the rest say where it went wrong."""
 
-    parsed: bool  # no tool-call block that failed to parse
+    parsed: bool  # every tool-call block is complete (closed by its end sentinel) and parses
     called: bool  # at least one call was made
     name_ok: bool  # the called names are the expected ones (as a multiset); for no-call-needed: no call
     correct: bool  # names and arguments all match (or: no call, when none is needed)
@@ -94,7 +94,10 @@ def score_tool_calls(output: str | list[ToolCall], expected: list[dict], tools: 
     """Score a response (its raw text, sentinels kept, or its parsed calls) against the reference calls."""
     if isinstance(output, str):
         calls, _ = parse_tool_calls(output, tools)
-        parsed = bool(calls) or TOOL_CALL_START not in output
+        # strict, as BFCL's AST parse: a call block must be complete (the lenient parser also reads a block cut
+        # off before its end sentinel, which a client may want, but an evaluation counts as malformed)
+        opened = output.count(TOOL_CALL_START)
+        parsed = opened == 0 or (bool(calls) and output.count(TOOL_CALL_END) >= opened)
     else:
         calls, parsed = list(output), True
     if not parsed:
