@@ -83,30 +83,53 @@ def test_simple_evaluate_loglikelihoods_equal_a_direct_forward(lm, direct, tmp_p
     assert 0.0 <= out["results"]["lfm_eval_tiny_mc"]["acc,none"] <= 1.0
 
 
-def test_loglikelihood_rolling_equals_a_direct_forward_across_windows(lm, direct, one_thread):
-    from lm_eval.api.instance import Instance
-
-    short = "The json module encodes Python objects as JSON text."
-    long = " ".join(["os.path.join joins path components; shutil copies files."] * 12)  # > max_length: 2+ windows
-    tok = lm.tok
-    ids_long = tok.encode(long, add_bos=False)
-    assert len(ids_long) > lm.max_length
-    reqs = [Instance("loglikelihood_rolling", {}, (t,), i) for i, t in enumerate([short, long])]
-    got = lm.loglikelihood_rolling(reqs, disable_tqdm=True)
-    bos = tok.bos_token_id
-    assert got[0] == pytest.approx(direct([bos, *tok.encode(short, add_bos=False)], 1)[0], abs=1e-5)
-    # lm-eval's windows: the first max_length tokens after BOS, then each next block of tokens conditioned on the
-    # max_length tokens before its last one (disjoint: every token scored once)
-    L, total, pos = lm.max_length, 0.0, 0
-    seq = [bos, *ids_long]
-    total += direct(seq[:L + 1], 1)[0]
-    pos = L
-    while pos < len(ids_long):
-        end = min(pos + L, len(ids_long))  # score tokens ids_long[pos:end]
-        window = seq[end + 1 - (L + 1):end + 1] if end + 1 >= L + 1 else seq[:end + 1]
+def direct_rolling(direct, bos: int, ids: list[int], L: int) -> float:
+    """lm-eval's rolling windows written out (HFLM, context_len=1): the first L tokens after BOS, then each next
+    block of up to L tokens conditioned on the tokens before it, L + 1 tokens per window; every token once."""
+    seq = [bos, *ids]
+    total, pos = direct(seq[:L + 1], 1)[0], L
+    while pos < len(ids):
+        end = min(pos + L, len(ids))  # score ids[pos:end] = seq[pos + 1:end + 1]
+        window = seq[end - L:end + 1]
         total += direct(window, len(window) - (end - pos))[0]
         pos = end
-    assert got[1] == pytest.approx(total, abs=1e-5)
+    return total
+
+
+def test_loglikelihood_rolling_equals_a_direct_forward_across_windows(lm, direct, tmp_path, one_thread):
+    """A local perplexity YAML task (output_type loglikelihood_rolling, as lm-eval's wikitext) through
+    simple_evaluate: each document's log-likelihood equals the windowed direct forward, for a short document and
+    one longer than max_length (several windows)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    texts = ["The json module encodes Python objects as JSON text.",
+             " ".join(["os.path.join joins path components; shutil copies files."] * 12)]
+    assert len(lm.tok.encode(texts[1], add_bos=False)) > 2 * lm.max_length
+    data = tmp_path / "docs.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (tmp_path / "ppl.yaml").write_text(f"""task: lfm_eval_tiny_ppl
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+  cache_dir: {tmp_path / "hf-cache"}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: bits_per_byte
+""")
+    out = simple_evaluate(model=lm, tasks=["lfm_eval_tiny_ppl"], task_manager=TaskManager(include_path=str(tmp_path)),
+                          log_samples=True, bootstrap_iters=0)
+    samples = sorted(out["samples"]["lfm_eval_tiny_ppl"], key=lambda smp: smp["doc_id"])
+    assert [smp["doc"]["text"] for smp in samples] == texts
+    for smp, text in zip(samples, texts):
+        want = direct_rolling(direct, lm.tok.bos_token_id, lm.tok.encode(text, add_bos=False), lm.max_length)
+        assert smp["resps"][0][0] == pytest.approx(want, abs=1e-5)
+    assert out["results"]["lfm_eval_tiny_ppl"]["word_perplexity,none"] > 1
 
 
 def test_generate_until_respects_until_and_max_gen_toks(lm, one_thread):
