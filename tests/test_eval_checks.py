@@ -153,3 +153,26 @@ def test_unparseable_call_and_parallel_calls():
     assert score_tool_calls(swapped, two, TOOLS).correct
     assert not score_tool_calls(swapped[:1], two, TOOLS).correct
     assert not score_tool_calls(swapped + swapped[:1], two, TOOLS).correct
+
+
+# ---- JSON extraction -------------------------------------------------------------------------------------------
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"},
+                                           "member": {"type": "boolean"}}, "required": ["name", "age"]}
+WANT = {"name": "Alice Smith", "age": 34, "member": True}
+
+
+def test_json_scores():
+    from lfm.eval.json_match import json_reward, score_json
+
+    s = score_json('{"name": "alice smith ", "age": 34, "member": true}', SCHEMA, WANT)
+    assert (s.json_valid, s.schema_valid, s.field_accuracy) == (True, True, 1.0)
+    assert json_reward('```json\n{"name": "Alice Smith", "age": 34.0, "member": true}\n```', None, WANT) == 1.0
+    s = score_json('Here it is: {"name": "Alice Smith", "age": "34", "member": 1} hope it helps', SCHEMA, WANT)
+    assert (s.json_valid, s.schema_valid) == (True, False)  # "34" is not an integer; 1 is not a boolean
+    assert s.field_accuracy == pytest.approx(1 / 3)
+    s = score_json('{"name": "Bob", "age": 34}', SCHEMA, WANT)
+    assert (s.schema_valid, s.field_accuracy) == (True, pytest.approx(1 / 3))
+    for bad in ('{"name": "Alice Smith", "age": 34', "[1, 2]", "Alice is 34."):
+        s = score_json(bad, SCHEMA, WANT)
+        assert (s.json_valid, s.schema_valid, s.field_accuracy) == (False, False, 0.0)
+        assert json_reward(bad, SCHEMA, WANT) == 0.0

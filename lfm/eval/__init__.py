@@ -1,7 +1,7 @@
 """Evaluation: lm-evaluation-harness backend (`LfmLM`, model name `lfm`), built-in local tasks and `lfm eval`.
 
-`checks` (IFEval-style instruction checks) and `tool_match` (BFCL-style tool-call matching) are plain functions
-with no engine or lm-eval dependency, shared with RL rewards. Names are imported on first use, so `lfm eval --help`
+`checks` (IFEval-style instruction checks), `tool_match` (BFCL-style tool-call matching) and `json_match` (JSON
+extraction scoring) are plain functions with no engine or lm-eval dependency, shared with RL rewards. Names are imported on first use, so `lfm eval --help`
 (which imports lfm.eval.cli) loads neither torch nor lm-eval.
 """
 
@@ -12,7 +12,9 @@ from typing import Any
 
 _WHERE = {"LfmLM": "lm", "Scorer": "scoring", "INSTRUCTIONS": "checks", "check_instruction": "checks",
           "follow_instructions": "checks", "instruction_reward": "checks", "ToolCallScore": "tool_match",
-          "match_call": "tool_match", "score_tool_calls": "tool_match", "tool_call_reward": "tool_match"}
+          "match_call": "tool_match", "score_tool_calls": "tool_match", "tool_call_reward": "tool_match",
+          "JsonScore": "json_match", "extract_json": "json_match", "score_json": "json_match",
+          "json_reward": "json_match"}
 __all__ = list(_WHERE)
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..engine.sampling import SamplingParams
 from .checks import INSTRUCTIONS, follow_instructions
+from .json_match import score_json
 from .scoring import Scorer
 from .tool_match import score_tool_calls
 
@@ -85,55 +86,21 @@ def run_tools(scorer: Scorer, path: Path, sp: SamplingParams, limit: int | None 
     return TaskResult("tools", {k: v for k, v in metrics.items() if not math.isnan(v)}, "accuracy", len(rows), samples)
 
 
-def extract_json(text: str) -> Any:
-    """The JSON value a reply gives: the whole reply (a ```json fence allowed), else the first object in it."""
-    body = re.sub(r"^\s*```(?:json)?\s*|\s*```\s*$", "", text.strip(), flags=re.IGNORECASE)
-    try:
-        return json.loads(body)
-    except json.JSONDecodeError:
-        pass
-    dec = json.JSONDecoder()
-    for m in re.finditer(r"\{", text):
-        try:
-            return dec.raw_decode(text, m.start())[0]
-        except json.JSONDecodeError:
-            continue
-    return None
-
-
-def same_value(got: Any, want: Any) -> bool:
-    """Field equality for extraction: numbers by value (not bools), strings ignoring case and outer spaces."""
-    if isinstance(want, bool) or isinstance(got, bool):
-        return type(got) is type(want) and got == want
-    if isinstance(want, (int, float)) and isinstance(got, (int, float)):
-        return math.isclose(float(got), float(want), rel_tol=1e-9, abs_tol=1e-9)
-    if isinstance(want, str) and isinstance(got, str):
-        return got.strip().casefold() == want.strip().casefold()
-    return got == want
-
-
 def run_json(scorer: Scorer, path: Path, sp: SamplingParams, limit: int | None = None) -> TaskResult:
     """JSON extraction: the reply holds a JSON object (json_valid), it validates against the schema (schema_valid),
     and its fields equal the reference (field_accuracy: mean fraction per item; exact: all fields right).
     Rows: {"prompt", "schema", "expected": {field: value}}."""
-    try:
-        import jsonschema
-    except ImportError:
-        raise ValueError("the json task needs jsonschema: pip install 'lfm[eval]'") from None
     rows = read_jsonl(path)[:limit]
     for i, r in enumerate(rows):
         _need(r, ("prompt", "schema", "expected"), f"{path}: item {i}")
     texts = _chat(scorer, [([{"role": "user", "content": r["prompt"]}], None) for r in rows], sp, "json")
-    samples, valid, schema_ok, fields, exact = [], 0, 0, 0.0, 0
-    for r, t in zip(rows, texts):
-        obj = extract_json(t)
-        ok = isinstance(obj, dict)
-        in_schema = ok and jsonschema.Draft202012Validator(r["schema"]).is_valid(obj)
-        right = sum(ok and k in obj and same_value(obj[k], v) for k, v in r["expected"].items())
-        frac = right / len(r["expected"]) if r["expected"] else float(ok)
-        valid, schema_ok, fields, exact = valid + ok, schema_ok + in_schema, fields + frac, exact + (frac == 1.0)
-        samples.append({"prompt": r["prompt"], "output": t, "json_valid": ok, "schema_valid": in_schema,
-                        "field_accuracy": frac})
+    scores = [score_json(t, r["schema"], r["expected"]) for r, t in zip(rows, texts)]
+    samples = [{"prompt": r["prompt"], "output": t, "json_valid": s.json_valid, "schema_valid": s.schema_valid,
+                "field_accuracy": s.field_accuracy} for r, t, s in zip(rows, texts, scores)]
+    valid = sum(s.json_valid for s in scores)
+    schema_ok = sum(s.schema_valid for s in scores)
+    fields = sum(s.field_accuracy for s in scores)
+    exact = sum(s.json_valid and s.field_accuracy == 1.0 for s in scores)
     n = len(rows)
     metrics = {"field_accuracy": fields / n, "json_valid": valid / n, "schema_valid": schema_ok / n, "exact": exact / n}
     return TaskResult("json", metrics, "field_accuracy", n, samples)
