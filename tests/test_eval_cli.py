@@ -124,3 +124,15 @@ def test_builtin_prompts_are_not_demo_sft_phrasings():
         offered = {t["function"]["name"]: t["function"]["parameters"] for t in r["tools"]}
         for e in r["expected"]:
             assert set(offered[e["name"]]["required"]) <= set(e["arguments"])
+
+
+def test_parser_import_is_light():
+    """`lfm eval` is registered by importing lfm.eval.cli: argparse only, no lm-eval, engine code or task modules
+    (those load when the command runs). torch itself is lfm/__init__'s business."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lfm.eval.cli; mods = [m for m in ('lm_eval', 'lfm.eval.lm', 'lfm.eval.tasks', "
+            "'lfm.eval.scoring', 'matplotlib', 'jsonschema') if m in sys.modules]; print(mods)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
