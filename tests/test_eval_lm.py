@@ -151,12 +151,16 @@ def test_generate_until_respects_until_and_max_gen_toks(lm, one_thread):
     assert free.startswith(short) and len(short) < len(free)
 
 
-def test_registered_under_lfm():
+def test_registered_under_lfm(checkpoints):
     from lm_eval.api.registry import get_model
 
     from lfm.eval import LfmLM
 
     assert get_model("lfm") is LfmLM
+    # simple_evaluate(model="lfm", model_args=...) builds it this way (batch_size and device from its own arguments)
+    lm = LfmLM.create_from_arg_string(f"pretrained={checkpoints['dense']},dtype=float32,max_length=40",
+                                      {"batch_size": 2, "max_batch_size": None, "device": "cpu"})
+    assert lm.max_length == 40 and lm.scorer.batch_size == 2 and lm.llm.model.dtype == torch.float32
 
 
 @pytest.mark.parametrize("n", [0, 1, 5, 59, 60, 61, 130])
