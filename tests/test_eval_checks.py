@@ -176,3 +176,15 @@ def test_json_scores():
         s = score_json(bad, SCHEMA, WANT)
         assert (s.json_valid, s.schema_valid, s.field_accuracy) == (False, False, 0.0)
         assert json_reward(bad, SCHEMA, WANT) == 0.0
+
+
+def test_loose_reading_as_ifeval():
+    """IFEval's loose score: the response without its first and/or last line, or without asterisks, may follow."""
+    ins = [{"id": "change_case:english_lowercase"}]
+    text = "Sure! Here it is:\n**os.path joins paths**"
+    assert follow_instructions(text, ins) == [False]
+    assert follow_instructions(text, ins, loose=True) == [True]
+    assert follow_instructions("Os joins Paths.\nAnd More.", ins, loose=True) == [False]
+    ins = [{"id": "startend:quotation"}]
+    assert follow_instructions('"It sorts."\nHope this helps!', ins, loose=True) == [True]
+    assert follow_instructions('"It sorts."\nHope this helps!', ins) == [False]

@@ -45,9 +45,10 @@ def test_demo_model_builtin_tasks_write_table_json_and_png(tmp_path, capsys, one
 
 def test_parse_tasks():
     assert parse_tasks("tools,mc:a.jsonl,ppl") == [("tools", None), ("mc", "a.jsonl"), ("ppl", None)]
+    assert parse_tasks("tools:t.jsonl,ifeval-lite:i.jsonl") == [("tools", "t.jsonl"), ("ifeval-lite", "i.jsonl")]
     assert parse_tasks("lm-eval:ifeval,mmlu_pro,gpqa_diamond_zeroshot,json") == [
         ("lm-eval", "ifeval"), ("lm-eval", "mmlu_pro"), ("lm-eval", "gpqa_diamond_zeroshot"), ("json", None)]
-    for bad, msg in [("mmlu", "unknown task"), ("tools:x", "takes no file"), ("lm-eval:", "needs a task"),
+    for bad, msg in [("mmlu", "unknown task"), ("mc:a,mmlu", "unknown task"), ("lm-eval:", "needs a task"),
                      ("", "no task"), ("mc:", "give a file")]:
         with pytest.raises(ValueError, match=msg):
             parse_tasks(bad)

@@ -166,9 +166,19 @@ def check_instruction(text: str, instruction_id: str, kwargs: dict[str, Any] | N
         raise ValueError(f"instruction {instruction_id}: bad arguments {kwargs} ({e})") from None
 
 
-def follow_instructions(text: str, instructions: list[dict[str, Any]]) -> list[bool]:
-    """One bool per instruction (`{"id": ..., "kwargs": {...}}`); IFEval's strict score of one response."""
-    return [check_instruction(text, i["id"], i.get("kwargs")) for i in instructions]
+def loose_variants(text: str) -> list[str]:
+    """IFEval's loose reading of a response: as is, without its first line, its last line, or both, each also
+    with markdown asterisks removed (an instruction is followed loosely when any variant follows it)."""
+    lines = text.split("\n")
+    cuts = [text, "\n".join(lines[1:]).strip(), "\n".join(lines[:-1]).strip(), "\n".join(lines[1:-1]).strip()]
+    return [v for c in cuts for v in (c, c.replace("*", "")) if v.strip()]
+
+
+def follow_instructions(text: str, instructions: list[dict[str, Any]], loose: bool = False) -> list[bool]:
+    """One bool per instruction (`{"id": ..., "kwargs": {...}}`): IFEval's strict score of one response, or its
+    loose score (any of `loose_variants` follows it)."""
+    variants = loose_variants(text) if loose else [text]
+    return [any(check_instruction(v, i["id"], i.get("kwargs")) for v in variants) for i in instructions]
 
 
 def instruction_reward(text: str, instructions: list[dict[str, Any]]) -> float:

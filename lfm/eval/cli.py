@@ -1,4 +1,4 @@
-"""`lfm eval`: built-in local tasks (tools, json, ifeval-lite, mc[:FILE], ppl[:FILE]) and any lm-evaluation-harness
+"""`lfm eval`: built-in local tasks (tools, json, ifeval-lite, mc, ppl; each `:FILE` for own data) and any lm-evaluation-harness
 task (`lm-eval:NAME,...`), through the engine. Only argparse is imported here; torch, the engine and lm-eval are
 imported when the command runs."""
 
@@ -14,10 +14,13 @@ EXAMPLES = """examples:
   lfm eval                                          # the demo model on every built-in task, greedy, offline
   lfm eval ./my-model --tasks tools,json,ifeval-lite,mc:my_mc.jsonl,ppl:held_out.txt
   lfm eval LiquidAI/LFM2.5-350M --tasks lm-eval:ifeval,mmlu_pro --apply-chat-template --limit 100
-built-in tasks (data in lfm/eval/data, no downloads): tools (BFCL-style call matching), json (extraction: schema
-validity, field accuracy), ifeval-lite (verifiable instructions), mc[:FILE.jsonl] ({"question", "choices", "answer"}
-rows), ppl[:FILE] (perplexity of a text file, or of a jsonl file's "text" fields). lm-eval:NAME runs
-lm-evaluation-harness tasks; the names after it, up to the next built-in task, are lm-eval's too.
+built-in tasks (data in lfm/eval/data, no downloads; TASK:FILE uses your own file in the same format):
+  tools        {"messages", "tools", "expected": [{"name", "arguments": {arg: [acceptable values]}}]} (BFCL-style)
+  json         {"prompt", "schema", "expected": {field: value}}: JSON found, schema-valid, field accuracy
+  ifeval-lite  {"prompt", "instructions": [{"id", "kwargs"}]}: IFEval's instruction ids, strict and loose
+  mc           {"question", "choices", "answer": index}: log-likelihood of each choice
+  ppl          a text file (one document) or a jsonl file's "text" fields: perplexity, bits per byte
+lm-eval:NAME runs lm-evaluation-harness tasks; the names after it, up to the next built-in task, are lm-eval's too.
 """
 
 
@@ -38,8 +41,6 @@ def parse_tasks(spec: str) -> list[tuple[str, str | None]]:
             in_lm_eval = False
             if sep and not arg:
                 raise ValueError(f"task {item!r}: give a file after the colon, or none for the built-in data")
-            if sep and kind not in ("mc", "ppl"):
-                raise ValueError(f"task {kind} takes no file (only mc:FILE and ppl:FILE do)")
             out.append((kind, arg or None))
         elif in_lm_eval and not sep:
             out.append(("lm-eval", item))
@@ -96,7 +97,7 @@ def run(a: argparse.Namespace) -> None:
         raise ValueError("--limit must be a positive integer")
     from .tasks import DEFAULT_FILES
     for kind, arg in tasks:  # every file checked before the model loads
-        if kind in ("mc", "ppl") and arg and not Path(arg).is_file():
+        if kind != "lm-eval" and arg and not Path(arg).is_file():
             raise ValueError(f"{kind}:{arg}: no such file")
     if any(k == "lm-eval" for k, _ in tasks):
         import importlib.util

@@ -107,8 +107,9 @@ def run_json(scorer: Scorer, path: Path, sp: SamplingParams, limit: int | None =
 
 
 def run_ifeval_lite(scorer: Scorer, path: Path, sp: SamplingParams, limit: int | None = None) -> TaskResult:
-    """Instruction following with verifiable checks (IFEval's strict scores): prompt_accuracy = every instruction
-    of a prompt followed; instruction_accuracy = over all instructions. Rows: {"prompt", "instructions"}."""
+    """Instruction following with verifiable checks, IFEval's four scores: prompt_accuracy = every instruction of a
+    prompt followed; instruction_accuracy = over all instructions; each strict and `_loose` (the response's first
+    or last line, or asterisks, dropped). Rows: {"prompt", "instructions": [{"id", "kwargs"}]}."""
     rows = read_jsonl(path)[:limit]
     for i, r in enumerate(rows):
         _need(r, ("prompt", "instructions"), f"{path}: item {i}")
@@ -117,9 +118,12 @@ def run_ifeval_lite(scorer: Scorer, path: Path, sp: SamplingParams, limit: int |
             raise ValueError(f"{path}: item {i}: unknown instruction id {unknown[0]!r}")
     texts = _chat(scorer, [([{"role": "user", "content": r["prompt"]}], None) for r in rows], sp, "ifeval-lite")
     results = [follow_instructions(t, r["instructions"]) for t, r in zip(texts, rows)]
-    flat = [ok for res in results for ok in res]
-    metrics = {"prompt_accuracy": sum(all(res) for res in results) / len(rows),
-               "instruction_accuracy": sum(flat) / len(flat)}
+    loose = [follow_instructions(t, r["instructions"], loose=True) for t, r in zip(texts, rows)]
+    metrics = {}
+    for suffix, res_ in (("", results), ("_loose", loose)):
+        flat = [ok for res in res_ for ok in res]
+        metrics[f"prompt_accuracy{suffix}"] = sum(all(res) for res in res_) / len(rows)
+        metrics[f"instruction_accuracy{suffix}"] = sum(flat) / len(flat)
     samples = [{"prompt": r["prompt"], "output": t, "followed": res} for r, t, res in zip(rows, texts, results)]
     return TaskResult("ifeval-lite", metrics, "prompt_accuracy", len(rows), samples)
 
