@@ -137,3 +137,17 @@ def test_parser_import_is_light():
             "'lfm.eval.scoring', 'matplotlib', 'jsonschema') if m in sys.modules]; print(mods)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("task,row,msg", [
+    ("mc", {"question": "q", "choices": [" a", " b"], "answer": 2}, "answer must be the index"),
+    ("ifeval-lite", {"prompt": "p", "instructions": [{"id": "keywords:nope"}]}, "unknown instruction id"),
+    ("tools", {"messages": [], "tools": []}, "missing expected"),
+    ("json", "not json", "not JSON")])
+def test_bad_task_data_is_one_line_before_loading(task, row, msg, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text((row if isinstance(row, str) else json.dumps(row)) + "\n")
+    assert main(["eval", "--tasks", f"{task}:{data}", "-o", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert msg in err and str(data) in err and err.count("\n") == 1 and "loading" not in err
+    assert not (tmp_path / "out").exists()

@@ -114,6 +114,10 @@ def run(a: argparse.Namespace) -> None:
     from . import report, tasks as T
     from .scoring import Scorer
 
+    for kind, arg in tasks:  # data errors before the model loads
+        if kind in T.FIELDS:
+            T.load_rows(kind, arg or DEFAULT_FILES[kind], a.limit)
+
     random.seed(a.seed)
     torch.manual_seed(a.seed)
     print(f"loading {a.model or 'the built-in demo model'} ...", file=sys.stderr, flush=True)

@@ -61,6 +61,30 @@ def _need(row: dict, keys: tuple[str, ...], where: str) -> None:
         raise ValueError(f"{where}: missing {', '.join(missing)}")
 
 
+FIELDS = {"tools": ("messages", "tools", "expected"), "json": ("prompt", "schema", "expected"),
+          "ifeval-lite": ("prompt", "instructions"), "mc": ("question", "choices", "answer")}
+
+
+def load_rows(kind: str, path: str | Path, limit: int | None = None) -> list[dict]:
+    """A task's rows, checked (fields present, instruction ids known, answers index choices): `lfm eval` calls it
+    for every task before the model loads, so a data error costs no generation."""
+    rows = read_jsonl(path)[:limit]
+    for i, r in enumerate(rows):
+        where = f"{path}: item {i}"
+        _need(r, FIELDS[kind], where)
+        if kind == "ifeval-lite":
+            unknown = [ins.get("id") for ins in r["instructions"] if ins.get("id") not in INSTRUCTIONS]
+            if unknown:
+                raise ValueError(f"{where}: unknown instruction id {unknown[0]!r}")
+        if kind == "mc":
+            choices, answer = r["choices"], r["answer"]
+            if not (isinstance(choices, list) and choices and all(isinstance(c, str) for c in choices)):
+                raise ValueError(f"{where}: choices must be a list of strings")
+            if not (isinstance(answer, int) and 0 <= answer < len(choices)):
+                raise ValueError(f"{where}: answer must be the index of the right choice")
+    return rows
+
+
 def _chat(scorer: Scorer, convs: list[tuple[list[dict], list[dict] | None]], sp: SamplingParams, desc: str) -> list[str]:
     ids = [scorer.llm.encode_chat(messages, tools) for messages, tools in convs]
     return [o.text.removesuffix("<|im_end|>") for o in scorer.run(ids, sp, desc, chat=True)]
@@ -69,9 +93,7 @@ def _chat(scorer: Scorer, convs: list[tuple[list[dict], list[dict] | None]], sp:
 def run_tools(scorer: Scorer, path: Path, sp: SamplingParams, limit: int | None = None) -> TaskResult:
     """Tool calling: the call parses, names the right function with the right arguments (BFCL AST matching), and
     no call is made when none is needed. Rows: {"messages", "tools", "expected": [{"name", "arguments"}]}."""
-    rows = read_jsonl(path)[:limit]
-    for i, r in enumerate(rows):
-        _need(r, ("messages", "tools", "expected"), f"{path}: item {i}")
+    rows = load_rows("tools", path, limit)
     sp = dataclasses.replace(sp, skip_special_tokens=False)  # keep the call sentinels, to parse the calls
     texts = _chat(scorer, [(r["messages"], r["tools"]) for r in rows], sp, "tools")
     scores = [score_tool_calls(t, r["expected"], r["tools"]) for t, r in zip(texts, rows)]
@@ -90,9 +112,7 @@ def run_json(scorer: Scorer, path: Path, sp: SamplingParams, limit: int | None =
     """JSON extraction: the reply holds a JSON object (json_valid), it validates against the schema (schema_valid),
     and its fields equal the reference (field_accuracy: mean fraction per item; exact: all fields right).
     Rows: {"prompt", "schema", "expected": {field: value}}."""
-    rows = read_jsonl(path)[:limit]
-    for i, r in enumerate(rows):
-        _need(r, ("prompt", "schema", "expected"), f"{path}: item {i}")
+    rows = load_rows("json", path, limit)
     texts = _chat(scorer, [([{"role": "user", "content": r["prompt"]}], None) for r in rows], sp, "json")
     scores = [score_json(t, r["schema"], r["expected"]) for r, t in zip(rows, texts)]
     samples = [{"prompt": r["prompt"], "output": t, "json_valid": s.json_valid, "schema_valid": s.schema_valid,
@@ -110,12 +130,7 @@ def run_ifeval_lite(scorer: Scorer, path: Path, sp: SamplingParams, limit: int |
     """Instruction following with verifiable checks, IFEval's four scores: prompt_accuracy = every instruction of a
     prompt followed; instruction_accuracy = over all instructions; each strict and `_loose` (the response's first
     or last line, or asterisks, dropped). Rows: {"prompt", "instructions": [{"id", "kwargs"}]}."""
-    rows = read_jsonl(path)[:limit]
-    for i, r in enumerate(rows):
-        _need(r, ("prompt", "instructions"), f"{path}: item {i}")
-        unknown = [ins.get("id") for ins in r["instructions"] if ins.get("id") not in INSTRUCTIONS]
-        if unknown:  # a data error, before any generation
-            raise ValueError(f"{path}: item {i}: unknown instruction id {unknown[0]!r}")
+    rows = load_rows("ifeval-lite", path, limit)
     texts = _chat(scorer, [([{"role": "user", "content": r["prompt"]}], None) for r in rows], sp, "ifeval-lite")
     results = [follow_instructions(t, r["instructions"]) for t, r in zip(texts, rows)]
     loose = [follow_instructions(t, r["instructions"], loose=True) for t, r in zip(texts, rows)]
@@ -132,12 +147,9 @@ def run_mc(scorer: Scorer, path: Path, limit: int | None = None, name: str = "mc
     """Multiple choice by log-likelihood, as lm-eval's multiple_choice tasks: acc = the most likely choice is the
     answer; acc_norm = the same after dividing by the choice's length in bytes. Rows: {"question", "choices",
     "answer": index} (the format of lm-eval's local json tasks, tests/data/tiny_mc.jsonl)."""
-    rows = read_jsonl(path)[:limit]
+    rows = load_rows("mc", path, limit)
     reqs, owner = [], []
     for i, r in enumerate(rows):
-        _need(r, ("question", "choices", "answer"), f"{path}: item {i}")
-        if not isinstance(r["choices"], list) or not 0 <= int(r["answer"]) < len(r["choices"]):
-            raise ValueError(f"{path}: item {i}: answer must index choices")
         for c in r["choices"]:
             reqs.append((r["question"], c))
             owner.append(i)
