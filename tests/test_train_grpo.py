@@ -114,6 +114,15 @@ def test_rewards_on_hand_made_cases(tmp_path, monkeypatch):
     assert tool_call("It is sunny in Paris.", ref) == 0.0
     openai_style = {"tool_calls": [{"type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]}
     assert tool_call('<|tool_call_start|>[f(a=1)]<|tool_call_end|>', openai_style) == 1.0
+    # IFEval-kind instructions through lfm.eval.checks: the share followed
+    inst = {"instructions": [{"id": "punctuation:no_comma", "kwargs": {}},
+                             {"id": "length_constraints:number_words", "kwargs": {"relation": "less than",
+                                                                                  "num_words": 5}}]}
+    assert load_reward("instructions")("two words", inst) == 1.0
+    assert load_reward("instructions")("one, two", inst) == 0.5
+    assert load_reward("instructions")("one, two, three, four, five, six", inst) == 0.0
+    with pytest.raises(RewardError, match="bad instruction list"):
+        load_reward("instructions")("x", {"instructions": [{"id": "no:such"}]})
     # module:function of the user's, and weighted sums
     (tmp_path / "my_rewards.py").write_text("def short(completion, record):\n    return float(len(completion) < 5)\n")
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -76,7 +76,7 @@ def _prepare(state: ServerState, body: ChatCompletionRequest) -> tuple[list[dict
     state.check_text_fits(sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str)), "messages")
     try:
         prompt = state.tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True,
-                                                     **(body.chat_template_kwargs or {}))
+                                                     trust_assistant=False, **(body.chat_template_kwargs or {}))
     except Exception as e:  # template errors, raise_exception(), missing template: the client's input
         raise bad_request(f"cannot apply the chat template: {e}", "messages") from None
     return tools, choice, prompt

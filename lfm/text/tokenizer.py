@@ -25,7 +25,9 @@ _MARK_CLOSE = "\U000f0001"
 
 # Special tokens that carry meaning in generated text and so survive `decode(skip_special_tokens=True)`:
 # the tool parser needs the call sentinels even where a checkpoint flags them special.
-KEEP_ON_SKIP = ("<|tool_call_start|>", "<|tool_call_end|>")
+# Thinking tags too: a checkpoint may mark `<think>` / `</think>` special, and the reasoning parser (and a reader of the
+# raw output) must still see where thinking ends.
+KEEP_ON_SKIP = ("<|tool_call_start|>", "<|tool_call_end|>", "<think>", "</think>")
 
 # Roles whose content is model output; its control tokens are genuine (e.g. a tool-call block) and stay tokens.
 _TRUSTED_ROLES = ("assistant",)
@@ -232,9 +234,14 @@ class Tokenizer:
         return self._render(messages, tools, add_generation_prompt, False, kwargs).text
 
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
-                            add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
-        """Render and tokenize a chat; only template-written control tokens become control ids."""
-        return self._encode_chat(messages, tools, add_generation_prompt, False, kwargs).ids
+                            add_generation_prompt: bool = True, trust_assistant: bool = True,
+                            **kwargs: Any) -> list[int]:
+        """Render and tokenize a chat; only template-written control tokens become control ids.
+
+        `trust_assistant=True` (training data, `LLM.chat`) keeps control tokens written in assistant turns' content as
+        control ids (they are model output). A server passes False: there every string a client sends, assistant
+        history included, is untrusted and stays text."""
+        return self._encode_chat(messages, tools, add_generation_prompt, False, kwargs, trust_assistant).ids
 
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None,
                     add_generation_prompt: bool = False, **kwargs: Any) -> ChatEncoding:
@@ -242,9 +249,9 @@ class Tokenizer:
         return self._encode_chat(messages, tools, add_generation_prompt, True, kwargs)
 
     def _encode_chat(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool,
-                     with_mask: bool, kwargs: dict) -> ChatEncoding:
-        marked_messages = [self._mark_trusted(m) if m.get("role") in _TRUSTED_ROLES else self._mark(m)
-                           for m in messages]
+                     with_mask: bool, kwargs: dict, trust_assistant: bool = True) -> ChatEncoding:
+        marked_messages = [self._mark_trusted(m) if trust_assistant and m.get("role") in _TRUSTED_ROLES
+                           else self._mark(m) for m in messages]
         marked_tools = self._mark(tools) if tools is not None else None
         rendered = self._render(marked_messages, marked_tools, add_generation_prompt, with_mask, self._mark(kwargs))
         ids: list[int] = []

@@ -10,10 +10,15 @@ The prompt record is the jsonl line the prompt came from, so a reward reads its 
                                                               completion equal the reference calls (names 0.5,
                                                               names and arguments 1.0)
 
+    {"prompt": "...", "instructions": [{"id": ..., "kwargs": {...}}]}
+                                                              instructions: the share of IFEval-kind instructions
+                                                              followed (`lfm.eval.checks`, the same checks as
+                                                              `lfm eval`'s ifeval-lite task)
+
 Anything else is `module:function` (an importable function with the same signature). A missing reference is a
-clear error naming the record, not a silent 0. The instruction checks of `lfm.eval` (item 1 of issue 14) can be
-registered here by name once that package lands (`register("ifeval", fn)`); the JSON and tool-call matchers are the
-same ideas as its checks and could share one implementation.
+clear error naming the record, not a silent 0. `json_schema` and `tool_call` here grade a little differently from
+`lfm.eval.json_match.json_reward` / `lfm.eval.tool_match.tool_call_reward` (BFCL-style argument matching); both are
+plain functions of the text, and one could replace the other by name.
 """
 
 from __future__ import annotations
@@ -99,7 +104,18 @@ def tool_call(completion: str, record: dict[str, Any]) -> float:
     return 0.5 if sorted(n for n, _ in got) == sorted(n for n, _ in ref) and got else 0.0
 
 
-BUILTIN: dict[str, RewardFn] = {"exact": exact, "regex": regex, "json_schema": json_schema, "tool_call": tool_call}
+def instructions(completion: str, record: dict[str, Any]) -> float:
+    from ..eval.checks import instruction_reward  # plain functions of text: no engine, no lm-eval import
+
+    inst = _need(record, "instructions", "instructions")
+    try:
+        return instruction_reward(completion, inst)
+    except (KeyError, TypeError, ValueError) as e:
+        raise RewardError(f"reward 'instructions': bad instruction list {str(inst)[:80]!r} ({e})") from None
+
+
+BUILTIN: dict[str, RewardFn] = {"exact": exact, "regex": regex, "json_schema": json_schema, "tool_call": tool_call,
+                                "instructions": instructions}
 
 
 def register(name: str, fn: RewardFn) -> None:
