@@ -79,6 +79,8 @@ class GrpoTrainer(Trainer):
         cfg, d, g = self.cfg, self.cfg.data, self.cfg.grpo
         if d.streaming:
             raise DataError("grpo reads its prompt file whole: set data.streaming = false")
+        if d.eval:
+            raise DataError("grpo has no eval data (data.eval): score checkpoints with `lfm eval` instead")
         self.stream = self.rows = self.eval_rows = None
         self.records: list[dict[str, Any]] = []
         self.prompts: list[list[int]] = []
@@ -216,7 +218,8 @@ class GrpoTrainer(Trainer):
                     gap_max = max(gap_max, float(gap.max()) if gap.numel() else 0.0)
                     sums += torch.tensor([float(t["loss"].detach()), 0.0, float(t.get("kl", 0.0)), float(ent[m].sum()),
                                           float(gap.sum()), float(t["is_weight"])])
-            gn = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf"))
+            clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+            gn = torch.nn.utils.clip_grad_norm_(params, clip)
             gn = gn.full_tensor() if hasattr(gn, "full_tensor") else gn
             loads = update_expert_bias(self.model, cfg.moe.bias_update_rate, w)  # MoE: as in pretraining
             for _, moe in moe_layers(self.model):
@@ -248,7 +251,8 @@ class GrpoTrainer(Trainer):
             rec["max_imbalance"] = max(imbalance(v) for v in loads.values())
         gap_max = self._max(gap_max)
         if float(n_tok) > 0:  # per trained token: absent when every group tied
-            rec.update({"entropy": float(sums[3]) / total, "clip_frac": float(sums[1]) / (total * g.updates_per_rollout),
+            rec.update({"entropy": float(sums[3]) / total,
+                        "clip_frac": float(sums[1]) / (total * g.updates_per_rollout),
                         "logprob_gap": float(sums[4]) / total, "logprob_gap_max": gap_max,
                         "is_weight": float(sums[5]) / total})
             if self.ref is not None:

@@ -340,6 +340,9 @@ def log_line(rec: dict[str, Any], steps: int) -> str:
             f"tok/s {rec.get('tokens_per_s', 0):.0f}")
     if "eval_loss" in rec:
         line += f"  eval_loss {rec['eval_loss']:.4f}  ppl {rec['eval_ppl']:.1f}"
+    if "reward_mean" in rec:  # GRPO
+        line += (f"  reward {rec['reward_mean']:.3f}  len {rec['response_len']:.1f}  "
+                 f"rollouts/s {rec['rollouts_per_s']:.1f}")
     return line
 
 
