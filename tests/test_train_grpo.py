@@ -288,3 +288,39 @@ def test_shipped_configs_parse_and_validate():
     d = TrainConfig.from_toml(root / "configs" / "distill-demo.toml")
     d.validate()
     assert d.data.task == "distill" and d.distill.top_k == 64 and Path(d.distill.cache).is_absolute()
+
+
+def test_sigkilled_grpo_process_resumes_to_the_uninterrupted_metrics(tmp_path, tokenizer_dir):
+    """A real kill: `python -m lfm.train` SIGKILLed mid-run, then `--resume`: every step's metrics equal the run
+    that was never interrupted (float32, CPU)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    full = grpo_cfg(tmp_path, tokenizer_dir, "full", steps=16, kl_coef=0.05)
+    full.save_every = 4
+    make_trainer(full, progress=False).run()
+    killed = grpo_cfg(tmp_path, tokenizer_dir, "killed", steps=16, kl_coef=0.05)
+    killed.save_every = 4
+    cfg_path = tmp_path / "killed.toml"
+    cfg_path.write_text(killed.to_toml())
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    p = subprocess.Popen([sys.executable, "-m", "lfm.train", str(cfg_path), "--no-progress"], env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = tmp_path / "killed" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and p.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 6:
+            break
+        time.sleep(0.02)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    done = len(metrics.read_text().splitlines())
+    assert 6 <= done < 16
+    r = subprocess.run([sys.executable, "-m", "lfm.train", "--resume", str(tmp_path / "killed"), "--no-progress"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    want, got = _metrics(tmp_path / "full"), _metrics(tmp_path / "killed")
+    assert len(want) == 16 and got == want
