@@ -324,3 +324,15 @@ def test_sigkilled_grpo_process_resumes_to_the_uninterrupted_metrics(tmp_path, t
     assert r.returncode == 0, r.stderr[-3000:]
     want, got = _metrics(tmp_path / "full"), _metrics(tmp_path / "killed")
     assert len(want) == 16 and got == want
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path, tokenizer_dir):
+    big = make_trainer(grpo_cfg(tmp_path, tokenizer_dir, "big", steps=4, batch_size=2), progress=False)
+    acc_cfg = grpo_cfg(tmp_path, tokenizer_dir, "acc", steps=4, batch_size=1)
+    acc_cfg.grad_accum = 2
+    acc = make_trainer(acc_cfg, progress=False)
+    for _ in range(4):
+        a, b = big.train_step(), acc.train_step()
+        assert a["reward_mean"] == b["reward_mean"] and a["tokens"] == b["tokens"]
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5, abs=1e-7)
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-7)
