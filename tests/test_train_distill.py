@@ -8,7 +8,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -82,7 +81,6 @@ def test_distill_loss_is_zero_for_student_equal_teacher_and_positive_otherwise()
 def test_tail_bucket_keeps_the_students_mass_outside_top_k():
     # teacher: 60% on token 0, the rest spread; student that copies only the top-1 (all mass on 0) is penalised,
     # the student equal to the teacher is not (a renormalised top-1 KL would call both perfect)
-    V = 10
     t = torch.log(torch.tensor([0.6] + [0.4 / 9] * 9))
     t_idx, t_lp = teacher_topk(t[None], 1, 1.0)
     lab = torch.tensor([0])
