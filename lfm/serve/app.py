@@ -7,6 +7,7 @@ own `{"detail": ...}`. The engine thread starts and stops with the app's lifespa
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -23,11 +24,14 @@ from .chat import chat_completions
 from .completions import completions
 from .errors import ApiError, bad_request
 from .protocol import ChatCompletionRequest, CompletionRequest
+from .responses import ResponsesRequest, responses
 from .state import ServerState
+from .tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize, tokenizer_info
 
 log = logging.getLogger("lfm.serve")
 
-_ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
+_ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/health", "/metrics",
+              "/tokenize", "/detokenize", "/tokenizer_info"}
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -64,7 +68,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def health() -> Response:
         if not state.engine.alive:
             raise ApiError(503, "the engine thread is not running", code="engine_unavailable")
-        return Response(status_code=200)
+        return JSONResponse({"status": "ok", "model": state.model_name})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -92,6 +96,27 @@ def create_app(state: ServerState) -> FastAPI:
         _auth(state, request)
         body = await _parse(state, request, CompletionRequest)
         return await completions(state, request, body)
+
+    @app.post("/v1/responses")
+    async def respond(request: Request):
+        _auth(state, request)
+        body = await _parse(state, request, ResponsesRequest)
+        return await responses(state, request, body)
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request) -> JSONResponse:
+        _auth(state, request)
+        return JSONResponse(await tokenize(state, await _parse(state, request, TokenizeRequest)))
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request) -> JSONResponse:
+        _auth(state, request)
+        return JSONResponse(await detokenize(state, await _parse(state, request, DetokenizeRequest)))
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info_route(request: Request) -> JSONResponse:
+        _auth(state, request)
+        return JSONResponse(tokenizer_info(state))
 
     return app
 
@@ -124,16 +149,16 @@ async def _parse(state: ServerState, request: Request, model: type[BaseModel]) -
             raise ApiError(413, f"request body over {limit} bytes", None, "request_too_large")
         chunks.append(part)
     raw = b"".join(chunks)
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise bad_request(f"the body is not valid JSON: {e}", None, "invalid_json") from None
+    try:  # a body of megabytes parses (and validates, below) off the event loop
+        data = json.loads(raw) if len(raw) < 1 << 16 else await asyncio.to_thread(json.loads, raw)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, and integers over Python's 4300-digit limit
+        raise bad_request(f"the body is not valid JSON: {str(e)[:200]}", None, "invalid_json") from None
     except RecursionError:
         raise bad_request("the body nests too deeply", None, "invalid_json") from None
     if not isinstance(data, dict):
         raise bad_request("the body must be a JSON object", None, "invalid_json")
     try:
-        return model.model_validate(data)
+        return model.model_validate(data) if len(raw) < 1 << 16 else await asyncio.to_thread(model.model_validate, data)
     except ValidationError as e:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err.get("loc", ()))

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,11 +16,12 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from ..engine.async_engine import AsyncEngine, EngineDead, EngineFull, EngineRequest, RequestStream
-from ..engine.grammar import ConstraintSpec, GrammarBackend
+from ..engine.grammar import ConstraintSpec, GrammarBackend, SchemaBudget
 from ..engine.llm import LLM
 from ..engine.llm_engine import RequestDelta
 from ..engine.sampling import SamplingParams
 from ..engine.sequence import TokenLogprob
+from ..text.reasoning import PARSERS as REASONING_PARSERS
 from .errors import ApiError, bad_request
 from .metrics import Metrics
 from .protocol import _Sampling
@@ -45,6 +47,10 @@ class ServeConfig:
     threads: int | None = None  # torch CPU threads (process-wide); None leaves torch's choice
     quantization: str | None = None  # "int8" / "int4": weight-only, quantized on load (CPU)
     kv_cache_dtype: str = "auto"  # "int8": quantized KV cache (CPU kernels)
+    max_schema_bytes: int = 64 << 10  # largest tools / response_format schema compiled (JSON bytes)
+    max_schema_nodes: int = 512  # ... and schema objects in it
+    grammar_compile_timeout: float = 60.0  # seconds a request waits for its grammar before a 400
+    reasoning_parser: str | None = None  # "lfm2" (or vLLM's "deepseek_r1" / "qwen3"): <think> text -> reasoning_content
 
 
 @dataclass
@@ -56,11 +62,15 @@ class Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # asked for by echo + logprobs (completions)
 
 
 class ServerState:
     def __init__(self, cfg: ServeConfig, llm: LLM | None = None) -> None:
         self.cfg = cfg
+        if cfg.reasoning_parser not in (None, *REASONING_PARSERS):
+            raise ValueError(f"unknown reasoning parser {cfg.reasoning_parser!r} (choose from "
+                             f"{', '.join(REASONING_PARSERS)})")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if llm is None:
@@ -70,6 +80,13 @@ class ServerState:
                       block_size=cfg.block_size, enable_prefix_caching=cfg.enable_prefix_caching)
         self.llm = llm
         self.grammar: GrammarBackend | None = llm.grammar
+        self._longest_token = 1  # bytes: a text longer than max_model_len * this cannot fit, without tokenizing it
+        if self.grammar is not None:
+            self.grammar.budget = SchemaBudget(cfg.max_schema_bytes, cfg.max_schema_nodes)
+            self._longest_token = max(len(b) for b in self.grammar.token_bytes) or 1
+        # grammars compile here, not in the event loop's default pool (which tokenizes): a slow schema occupies one
+        # of these two workers, and its request stops waiting after grammar_compile_timeout
+        self._compile_pool = ThreadPoolExecutor(2, thread_name_prefix="lfm-grammar")
         self.tokenizer = self.llm.tokenizer
         self.model_name = cfg.served_model_name or cfg.model or "lfm-demo"
         self.max_model_len = self.llm.max_model_len
@@ -104,6 +121,23 @@ class ServerState:
                               "context_length_exceeded")
         return requested
 
+    def check_text_fits(self, chars: int, param: str) -> None:
+        """Refuse, before tokenizing it, a text so long that it cannot fit the context whatever its tokens (each
+        token covers at most `_longest_token` bytes): a 4 MB prompt is answered at once, not after its encoding."""
+        if self.tokenizer is not None and chars > self.max_model_len * self._longest_token:
+            raise bad_request(f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                              f"{chars} characters, which is more than that many tokens can hold.", param,
+                              "context_length_exceeded")
+
+    async def compile(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a grammar compilation in the compile pool; give up waiting after grammar_compile_timeout."""
+        fut = asyncio.get_running_loop().run_in_executor(self._compile_pool, fn, *args)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), self.cfg.grammar_compile_timeout)
+        except asyncio.TimeoutError:
+            raise bad_request(f"the schema did not compile within {self.cfg.grammar_compile_timeout:g} s "
+                              "(--grammar-compile-timeout); simplify it", None, "schema_too_complex") from None
+
     def check_token_ids(self, ids: list[int], param: str) -> None:
         V = self.llm.config.vocab_size
         bad = [t for t in ids if not 0 <= t < V]
@@ -112,7 +146,8 @@ class ServerState:
 
     # --------------------------------------------------------------------------------------------- requests
     def sampling(self, req: _Sampling, max_tokens: int, index: int, constraint: ConstraintSpec | None = None,
-                 logprobs: int | None = None, logit_bias: dict[int, float] | None = None) -> SamplingParams:
+                 logprobs: int | None = None, logit_bias: dict[int, float] | None = None,
+                 prompt_logprobs: int | None = None) -> SamplingParams:
         """The request's fields over the checkpoint's generation_config defaults (vLLM's rule)."""
         d = self.defaults
         pick = lambda v, default: default if v is None else v  # noqa: E731
@@ -127,20 +162,21 @@ class ServerState:
                                   stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
                                   skip_special_tokens=req.skip_special_tokens, presence_penalty=req.presence_penalty,
                                   frequency_penalty=req.frequency_penalty, logit_bias=logit_bias, logprobs=logprobs,
-                                  constraint=constraint)
+                                  prompt_logprobs=prompt_logprobs, constraint=constraint)
         except ValueError as e:
             raise bad_request(str(e)) from None
 
     def engine_requests(self, req: _Sampling, prompt_ids: list[int], max_tokens: int, chat: bool,
                         constraint: ConstraintSpec | None, top_logprobs: int | None,
-                        prefix: str) -> list[EngineRequest]:
+                        prefix: str, prompt_logprobs: int | None = None) -> list[EngineRequest]:
         bias = None
         if req.logit_bias:
             bias = {int(k): float(v) for k, v in req.logit_bias.items()}
             self.check_token_ids(list(bias), "logit_bias")
         rid = f"{prefix}-{uuid.uuid4().hex[:16]}"
         return [EngineRequest(f"{rid}-{i}", prompt_ids,
-                              self.sampling(req, max_tokens, i, constraint, top_logprobs, bias), chat)
+                              self.sampling(req, max_tokens, i, constraint, top_logprobs, bias, prompt_logprobs),
+                              chat)
                 for i in range(req.n)]
 
     def submit(self, reqs: list[EngineRequest]) -> RequestStream:
@@ -208,6 +244,8 @@ def _absorb(c: Choice, d: RequestDelta) -> None:
     c.token_ids += d.token_ids
     if d.logprobs:
         c.logprobs += d.logprobs
+    if d.prompt_logprobs is not None:
+        c.prompt_logprobs = d.prompt_logprobs
     c.prompt_tokens = d.prompt_tokens or c.prompt_tokens
     if d.finish_reason is not None:
         c.finish_reason = d.finish_reason
