@@ -219,7 +219,7 @@ class ChatSession:
             if self.show_speed:
                 self.note(self.replies[-1].line())
         reply = reply.removesuffix("<|im_end|>")
-        calls, content = parse_tool_calls(reply)
+        calls, content = parse_tool_calls(reply, self.tools, self._sentinels(out, reply))
         for c in calls:
             self.note(f"  [tool call] {c.name}({json.dumps(c.arguments)})")
         msg: dict = {"role": "assistant", "content": content if calls else reply}
@@ -227,6 +227,23 @@ class ChatSession:
             msg["tool_calls"] = [{"type": "function", "function": {"name": c.name, "arguments": c.arguments}}
                                  for c in calls]
         self.history.append(msg)
+
+
+    def _sentinels(self, out: Any, reply: str) -> list[int] | None:
+        """Offsets of the real tool-call control tokens in the reply (as LLM.chat finds them), so that text which
+        merely spells `<|tool_call_start|>` stays text; None (trust the text) where the ids are unavailable."""
+        from .text import TOOL_CALL_END, TOOL_CALL_START
+        from .text.tool_calls import sentinel_offsets
+
+        tok = getattr(self.llm, "tokenizer", None)
+        if out is None or tok is None:
+            return None
+        skip = self.sampling.skip_special_tokens
+        decode = lambda ids: tok.decode(ids, skip_special_tokens=skip)  # noqa: E731
+        if decode(out.token_ids).removesuffix("<|im_end|>") != reply:  # stopped by a stop string: text was cut
+            return None
+        return sentinel_offsets(out.token_ids, tok.token_to_id(TOOL_CALL_START), tok.token_to_id(TOOL_CALL_END),
+                                decode)
 
 
 def sampling_for_tools(sampling: Any) -> Any:
