@@ -110,8 +110,9 @@ def pull(repo_id: str, revision: str | None = None) -> Path:
             path = Path(snapshot_download(repo_id, revision=revision, allow_patterns=CHECKPOINT_PATTERNS,
                                           local_files_only=True))
         except Exception:  # noqa: BLE001 - not cached: the one-line error below
-            raise PullError(f"cannot download {repo_id}: {why}. Connect this machine (or unset HF_HUB_OFFLINE), or "
-                            f"copy the checkpoint directory here and name its path instead") from None
+            fix = "unset HF_HUB_OFFLINE" if _offline() else "connect this machine"
+            raise PullError(f"cannot download {repo_id}: {why}. {fix[0].upper() + fix[1:]}, or copy the checkpoint "
+                            "directory here and name its path instead") from None
         print(f"{why}; {repo_id} is already in the cache: {path}")
         return path
     try:
