@@ -371,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_export_parser(sub)
     add_serve_parser(sub)
     add_train_parser(sub)
+    from .eval.cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
     # `lfm batch` registers here the same way: from .batch.cli import add_batch_parser; add_batch_parser(sub)
     _describe_subcommands(p)
     return p
