@@ -116,11 +116,22 @@ class LLM:
         return outs[0] if single else outs
 
     def stream_chat(self, messages: list[Message], sampling_params: SamplingParams | None = None,
-                    tools: list[dict] | None = None, chat_template_kwargs: dict[str, Any] | None = None) -> Iterator[str]:
+                    tools: list[dict] | None = None, chat_template_kwargs: dict[str, Any] | None = None,
+                    outputs: list[RequestOutput] | None = None) -> Iterator[str]:
+        """Text pieces of one chat reply as they are produced. `outputs`, when given, receives the RequestOutput
+        (token ids, finish reason) once the stream ends, is closed or fails: what `lfm chat` counts tokens/s from."""
         ids = self.encode_chat(messages, tools, True, chat_template_kwargs)
-        for _, delta in self._steps([ids], self._params(sampling_params, 1), True):
-            if delta:
-                yield delta
+        rid = f"llm-{next(_ids)}"
+        done: dict[str, RequestOutput] = {}
+        steps = self._steps([ids], self._params(sampling_params, 1), True, [rid], done)
+        try:
+            for _, delta in steps:
+                if delta:
+                    yield delta
+        finally:
+            steps.close()  # aborts the request now, not when the generator is collected
+            if outputs is not None and rid in done:
+                outputs.append(done[rid])
 
     @property
     def grammar(self) -> Any:

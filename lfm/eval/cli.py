@@ -67,8 +67,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     s.add_argument("--batch-size", default="auto", help="requests in flight at once; auto (default): all, and the "
                    "engine batches up to its max_num_seqs")
     s.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--quantization", choices=["int8", "int4"])
+    s.add_argument("--device", default="cpu", help="cpu or cuda")
+    s.add_argument("--quantization", choices=["int8", "int4"],
+                   help="quantize the weights on load, weight-only, CPU (default: none)")
     s.add_argument("--max-model-len", type=int, help="context length for scoring and generation")
     s.add_argument("--num-fewshot", type=int, help="lm-eval tasks: few-shot examples")
     s.add_argument("--apply-chat-template", action="store_true", help="lm-eval tasks: prompts through the chat template")

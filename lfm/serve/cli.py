@@ -36,7 +36,7 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("model", nargs="?", help="checkpoint directory or Hugging Face Hub id (default: the built-in demo "
                    "model, offline)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     s.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     s.add_argument("--quantization", choices=["int8", "int4"], help="weight-only quantization on load (CPU)")
@@ -74,7 +74,8 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="return the text of <think>...</think> as reasoning_content (message and stream deltas), "
                         "not content; lfm2 (LFM2.5 thinking models) and vLLM's deepseek_r1 / qwen3 names all "
                         "mean: text before </think> is reasoning")
-    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="server log verbosity (uvicorn's levels)")
     s.set_defaults(fn=cmd_serve)
     return s
 
