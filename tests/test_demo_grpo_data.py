@@ -43,7 +43,7 @@ def test_no_prompt_overlaps_the_eval_set(prompts: tuple[list[dict], dict]) -> No
 def test_kinds_and_references(prompts: tuple[list[dict], dict]) -> None:
     rows, stats = prompts
     assert set(stats["kinds"]) == {"doc", "sig", "list", "no_call", "instruct"}
-    assert stats["kinds"]["instruct"] == 80 and stats["kinds"]["no_call"] == 90
+    assert stats["kinds"]["instruct"] == 80 and stats["kinds"]["no_call"] == 36
     for r in rows:
         if r["kind"] == "instruct":
             assert "tools" not in r and r["instructions"]

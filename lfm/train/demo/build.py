@@ -2,8 +2,11 @@
 
     python -m lfm.train.demo.build                       # -> lfm/assets/demo (the offline default model)
 
-corpus + tokenizer + chat data (`prepare_demo_data`), pretraining (`pretrain.toml`), chat SFT (`sft.toml`), then a
-bfloat16 export with its config, tokenizer, metrics, loss plots, held-out perplexity and sample chats.
+corpus + tokenizer + chat data (`prepare_demo_data`), pretraining (`pretrain.toml`), chat SFT (`sft.toml`), RL with
+verifiable rewards (`grpo.toml`: GRPO on held-in tool-calling and instruction prompts, `grpo_data.py`), then a
+bfloat16 export with its config, tokenizer, metrics, loss plots, held-out perplexity, `lfm eval` scores on held-out
+prompts before and after the GRPO stage, and sample chats. A stage that finished is not rerun (its run directory
+holds the final checkpoint); an interrupted one resumes from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -71,17 +74,49 @@ def _samples(model_dir: Path) -> list[dict]:
     return out
 
 
-def build(out: Path, work: Path, pretrain_steps: int | None, sft_steps: int | None, threads: int | None,
-          max_chars: int | None) -> dict:
+EVAL_TASKS = "tools,ifeval-lite"  # the scores the GRPO stage is meant to move (tools) and keep (instructions)
+
+
+def _lfm_eval(model_dir: Path, out_dir: Path) -> dict[str, dict[str, float]]:
+    """`lfm eval` (greedy, built-in held-out data) of an exported model: {task: metrics}."""
+    from ...cli import main as lfm_main
+
+    lfm_main(["eval", str(model_dir), "--tasks", EVAL_TASKS, "-o", str(out_dir), "--no-progress"])
+    results = json.loads((out_dir / "results.json").read_text())["results"]
+    return {task: r["metrics"] for task, r in results.items()}
+
+
+def _export(final: Path, out: Path) -> None:
+    """bfloat16 weights, config and tokenizer of a run's final checkpoint, with the demo's sampling defaults."""
     from ...model.checkpoint import load_model, save_model
-    from ..config import TrainConfig
+
+    shutil.rmtree(out, ignore_errors=True)
+    save_model(load_model(final, dtype="bfloat16"), out, final)
+    gen = json.loads((out / "generation_config.json").read_text())  # + the sampling the demo reads best at
+    (out / "generation_config.json").write_text(json.dumps({**gen, **DEMO_SAMPLING}, indent=2) + "\n")
+
+
+def _run(cfg) -> Path:
+    """Train a stage, resuming its run directory when it holds a checkpoint; a finished stage returns at once."""
     from ..loop import train
+    from ..state import find_checkpoint
+
+    ckpt, _ = find_checkpoint(Path(cfg.out_dir)) if Path(cfg.out_dir).is_dir() else (None, [])
+    return train(cfg, resume=ckpt is not None)
+
+
+def build(out: Path, work: Path, pretrain_steps: int | None, sft_steps: int | None, threads: int | None,
+          max_chars: int | None, grpo_steps: int | None = None) -> dict:
+    from ...model.checkpoint import load_model
+    from ..config import TrainConfig
     from . import prepare_demo_data
+    from .grpo_data import build_grpo_prompts
 
     t_start = time.perf_counter()
     data = work / "data"
-    print(f"[1/4] data -> {data}", flush=True)
+    print(f"[1/5] data -> {data}", flush=True)
     stats = prepare_demo_data(data, max_chars=max_chars, progress=lambda line: print("      " + line, flush=True))
+    stats["grpo"] = build_grpo_prompts(data / "corpus.jsonl", data / "grpo.jsonl")
 
     pre = TrainConfig.from_toml(HERE / "pretrain.toml")
     pre.out_dir, pre.model.tokenizer = str(work / "pretrain"), str(data / "tokenizer")
@@ -89,28 +124,36 @@ def build(out: Path, work: Path, pretrain_steps: int | None, sft_steps: int | No
     sft = TrainConfig.from_toml(HERE / "sft.toml")
     sft.out_dir = str(work / "sft")
     sft.data.train, sft.data.eval = [str(data / "chat.jsonl")], [str(data / "chat.heldout.jsonl")]
-    for cfg, steps in ((pre, pretrain_steps), (sft, sft_steps)):
+    rl = TrainConfig.from_toml(HERE / "grpo.toml")
+    rl.out_dir, rl.data.train = str(work / "grpo"), [str(data / "grpo.jsonl")]
+    for cfg, steps in ((pre, pretrain_steps), (sft, sft_steps), (rl, grpo_steps)):
         if steps:
             cfg.steps = steps
             cfg.optim.warmup_steps = min(cfg.optim.warmup_steps, max(1, steps // 10))
         if threads:
             cfg.threads = threads
-    print(f"[2/4] pretraining {pre.steps} steps x {pre.batch_size} x {pre.data.seq_len} tokens", flush=True)
+    print(f"[2/5] pretraining {pre.steps} steps x {pre.batch_size} x {pre.data.seq_len} tokens", flush=True)
     t0 = time.perf_counter()
-    pre_final = train(pre)
+    pre_final = _run(pre)
     t_pre = time.perf_counter() - t0
     sft.model.init = str(pre_final)
-    print(f"[3/4] chat fine-tuning {sft.steps} steps", flush=True)
+    print(f"[3/5] chat fine-tuning {sft.steps} steps", flush=True)
     t0 = time.perf_counter()
-    sft_final = train(sft)
+    sft_final = _run(sft)
     t_sft = time.perf_counter() - t0
 
-    print(f"[4/4] export -> {out}", flush=True)
-    shutil.rmtree(out, ignore_errors=True)
-    save_model(load_model(sft_final, dtype="bfloat16"), out, sft_final)
-    gen = json.loads((out / "generation_config.json").read_text())  # + the sampling the demo reads best at
-    (out / "generation_config.json").write_text(json.dumps({**gen, **DEMO_SAMPLING}, indent=2) + "\n")
-    for name, cfg in (("pretrain", pre), ("sft", sft)):
+    rl.model.init = str(sft_final)
+    print(f"[4/5] GRPO {rl.steps} steps x {rl.batch_size} prompts x {rl.grpo.group_size} samples", flush=True)
+    t0 = time.perf_counter()
+    rl_final = _run(rl)
+    t_rl = time.perf_counter() - t0
+
+    print(f"[5/5] export -> {out}, lfm eval before/after GRPO", flush=True)
+    _export(sft_final, work / "sft-export")
+    before = _lfm_eval(work / "sft-export", work / "eval-before-grpo")
+    _export(rl_final, out)
+    after = _lfm_eval(out, work / "eval-after-grpo")
+    for name, cfg in (("pretrain", pre), ("sft", sft), ("grpo", rl)):
         shutil.copy(Path(cfg.out_dir) / "metrics.jsonl", out / f"{name}-metrics.jsonl")
         shutil.copy(Path(cfg.out_dir) / "loss.png", out / f"{name}-loss.png")
         (out / f"{name}.toml").write_text(cfg.to_toml())
@@ -126,7 +169,8 @@ def build(out: Path, work: Path, pretrain_steps: int | None, sft_steps: int | No
         "heldout_corpus_loss": corpus_loss, "heldout_corpus_perplexity": math.exp(corpus_loss),
         "heldout_chat_loss": chat_loss, "heldout_chat_perplexity": math.exp(chat_loss),
         "pretrain_tokens_per_s": rate("pretrain"), "sft_tokens_per_s": rate("sft"),
-        "pretrain_minutes": t_pre / 60, "sft_minutes": t_sft / 60,
+        "pretrain_minutes": t_pre / 60, "sft_minutes": t_sft / 60, "grpo_minutes": t_rl / 60,
+        "eval_before_grpo": before, "eval_after_grpo": after, "grpo": _grpo_summary(out / "grpo-metrics.jsonl"),
         "total_minutes": (time.perf_counter() - t_start) / 60, "threads": torch.get_num_threads(),
         "python": sys.version.split()[0], "torch": torch.__version__,
         "data": {k: {kk: vv for kk, vv in v.items() if not isinstance(vv, (dict, list))} if isinstance(v, dict) else v
@@ -136,8 +180,17 @@ def build(out: Path, work: Path, pretrain_steps: int | None, sft_steps: int | No
     (out / "card.json").write_text(json.dumps(card, indent=1) + "\n")
     size = sum(f.stat().st_size for f in out.iterdir()) / 2**20
     print(f"done in {card['total_minutes']:.1f} min: {out} ({size:.1f} MiB), held-out corpus perplexity "
-          f"{card['heldout_corpus_perplexity']:.1f}, chat perplexity {card['heldout_chat_perplexity']:.2f}")
+          f"{card['heldout_corpus_perplexity']:.1f}, chat perplexity {card['heldout_chat_perplexity']:.2f}, "
+          f"tools accuracy {before['tools']['accuracy']:.3f} -> {after['tools']['accuracy']:.3f}, ifeval-lite "
+          f"{before['ifeval-lite']['prompt_accuracy']:.3f} -> {after['ifeval-lite']['prompt_accuracy']:.3f}")
     return card
+
+
+def _grpo_summary(metrics_jsonl: Path) -> dict:
+    """Mean reward over the first and the last 5 logged GRPO steps (the training prompts, sampled)."""
+    rows = [json.loads(x) for x in metrics_jsonl.read_text().splitlines() if "reward_mean" in x]
+    mean = lambda rs: sum(r["reward_mean"] for r in rs) / max(len(rs), 1)  # noqa: E731
+    return {"steps": rows[-1]["step"] if rows else 0, "reward_first5": mean(rows[:5]), "reward_last5": mean(rows[-5:])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -147,10 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("runs/demo"), help="data and run directories")
     p.add_argument("--pretrain-steps", type=int, help="override pretrain.toml's steps (for a quick trial)")
     p.add_argument("--sft-steps", type=int, help="override sft.toml's steps")
+    p.add_argument("--grpo-steps", type=int, help="override grpo.toml's steps")
     p.add_argument("--threads", type=int, help="torch threads (default: the configs' 2)")
     p.add_argument("--max-chars", type=int, help="cap the corpus size (for a quick trial)")
     a = p.parse_args(argv)
-    build(a.out, a.work, a.pretrain_steps, a.sft_steps, a.threads, a.max_chars)
+    build(a.out, a.work, a.pretrain_steps, a.sft_steps, a.threads, a.max_chars, a.grpo_steps)
     return 0
 
 

@@ -145,7 +145,7 @@ class _Drawer:
 
 
 def build_grpo_prompts(corpus_jsonl: str | Path, out_path: str | Path, n_tool: int = 400, n_instruct: int = 100,
-                       seed: int = 1, no_call_share: float = 0.3) -> dict:
+                       seed: int = 1, no_call_share: float = 0.12) -> dict:
     """Write GRPO prompt records (jsonl); tool kinds are lookup_doc/get_signature/list_functions/no-call, the calls
     split evenly, no-call prompts `no_call_share` of the tool prompts. Returns counts per kind."""
     rng = random.Random(seed)
