@@ -181,3 +181,55 @@ def test_rope_qknorm_equals_model(dev, dtype):
     got = rope_qknorm(x, norm.weight.detach(), cos, sin, 1e-5)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+def _llm(model, backend_cls, **kw):
+    from lfm import LLM
+
+    llm = LLM(model, block_size=16, kv_cache_memory=8 << 20, max_num_batched_tokens=24, **kw)
+    r = llm.engine.runner
+    r.backend = backend_cls(r.cache, model.config.num_attention_heads, model.config.head_size)
+    return llm
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="Triton interpreter not active (CUDA run)")
+@pytest.mark.parametrize("kv", [None, "int8"])
+def test_engine_with_triton_backend_equals_torch_backend(kv):
+    """The whole engine on CPU tensors, TritonBackend (interpreted) vs TorchBackend: batched prompts of odd lengths
+    split into prefill chunks next to decodes (24 tokens a step), two prompts sharing 32 tokens (prefix-cache hit:
+    conv snapshot written, then restored), GQA 2 and a kernel-4 conv; same greedy tokens, logits within float
+    rounding."""
+    from .conftest import DENSE, random_model
+    from .engine_util import capture
+
+    from lfm import SamplingParams
+    from lfm.engine.triton_backend import TritonBackend
+
+    model = random_model(dict(DENSE, conv_L_cache=4, num_hidden_layers=3, layer_types=["conv", "full_attention",
+                                                                                         "conv"]))
+    shared = list(range(40, 72))
+    prompts = [shared + [5, 9, 11], [3, 4, 5], list(range(100, 137)), shared + [200]]
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outs, recs = [], []
+    for cls in (TorchBackend, TritonBackend):
+        llm = _llm(model, cls, kv_cache_dtype=kv)
+        rec = capture(llm)
+        seen = {"snapshot": 0, "restore": 0, "mixed": 0}
+        begin = llm.engine.runner.backend.begin
+
+        def watch(batch, begin=begin, seen=seen):
+            seen["snapshot"] += batch.snap_rows is not None
+            seen["restore"] += batch.conv_restore is not None
+            seen["mixed"] += 0 < batch.num_decodes < len(batch.context_lens)
+            begin(batch)
+
+        llm.engine.runner.backend.begin = watch
+        first = llm.generate(prompts[:3], sp)
+        second = llm.generate(prompts[3:], sp)  # its first 32 tokens come from the prefix cache
+        outs.append([o.token_ids for o in first + second])
+        recs.append(dict((tuple(t), lg) for t, lg in rec))
+        assert all(seen.values()), seen  # the paths named above were exercised
+    assert outs[0] == outs[1]
+    assert recs[0].keys() == recs[1].keys()
+    for key, lg in recs[0].items():
+        torch.testing.assert_close(recs[1][key], lg, atol=1e-4, rtol=1e-4)

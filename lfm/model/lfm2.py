@@ -106,7 +106,11 @@ class ShortConv(nn.Module):
 
     def forward_step(self, h: torch.Tensor, layer: int, ctx: StepContext) -> torch.Tensor:
         """h [N, D], the new tokens of many sequences; their conv states live in the engine's cache."""
-        b, c, x = self.in_proj(h).chunk(3, dim=-1)
+        bcx = self.in_proj(h)
+        fused = getattr(ctx, "gated_short_conv", None)  # a backend may fuse B*x, the conv and C* in one kernel
+        if fused is not None:
+            return self.out_proj(fused(layer, bcx, self.conv.weight[:, 0], self.conv.bias))
+        b, c, x = bcx.chunk(3, dim=-1)
         z = ctx.short_conv(layer, b * x, self.conv.weight[:, 0], self.conv.bias)
         return self.out_proj(c * z)
 
