@@ -20,7 +20,7 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
 triton = pytest.importorskip("triton")
 
 from lfm.engine.backend import StepBatch, TorchBackend  # noqa: E402
-from lfm.engine.cache import PagedCache, quantize_kv  # noqa: E402
+from lfm.engine.cache import PagedCache  # noqa: E402
 from lfm.kernels.triton.paged_attention import paged_decode_attention  # noqa: E402
 from lfm.kernels.triton.rmsnorm import rms_norm  # noqa: E402
 from lfm.kernels.triton.rope_qknorm import rope_qknorm  # noqa: E402
@@ -188,16 +188,17 @@ def _llm(model, backend_cls, **kw):
 
     llm = LLM(model, block_size=16, kv_cache_memory=8 << 20, max_num_batched_tokens=24, **kw)
     r = llm.engine.runner
-    r.backend = backend_cls(r.cache, model.config.num_attention_heads, model.config.head_size)
+    if backend_cls is not None:
+        r.backend = backend_cls(r.cache, model.config.num_attention_heads, model.config.head_size)
     return llm
 
 
-@pytest.mark.skipif(not INTERPRETED, reason="Triton interpreter not active (CUDA run)")
+@pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("kv", [None, "int8"])
-def test_engine_with_triton_backend_equals_torch_backend(kv):
-    """The whole engine on CPU tensors, TritonBackend (interpreted) vs TorchBackend: batched prompts of odd lengths
-    split into prefill chunks next to decodes (24 tokens a step), two prompts sharing 32 tokens (prefix-cache hit:
-    conv snapshot written, then restored), GQA 2 and a kernel-4 conv; same greedy tokens, logits within float
+def test_engine_with_triton_backend_equals_torch_backend(dev, kv):
+    """The whole engine, TritonBackend (interpreted on CPU, compiled on CUDA) vs TorchBackend: batched prompts of odd
+    lengths split into prefill chunks next to decodes (24 tokens a step), two prompts sharing 32 tokens (prefix-cache
+    hit: conv snapshot written, then restored), GQA 2 and a kernel-4 conv; same greedy tokens, logits within float
     rounding."""
     from .conftest import DENSE, random_model
     from .engine_util import capture
@@ -206,7 +207,9 @@ def test_engine_with_triton_backend_equals_torch_backend(kv):
     from lfm.engine.triton_backend import TritonBackend
 
     model = random_model(dict(DENSE, conv_L_cache=4, num_hidden_layers=3, layer_types=["conv", "full_attention",
-                                                                                         "conv"]))
+                                                                                         "conv"])).to(dev)
+    if dev == "cuda":  # what LLM(device="cuda") serves with
+        assert type(_llm(model, None, kv_cache_dtype=kv).engine.runner.backend) is TritonBackend
     shared = list(range(40, 72))
     prompts = [shared + [5, 9, 11], [3, 4, 5], list(range(100, 137)), shared + [200]]
     sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)

@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-_RNE = tl.constexpr(12582912.0)  # 1.5 * 2**23: (y + _RNE) - _RNE rounds a float32 |y| < 2**22 to the nearest integer, ties to even
+# 1.5 * 2**23: (y + _RNE) - _RNE rounds a float32 |y| < 2**22 to the nearest integer, ties to even (as torch.round)
+_RNE = tl.constexpr(12582912.0)
 
 
 @triton.jit
