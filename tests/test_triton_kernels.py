@@ -153,15 +153,17 @@ def test_rms_norm_equals_model(dev, residual, dtype):
     norm = norm.to(dtype)
     x = torch.randn(5, D, generator=g).to(dev, dtype)
     r = torch.randn(5, D, generator=g).to(dev, dtype)
-    res = r.clone() if residual else None
-    got = rms_norm(x, norm.weight.detach(), 1e-5, res)
+    x0, r0 = x.clone(), r.clone()
+    got = rms_norm(x, norm.weight.detach(), 1e-5, r if residual else None)
     s = x + r if residual else x
     with torch.no_grad():
         want = norm(s)
     tol = 1e-5 if dtype == torch.float32 else 2e-3
-    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
     if residual:
-        assert torch.equal(res, s)
+        got, total = got
+        assert torch.equal(total, s)
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    assert torch.equal(x, x0) and torch.equal(r, r0)  # inputs untouched
 
 
 @pytest.mark.parametrize("dev", DEVICES)

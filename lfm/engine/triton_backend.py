@@ -6,6 +6,8 @@ flash-attn / FlexAttention could be optional fast paths later). What changes:
 - Decode attention is the split-K paged kernel over the block tables (no gather of whole sequences).
 - The short conv is one varlen launch that reads and writes each sequence's conv slot, and `gated_short_conv`
   (used by `ShortConv.forward_step` when the backend offers it) also fuses `B*x` before and `C*` after the conv.
+- The model's optional hooks `add_rms_norm` (residual add + RMSNorm) and `qk_norm_rope` (per-head norm + RoPE) are
+  one kernel each.
 `make_backend` picks it for CUDA devices when triton imports. On CPU tensors it works only under Triton's interpreter
 (`TRITON_INTERPRET=1` set before triton is imported), which is how tests check it end to end without a GPU.
 """
@@ -14,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.triton import paged_decode_attention, short_conv, store_kv
+from ..kernels.triton import paged_decode_attention, rms_norm, rope_qknorm, short_conv, store_kv
+from ..model.lfm2 import RMSNorm
 from .backend import StepBatch, TorchBackend
 
 
@@ -56,3 +59,15 @@ class TritonBackend(TorchBackend):
             bb, cc, xx = bcx.chunk(3, dim=-1)
             return cc * self.short_conv(layer, bb * xx, weight, bias)
         return short_conv(bcx, weight, bias, c.conv[c.conv_index[layer]], self._qs, b.conv_slots, gated=True)
+
+    # ---- hooks the model uses when present (lfm.model.lfm2: Block / Attention.forward_step) ------------------------
+    def add_rms_norm(self, h: torch.Tensor, residual: torch.Tensor | None, norm: RMSNorm
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(h + residual), h + residual); without a residual, (norm(h), h)."""
+        if residual is None:
+            return rms_norm(h, norm.weight, norm.eps), h
+        return rms_norm(h, norm.weight, norm.eps, residual)
+
+    def qk_norm_rope(self, x: torch.Tensor, norm: RMSNorm, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """rope(norm(x)) for x [N, heads, head_dim] (q or k), with the step's cos / sin [N, head_dim]."""
+        return rope_qknorm(x, norm.weight, rope[0], rope[1], norm.eps)

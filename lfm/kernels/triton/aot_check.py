@@ -46,7 +46,7 @@ def variants() -> list[tuple[object, dict[str, str], dict[str, object]]]:
             out.append((sc._short_conv, dict(x=a, w=a, bias=a, state=a, out=a, query_start="*i32", conv_slots="*i64",
                                              D="i32", row_stride="i32"),
                         dict(L=3, GATED=gated, HAS_BIAS=False, BLOCK_D=64)))
-        out.append((rn._rmsnorm, dict(x=a, residual=a, w=a, out=a, D="i32", eps="fp32"),
+        out.append((rn._rmsnorm, dict(x=a, residual=a, w=a, out=a, sum_out=a, D="i32", eps="fp32"),
                     dict(HAS_RES=True, BLOCK_D=2048)))
         out.append((rq._rope_qknorm, dict(x=a, w=a, cos=a, sin=a, out=a, heads="i32", head_dim="i32", half="i32",
                                           eps="fp32"), dict(BLOCK_H=32)))
