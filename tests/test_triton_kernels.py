@@ -29,9 +29,10 @@ from lfm.kernels.triton.store_kv import store_kv  # noqa: E402
 from lfm.model.lfm2 import RMSNorm, apply_rope_flat, rope_cos_sin  # noqa: E402
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-BF16_CPU = "the interpreter mis-reads bfloat16 on CPU (numpy has no bfloat16): bfloat16 is checked on CUDA"
+BF16_CPU = "triton 3.9's interpreter gave wrong bfloat16 results on CPU (NaN): bfloat16 is checked on CUDA"
 DEVICES = [
-    pytest.param("cpu", marks=pytest.mark.skipif(not INTERPRETED, reason="Triton interpreter not active (CUDA run)")),
+    pytest.param("cpu", marks=pytest.mark.skipif(
+        not INTERPRETED, reason="Triton interpreter not active (a CUDA run, or triton imported before this module)")),
     pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available() or INTERPRETED, reason="no CUDA")),
 ]
 

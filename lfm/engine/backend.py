@@ -154,7 +154,7 @@ class CpuBackend(TorchBackend):
 def make_backend(device: torch.device, cache: PagedCache, num_heads: int, head_dim: int) -> TorchBackend:
     if device.type == "cpu":
         return CpuBackend(cache, num_heads, head_dim)
-    if device.type == "cuda":
+    if device.type == "cuda" and cache.block_size & (cache.block_size - 1) == 0:  # Triton tiles: powers of two
         try:
             from .triton_backend import TritonBackend
         except ImportError:  # triton not installed (the `gpu` extra): the portable path still serves

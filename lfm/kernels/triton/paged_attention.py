@@ -95,6 +95,8 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     _, KV, bs, _ = k_cache.shape
     if H % KV:
         raise ValueError(f"{H} query heads do not group over {KV} KV heads")
+    if bs & (bs - 1):
+        raise ValueError(f"block size {bs} is not a power of two (the kernel loads one block as a tile)")
     out = torch.empty_like(q)
     if S == 0:
         return out
