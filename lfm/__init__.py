@@ -2,7 +2,7 @@
 
 from .engine.llm import LLM
 from .engine.sequence import RequestOutput
-from .engine.sampling import SamplingParams
+from .engine.sampling import SamplingParams, StructuredOutputsParams
 from .loading import load_model
 from .model.checkpoint import CheckpointError, save_model
 from .model.config import ConfigError, LfmConfig
@@ -10,6 +10,6 @@ from .model.lfm2 import LfmForCausalLM
 from .model.presets import preset
 from .text import Tokenizer, ToolCall, parse_tool_calls
 
-__all__ = ["LLM", "RequestOutput", "SamplingParams", "load_model", "save_model", "LfmConfig", "LfmForCausalLM",
+__all__ = ["LLM", "RequestOutput", "SamplingParams", "StructuredOutputsParams", "load_model", "save_model", "LfmConfig", "LfmForCausalLM",
            "ConfigError", "CheckpointError", "preset", "Tokenizer", "ToolCall", "parse_tool_calls"]
 __version__ = "0.1.0"

@@ -275,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve_parser(sub)
     from .train.cli import add_train_parser
     add_train_parser(sub)
+    from .batch.cli import add_parser as add_batch_parser
+    add_batch_parser(sub)
     return p
 
 

@@ -200,7 +200,39 @@ class GrammarBackend:
         except Exception as e:
             raise GrammarError(f"cannot build a grammar for these tools: {_first_line(e)}") from None
 
+    def regex(self, pattern: str) -> Any:
+        try:
+            with self._lock:
+                return self.compiler.compile_regex(pattern)
+        except Exception as e:
+            raise GrammarError(f"unsupported or invalid regex: {_first_line(e)}") from None
+
+    def ebnf(self, grammar: str) -> Any:
+        try:
+            with self._lock:
+                return self.compiler.compile_grammar(grammar)
+        except Exception as e:
+            raise GrammarError(f"invalid grammar (EBNF, root ::= ...): {_first_line(e)}") from None
+
+    def choice(self, choices: list[str]) -> Any:
+        """Exactly one of the strings: an EBNF alternation of literals (JSON escapes are xgrammar's string escapes)."""
+        return self.ebnf("root ::= " + " | ".join(json.dumps(c) for c in choices))
+
     # ------------------------------------------------------------------------------------------- specs
+    def spec_structured(self, so: Any) -> ConstraintSpec:
+        """A `StructuredOutputsParams` (json / regex / choice / grammar / json_object) as a one-phase spec."""
+        if so.json is not None:
+            g = self.json_schema(so.json)
+        elif so.regex is not None:
+            g = self.regex(so.regex)
+        elif so.choice is not None:
+            g = self.choice(so.choice)
+        elif so.grammar is not None:
+            g = self.ebnf(so.grammar)
+        else:
+            g = self.json_object()
+        return self.spec_json(g)
+
     def spec_json(self, grammar: Any) -> ConstraintSpec:
         return ConstraintSpec((Match(grammar, self.stop_ids),))
 
