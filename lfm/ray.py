@@ -32,7 +32,8 @@ _INTERNAL = "__lfm_fields__"  # run_ray's rows: id, the row's fields as JSON tex
 
 
 class LfmPredictor:
-    """One `lfm.LLM` per Ray actor; `__call__(batch)` -> the batch's columns plus `output` (JSON text), `text`,
+    """One `lfm.LLM` per Ray actor; `__call__(batch)` -> the batch's columns plus `output` (JSON text), the raw
+    `generated_text` (Ray Data LLM's name, so a `text` input column stays),
     token counts, `finish_reason`, `error` and `logprobs` (JSON text; --classify only), as an Arrow table."""
 
     def __init__(self, model: str | None = None, prompt: str | None = None, schema: dict | None = None,
@@ -85,7 +86,8 @@ def _table(rows: list[InputRow], by_id: dict[str, dict], cols: dict[str, list] |
         vals = [by_id[r.id][c] for r in rows]
         if c in ("output", "logprobs"):
             vals = [None if v is None else json.dumps(v, ensure_ascii=False) for v in vals]
-        data[c] = pa.array(vals, pa.int64() if c.endswith("_tokens") else pa.string())
+        name = "generated_text" if c == "text" and cols is not None else c  # as Ray Data LLM names it; keeps `text`
+        data[name] = pa.array(vals, pa.int64() if c.endswith("_tokens") else pa.string())
     return pa.table(data)
 
 

@@ -191,13 +191,17 @@ def _lines(path) -> int:
 
 def kill_midway(cmd: list[str], progress, total: int, min_done: int) -> None:
     """Start `cmd`, SIGKILL it once progress() >= min_done rows are written, and check that it was mid-way."""
-    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # now: ray.init puts its cluster's auth token in os.environ
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
         while progress() < min_done and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     done = progress()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
