@@ -11,7 +11,7 @@
   OpenAI-compatible app behind one endpoint; with `max_replicas`, Ray Serve scales the count by ongoing requests per
   replica (the queue length).
 
-Imports of ray happen inside the functions, so `import lfm.ray` costs nothing until something is used.
+`ray` itself is imported inside the functions: importing `lfm.ray` does not start or need a cluster.
 """
 
 from __future__ import annotations
@@ -216,7 +216,8 @@ def serve_ray(cfg: dict[str, Any], replicas: int = 1, max_replicas: int | None =
 
     _init(address)
     serve.start(http_options={"host": cfg.get("host", "127.0.0.1"), "port": int(cfg.get("port", 8000))})
-    args = {**cfg, "replicas": replicas} if max_replicas is None else {**cfg, "max_replicas": max_replicas}
+    args = {**cfg, "replicas": replicas} if max_replicas is None else \
+        {**cfg, "min_replicas": replicas, "max_replicas": max_replicas}
     serve.run(build_app(args), name="lfm", route_prefix="/", blocking=True)
 
 

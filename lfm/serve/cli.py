@@ -61,6 +61,11 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--max-body-bytes", type=parse_size, default=4 << 20, help="largest request body (4MiB)")
     s.add_argument("--threads", type=_positive,
                    help="torch CPU threads (default: torch's choice; 1 is often fastest on a busy or small machine)")
+    s.add_argument("--ray", action="store_true", help="serve --replicas copies on Ray Serve behind this one endpoint "
+                   "(pip install 'lfm[ray]')")
+    s.add_argument("--replicas", type=_positive, default=1, help="with --ray: replicas (the minimum with --max-replicas)")
+    s.add_argument("--max-replicas", type=_positive, help="with --ray: autoscale up to this many by queue length")
+    s.add_argument("--ray-address", help="with --ray: the cluster to join (default: a new local one)")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(fn=cmd_serve)
     return s
@@ -82,6 +87,14 @@ def cmd_serve(a: argparse.Namespace) -> None:
                       enable_prefix_caching=a.enable_prefix_caching,
                       api_key=a.api_key, max_body_bytes=a.max_body_bytes, threads=a.threads,
                       quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype)
+    if a.ray:
+        import dataclasses
+
+        from ..ray import serve_ray
+
+        print(f"serving on Ray Serve at http://{a.host}:{a.port}/v1", file=sys.stderr, flush=True)
+        serve_ray(dataclasses.asdict(cfg), a.replicas, a.max_replicas, a.ray_address)
+        return
     print(f"loading {a.model or 'the built-in demo model'} ...", file=sys.stderr, flush=True)
     state = ServerState(cfg)
     print(f"serving '{state.model_name}' on http://{a.host}:{a.port}/v1", file=sys.stderr, flush=True)
