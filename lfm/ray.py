@@ -164,7 +164,8 @@ def build_app(args: dict[str, Any] | None = None):
         actor["num_gpus"] = float(args.pop("num_gpus"))
     args.pop("num_gpus", None)
     cfg = _serve_config(args)
-    opts: dict[str, Any] = {"ray_actor_options": actor, "max_ongoing_requests": cfg["max_waiting"] + cfg["max_num_seqs"]}
+    opts: dict[str, Any] = {"ray_actor_options": actor,
+                            "max_ongoing_requests": cfg["max_waiting"] + cfg["max_num_seqs"]}
     if hi is not None:
         opts["autoscaling_config"] = {"min_replicas": int(lo or 1), "max_replicas": int(hi),
                                       "target_ongoing_requests": target}

@@ -5,7 +5,6 @@ gives the same rows as the local path (greedy), a Ray job killed with SIGKILL re
 from __future__ import annotations
 
 import json
-import os
 import socket
 import sys
 
@@ -22,7 +21,7 @@ from lfm.batch.runner import BatchJob, run_batch  # noqa: E402
 from lfm.batch.sink import open_sink, read_results  # noqa: E402
 from lfm.ray import LfmPredictor, build_app, run_ray  # noqa: E402
 
-from .test_batch import ENV, SCHEMA, _reviews, _schema_file, _write_jsonl, kill_midway  # noqa: E402
+from .test_batch import SCHEMA, _reviews, _schema_file, _write_jsonl, kill_midway  # noqa: E402
 
 
 @pytest.fixture(scope="module")

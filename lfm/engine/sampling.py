@@ -38,7 +38,7 @@ class StructuredOutputsParams:
         if self.json is not None and not isinstance(self.json, dict):
             raise ValueError("structured_outputs.json must be a JSON schema object")
         if self.choice is not None:
-            if isinstance(self.choice, str) or not all(isinstance(c, str) and c for c in self.choice) or not self.choice:
+            if isinstance(self.choice, str) or not self.choice or not all(isinstance(c, str) and c for c in self.choice):
                 raise ValueError("structured_outputs.choice must be a non-empty list of non-empty strings")
             self.choice = list(self.choice)
         if self.regex is not None and not (isinstance(self.regex, str) and self.regex):
