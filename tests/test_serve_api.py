@@ -106,8 +106,14 @@ def test_completions_n_seed_stop_echo_logprobs(client):
                                   logprobs=2)
     assert e.choices[0].text.startswith("Once upon a time")
     lp = e.choices[0].logprobs
-    assert len(lp.tokens) == 4 and len(lp.token_logprobs) == 4 and all(len(t) == 2 for t in lp.top_logprobs)
-    assert all(x <= 0 for x in lp.token_logprobs)
+    # OpenAI's legacy completions and vLLM: with echo, one entry per prompt token (the first has no logprob and no
+    # alternatives) followed by the generated ones, text_offset counted from 0
+    n_prompt = e.usage.prompt_tokens
+    assert len(lp.tokens) == n_prompt + 4 and len(lp.token_logprobs) == n_prompt + 4
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and lp.text_offset[0] == 0
+    assert all(len(t) == 2 for t in lp.top_logprobs[1:]) and all(x <= 0 for x in lp.token_logprobs[1:])
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:k]) for k in range(len(lp.tokens))]
+    assert "".join(lp.tokens[n_prompt:]) == e.choices[0].text[len("Once upon a time"):]
     ids = client.completions.create(model=MODEL, prompt=[1, 60, 70, 80], max_tokens=3, temperature=0)
     batch = client.completions.create(model=MODEL, prompt=["a b", "c d"], max_tokens=3, temperature=0)
     assert ids.choices[0].text is not None and len(batch.choices) == 2
@@ -166,7 +172,8 @@ def test_bad_requests_get_openai_errors(server, body, status, param):
 
 
 def test_more_errors_and_the_server_keeps_serving(server, client):
-    assert raw(server, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0})[0] == 400
+    assert raw(server, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 0})[0] == 400  # no echo
+    assert raw(server, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": -1, "echo": True})[0] == 400
     assert raw(server, "/v1/completions", {"model": MODEL, "prompt": [], "max_tokens": 2})[0] == 400
     assert raw(server, "/v1/completions", {"model": MODEL, "prompt": [1, 100000]})[0] == 400
     assert raw(server, "/v1/completions", {"model": MODEL, "prompt": "x", "suffix": "y"})[0] == 400

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -318,3 +319,66 @@ def test_expert_counts_are_not_doubled_by_activation_checkpointing():
         model(x, position_ids=torch.arange(16).repeat(2, 1)).sum().backward()
         counts.append(update_expert_bias(model, 0.0, World()))
     assert counts[0] == counts[1]
+
+
+# ---------------------------------------------------------------- the command line's run handling
+
+
+def test_resume_from_another_directory_with_relative_paths(tmp_path, tokenizer_dir, monkeypatch, capsys):
+    from lfm.train.cli import main
+    from lfm.train.loop import config_of_run
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(tokenizer_dir, work / "tok")
+    write_docs(work / "docs.jsonl", 150)
+    monkeypatch.chdir(work)
+    args = ["--model", "tiny", "--tokenizer", "tok", "--data", "docs.jsonl", "--eval-data", "docs.jsonl", "--steps", "4",
+            "--batch-size", "2", "--seq-len", "32", "--out", "run", "--threads", "1", "--no-progress",
+            "--set", "save_every=2", "--set", "eval_every=0", "--set", "keep_checkpoints=5"]
+    assert main(args) == 0
+    run = work / "run"
+    first = {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    stored = config_of_run(run)  # what --resume reads: absolute, whatever the working directory
+    assert stored.data.train == [str(work / "docs.jsonl")] and stored.data.eval == [str(work / "docs.jsonl")]
+    assert stored.model.tokenizer == str(work / "tok")
+    # stopped after step 2; resumed from somewhere else (the run directory given relative to there)
+    shutil.rmtree(run / "checkpoints" / "step_0000004")
+    (run / "checkpoints" / "latest").write_text("step_0000002\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["--resume", "../work/run", "--no-progress"]) == 0, capsys.readouterr().err
+    again = {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+    assert again == first  # steps 3 and 4 redone from the same files: the same losses
+
+
+def test_warmup_longer_than_the_run_warns(tmp_path, tokenizer_dir, capsys):
+    Trainer(small_cfg(tmp_path / "a", tokenizer_dir, steps=5, **{"optim.warmup_steps": 5}), progress=False)
+    assert "warmup" not in capsys.readouterr().err  # the last step reaches the peak: nothing to say
+    Trainer(small_cfg(tmp_path / "b", tokenizer_dir, steps=5, **{"optim.warmup_steps": 50}), progress=False)
+    err = capsys.readouterr().err
+    # with warmup 50 the 5th and last step runs at 5/50 of the peak
+    assert "optim.warmup_steps = 50 is longer than the run (steps = 5): the learning rate peaks at 0.0003," in err, err
+
+
+def test_no_progress_prints_a_line_every_log_every_steps(tmp_path, tokenizer_dir, capsys):
+    t = Trainer(small_cfg(tmp_path, tokenizer_dir, steps=5, log_every=2), progress=False)
+    t.run()
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[1] for line in out] == ["2/5", "4/5", "5/5"], out  # every 2 steps and the last
+    recs = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert out[1].startswith(f"step 4/5  loss {recs[3]['loss']:.4f}  lr {recs[3]['lr']:.2e}")
+
+
+def test_missing_tokenizer_suggests_the_demo_tokenizer_which_works(tmp_path, tokenizer_dir):
+    from lfm.model.checkpoint import DEMO_MODEL
+
+    cfg = small_cfg(tmp_path, tokenizer_dir, steps=1, **{"model.tokenizer": ""})
+    with pytest.raises(TrainConfigError) as e:
+        Trainer(cfg, progress=False)
+    assert f"--tokenizer {DEMO_MODEL}" in str(e.value) and "\n" not in str(e.value)
+    cfg.model.tokenizer = str(DEMO_MODEL)  # the suggestion, taken: a from-scratch toy run trains
+    final = Trainer(cfg, progress=False).run()
+    assert load_model(final).config.vocab_size == Tokenizer.from_dir(DEMO_MODEL).vocab_size

@@ -122,3 +122,99 @@ def test_fsdp2_two_processes_equal_one_and_checkpoints_swap(tmp_path, tokenizer_
         assert sorted(c) == list(range(1, 9))
         for s in range(5, 9):
             assert abs(c[s] - a[s]) <= 1e-5 * abs(a[s]), (run.name, s, c[s], a[s])
+
+
+# ---------------------------------------------------------------- damaged checkpoints
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tokenizer_dir) -> tuple[Path, dict[int, float]]:
+    """An 8-step run with checkpoints at 2, 4, 6 and 8, and its loss curve (the uninterrupted reference)."""
+    tmp = tmp_path_factory.mktemp("finished")
+    Trainer(TrainConfig.from_toml(write_config(tmp, tokenizer_dir, "ref")), progress=False).run()
+    return tmp / "ref", losses(tmp / "ref")
+
+
+def stopped_after_6(finished_run, dst: Path) -> Path:
+    """The finished run as if it had been killed after step 6's checkpoint and step 7's metrics line."""
+    run = dst / "run"
+    shutil.copytree(finished_run[0], run)
+    shutil.rmtree(run / "checkpoints" / "step_0000008")
+    (run / "checkpoints" / "latest").write_text("step_0000006\n")
+    lines = (run / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (run / "metrics.jsonl").write_text("".join(lines[:7]))
+    return run
+
+
+def test_truncating_any_file_of_the_newest_checkpoint_falls_back(finished_run, tmp_path):
+    from lfm.train.state import find_checkpoint
+
+    run = stopped_after_6(finished_run, tmp_path)
+    newest = run / "checkpoints" / "step_0000006"
+    files = ["trainer_state.json", "optimizer.json", "optimizer.safetensors", "model/config.json",
+             "model/model.safetensors"]
+    for rel in files:
+        f = newest / rel
+        good = f.read_bytes()
+        end = len(good.rstrip())  # cutting only trailing whitespace leaves the file whole
+        for cut in sorted({0, 1, 7, 8, 9, 100, end // 3, end // 2, end - 1} & set(range(end))):
+            f.write_bytes(good[:cut])
+            found, damaged = find_checkpoint(run)
+            assert found == run / "checkpoints" / "step_0000004", (rel, cut)
+            assert len(damaged) == 1 and str(f) in damaged[0] and "\n" not in damaged[0], (rel, cut, damaged)
+        f.write_bytes(good)
+        assert find_checkpoint(run) == (newest, [])
+    for junk in (b"\x00" * 64, b"\xff\xfe garbage", b'{"format": 1, "step": "six"}', b"[]"):
+        (newest / "trainer_state.json").write_bytes(junk)
+        found, damaged = find_checkpoint(run)
+        assert found.name == "step_0000004" and "trainer_state.json" in damaged[0], (junk, damaged)
+
+
+@pytest.mark.parametrize("damage", ["optimizer-truncated", "trainer-state-garbage"])
+def test_resume_past_a_damaged_checkpoint_reproduces_the_uninterrupted_run(finished_run, tmp_path, damage, capsys):
+    from lfm.train.cli import main
+
+    run = stopped_after_6(finished_run, tmp_path)
+    newest = run / "checkpoints" / "step_0000006"
+    if damage == "optimizer-truncated":
+        f = newest / "optimizer.safetensors"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    else:
+        f = newest / "trainer_state.json"
+        f.write_bytes(os.urandom(f.stat().st_size))
+    with open(run / "metrics.jsonl", "a") as m:
+        m.write('{"step": 8, "loss": 2.')  # the half-written last line of a killed run
+    assert main(["--resume", str(run), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert f"skipping a damaged checkpoint: {f}" in err, err
+    assert f"resuming from {run / 'checkpoints' / 'step_0000004'}" in err, err
+    got = losses(run)
+    assert sorted(got) == list(range(1, 9))
+    assert got == finished_run[1]  # steps 5..8 redone from step 4: exactly the uninterrupted curve
+
+
+def test_resume_with_every_checkpoint_damaged_starts_clean(finished_run, tmp_path, capsys):
+    from lfm.train.cli import main
+
+    run = stopped_after_6(finished_run, tmp_path)
+    for d in (run / "checkpoints").glob("step_*"):
+        (d / "trainer_state.json").write_text("{")
+    assert main(["--resume", str(run), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "no complete checkpoint to resume from; starting from step 0" in err, err
+    assert losses(run) == finished_run[1]  # a clean start of the same config: the same curve
+
+
+def test_load_checkpoint_names_the_damaged_file(finished_run, tmp_path):
+    import torch
+
+    from lfm.model.checkpoint import CheckpointError
+    from lfm.train.distributed import World
+    from lfm.train.state import load_checkpoint
+
+    run = stopped_after_6(finished_run, tmp_path)
+    newest = run / "checkpoints" / "step_0000006"
+    (newest / "optimizer.json").write_text('{"param_groups": ')
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(CheckpointError, match=r"step_0000006/optimizer\.json: unreadable"):
+        load_checkpoint(newest, model, torch.optim.AdamW(model.parameters()), World())

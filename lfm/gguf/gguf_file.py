@@ -21,6 +21,7 @@ from .mapping import MODEL_TYPE, GGUFError, require_gguf
 # GGUF value types -> struct format (8 = string, 9 = array are handled apart)
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_MAX_DIMS = 4
 _NP = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "<u1", 10: "<u8", 11: "<i8", 12: "<f8"}
 
 
@@ -53,6 +54,8 @@ class _Cursor:
         if typ == 9:
             sub, n = self.unpack("I"), self.unpack("Q")
             if sub == 8:
+                if n * 8 > len(self.buf) - self.pos:  # every string has an 8-byte length: fail now, not after n reads
+                    raise _Truncated
                 return [self.string() for _ in range(n)]
             if sub not in _NP:
                 raise ValueError(f"unknown array element type {sub}")
@@ -113,10 +116,17 @@ class GGUFFile:
         for _ in range(n_kv):
             key = c.string()
             meta[key] = c.value(c.unpack("I"))
+        # llama.cpp (gguf.cpp) refuses an alignment that is not a u32 power of two; 0 would divide by zero below
+        align = meta.get("general.alignment", 32)
+        if not isinstance(align, int) or isinstance(align, bool) or align <= 0 or align & (align - 1):
+            raise GGUFError(f"{self.path}: general.alignment = {align!r} is invalid (expected a power of two, e.g. 32)")
         infos = []
         for _ in range(n_tensors):
             name = c.string()
-            ne = [c.unpack("Q") for _ in range(c.unpack("I"))]
+            n_dims = c.unpack("I")
+            if n_dims > _MAX_DIMS:  # GGML_MAX_DIMS
+                raise ValueError(f"tensor {name!r} has {n_dims} dimensions (GGUF allows at most {_MAX_DIMS})")
+            ne = [c.unpack("Q") for _ in range(n_dims)]
             code, offset = c.unpack("I"), c.unpack("Q")
             try:
                 qtype = GGMLQuantizationType(code)
@@ -125,8 +135,10 @@ class GGUFFile:
             block, tsize = GGML_QUANT_SIZES[qtype]
             if not ne or ne[0] % block:
                 raise ValueError(f"tensor {name!r}: row of {ne[0] if ne else 0} does not fill {qtype.name} blocks")
-            infos.append((name, qtype.name, tuple(reversed(ne)), offset, int(np.prod(ne, dtype=np.int64)) // block * tsize))
-        align = int(meta.get("general.alignment", 32))
+            numel = 1
+            for x in ne:  # Python integers: a hostile shape cannot wrap around to a small size
+                numel *= x
+            infos.append((name, qtype.name, tuple(reversed(ne)), offset, numel // block * tsize))
         start = -(-c.pos // align) * align
         tensors: dict[str, TensorInfo] = {}
         for name, qname, shape, offset, nbytes in infos:
@@ -134,9 +146,16 @@ class GGUFFile:
             if t.offset + nbytes > size:
                 raise GGUFError(f"{self.path}: truncated: tensor {name!r} ends at byte {t.offset + nbytes}, "
                                 f"the file has {size}")
+            if offset % align:
+                raise GGUFError(f"{self.path}: tensor {name!r} offset {offset} is not a multiple of general.alignment {align}")
             if name in tensors:
                 raise ValueError(f"tensor {name!r} appears twice")
             tensors[name] = t
+        end = start
+        for t in sorted(tensors.values(), key=lambda t: (t.offset, t.nbytes)):
+            if t.offset < end:  # two tensors sharing bytes: a damaged table (llama.cpp expects them in order)
+                raise GGUFError(f"{self.path}: tensor {t.name!r} data (offset {t.offset - start}) overlaps the tensor before it")
+            end = t.offset + t.nbytes
         return meta, tensors
 
     def key(self, name: str, default: Any = ..., arch: bool = True) -> Any:

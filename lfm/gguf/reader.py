@@ -10,6 +10,7 @@ one `GGUFError` naming the file.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from ..model.checkpoint import CheckpointError, empty_model, resolve_dtype
-from ..model.config import ConfigError, LfmConfig
+from ..model.config import MAX_SIZES, ConfigError, LfmConfig
 from ..model.lfm2 import LfmForCausalLM
 from ..model.quant import Int4Linear, pack_nibbles, prepare
 from ..text.tokenizer import Tokenizer
@@ -38,47 +39,70 @@ def config_from_gguf(g: GGUFFile) -> LfmConfig:
         raise GGUFError(f"{g.path}: invalid model metadata ({type(e).__name__}: {e})") from None
 
 
+def _int(g: GGUFFile, name: str, default: Any = ..., arch: bool = True, allow_list: bool = False) -> Any:
+    """An integer metadata value (or, with `allow_list`, a per-layer list of them); anything else names the key."""
+    v = g.key(name, default, arch)
+    ok = (lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0)
+    if v is None and default is None or ok(v) or allow_list and isinstance(v, list) and v and all(map(ok, v)):
+        return v
+    key = f"{g.arch}.{name}" if arch else name
+    raise GGUFError(f"{g.path}: invalid model metadata: {key} = {str(v)[:80]!r} is not a non-negative integer"
+                    + (" (or a list of them)" if allow_list else ""))
+
+
+def _float(g: GGUFFile, name: str, default: Any = ...) -> float:
+    v = g.key(name, default)
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+        return float(v)
+    raise GGUFError(f"{g.path}: invalid model metadata: {g.arch}.{name} = {str(v)[:80]!r} is not a finite number")
+
+
 def _config(g: GGUFFile) -> LfmConfig:
-    n = int(g.key("block_count"))
-    heads = g.key("attention.head_count")
-    heads = max(heads) if isinstance(heads, list) else int(heads)
-    kv = g.key("attention.head_count_kv", heads)
+    n = _int(g, "block_count")
+    if not 0 < n <= MAX_SIZES["num_hidden_layers"]:  # before per-layer lists are built from it
+        raise GGUFError(f"{g.path}: invalid model metadata: {g.arch}.block_count = {n} is out of range "
+                        f"(lfm accepts 1..{MAX_SIZES['num_hidden_layers']})")
+    heads = _int(g, "attention.head_count", allow_list=True)
+    heads = max(heads) if isinstance(heads, list) else heads
+    kv = _int(g, "attention.head_count_kv", heads, allow_list=True)
     kv = kv if isinstance(kv, list) else [kv] * n
     if len(kv) != n:
         raise GGUFError(f"{g.path}: attention.head_count_kv has {len(kv)} entries for {n} layers")
     attn_kv = {k for k in kv if k}
     if len(attn_kv) > 1:
         raise GGUFError(f"{g.path}: attention layers with different kv head counts {sorted(attn_kv)} are not supported")
-    D = int(g.key("embedding_length"))
-    ff = g.key("feed_forward_length", 0)
-    ff = max(ff) if isinstance(ff, list) else int(ff)
-    hd = int(g.key("attention.key_length", D // heads))
+    if not heads:
+        raise GGUFError(f"{g.path}: invalid model metadata: {g.arch}.attention.head_count is 0")
+    D = _int(g, "embedding_length")
+    ff = _int(g, "feed_forward_length", 0, allow_list=True)
+    ff = max(ff) if isinstance(ff, list) else ff
+    hd = _int(g, "attention.key_length", D // heads)
     tokens = g.key("tokenizer.ggml.tokens", [], arch=False)
     emb = g.tensors.get("token_embd.weight")
-    vocab = g.key("vocab_size", None) or (emb.shape[0] if emb else len(tokens))
+    vocab = _int(g, "vocab_size", None) or (emb.shape[0] if emb else len(tokens))
     emb_type = emb.type if emb else "F32"
     d: dict[str, Any] = dict(
         model_type=MODEL_TYPE[g.arch], vocab_size=int(vocab), hidden_size=D, num_hidden_layers=n,
         num_attention_heads=heads, num_key_value_heads=attn_kv.pop() if attn_kv else heads,
         layer_types=["conv" if k == 0 else "full_attention" for k in kv], intermediate_size=ff or 1,
         block_auto_adjust_ff_dim=False, head_dim=hd if hd * heads != D else None,
-        conv_L_cache=int(g.key("shortconv.l_cache")), norm_eps=float(g.key("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(g.key("rope.freq_base", 10000.0)), max_position_embeddings=int(g.key("context_length")),
+        conv_L_cache=_int(g, "shortconv.l_cache"), norm_eps=_float(g, "attention.layer_norm_rms_epsilon"),
+        rope_theta=_float(g, "rope.freq_base", 10000.0), max_position_embeddings=_int(g, "context_length"),
         tie_word_embeddings="output.weight" not in g.tensors,
         torch_dtype={"F32": "float32", "F16": "float16"}.get(emb_type, "bfloat16"),
     )
     for ours, theirs in (("bos_token_id", "bos"), ("eos_token_id", "eos"), ("pad_token_id", "padding")):
         d[ours] = g.key(f"tokenizer.ggml.{theirs}_token_id", None, arch=False)
     scaling = g.key("rope.scaling.type", "none")
-    if scaling not in ("none", "linear") or float(g.key("rope.scaling.factor", 1.0)) not in (0.0, 1.0):
+    if scaling not in ("none", "linear") or _float(g, "rope.scaling.factor", 1.0) not in (0.0, 1.0):
         raise GGUFError(f"{g.path}: RoPE scaling {scaling!r} is not supported (lfm runs plain RoPE)")
     if g.arch == "lfm2moe":
-        gating = int(g.key("expert_gating_func", GATING_SIGMOID))
+        gating = _int(g, "expert_gating_func", GATING_SIGMOID)
         if gating != GATING_SIGMOID:
             raise GGUFError(f"{g.path}: expert_gating_func {gating} is not supported (LFM2-MoE routes with sigmoid, 2)")
-        d.update(moe_intermediate_size=int(g.key("expert_feed_forward_length")), num_experts=int(g.key("expert_count")),
-                 num_experts_per_tok=int(g.key("expert_used_count")),
-                 num_dense_layers=int(g.key("leading_dense_block_count", 0)), use_expert_bias=True,
+        d.update(moe_intermediate_size=_int(g, "expert_feed_forward_length"), num_experts=_int(g, "expert_count"),
+                 num_experts_per_tok=_int(g, "expert_used_count"),
+                 num_dense_layers=_int(g, "leading_dense_block_count", 0), use_expert_bias=True,
                  norm_topk_prob=True, routed_scaling_factor=1.0)
     try:
         return LfmConfig.from_dict(d)
@@ -128,6 +152,17 @@ def _int4_target(g: GGUFFile, model: LfmForCausalLM, spec) -> str | None:
     if mod.weight is model.model.embed_tokens.weight:  # a head tied to the embedding stays with it
         return None
     return name
+
+
+def _check_shapes(g: GGUFFile, c: LfmConfig) -> None:
+    """The tensor table against the metadata: a file whose metadata promises more than its tensors hold fails here,
+    in one line naming the tensor, before anything of the metadata's size is allocated."""
+    for spec in tensor_specs(c):
+        if spec.gguf not in g.tensors:
+            raise GGUFError(f"{g.path}: tensor {spec.gguf!r} is missing (a {g.arch} file of this shape needs it)")
+        shape = g.tensors[spec.gguf].shape
+        if tuple(shape) != spec.shape:
+            raise GGUFError(f"{g.path}: tensor {spec.gguf!r} has shape {list(shape)}, the metadata implies {list(spec.shape)}")
 
 
 def _fill(g: GGUFFile, model: LfmForCausalLM, keep_quantized: bool = False) -> None:
@@ -189,6 +224,7 @@ def _model(g: GGUFFile, dtype: str | torch.dtype | None, device: str | torch.dev
         dt = resolve_dtype(dtype, c)
     except CheckpointError as e:
         raise GGUFError(str(e)) from None
+    _check_shapes(g, c)  # every tensor present with its shape before the model is allocated
     model = empty_model(c, dt, device)
     # the int4 kernels are PyTorch's CPU ones: on any other device everything is dequantised
     _fill(g, model, keep_quantized and torch.device(device).type == "cpu")

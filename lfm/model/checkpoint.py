@@ -131,9 +131,13 @@ def weight_files(d: Path) -> list[Path]:
     index = d / "model.safetensors.index.json"
     if index.exists():
         try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object)") from None
+            wm = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            names = sorted(set(wm.values()))
+            if not all(isinstance(n, str) and n and Path(n).name == n for n in names):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, AttributeError):  # JSONDecodeError / UnicodeDecodeError: ValueError
+            raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map' object of tensor "
+                                  "name -> file name in this directory)") from None
         missing = [n for n in names if not (d / n).exists()]
         if missing:
             raise CheckpointError(f"{d / missing[0]}: listed in model.safetensors.index.json but not present")
@@ -161,18 +165,34 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", devic
         config = config or LfmConfig.from_file(d / "config.json")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    model = empty_model(config, resolve_dtype(dtype, config), device)
-    files = weight_files(d)
-    targets = _targets(model)
+    dt = resolve_dtype(dtype, config)
+    headers = []
+    for path_ in weight_files(d):  # every header is read and checked before anything large is allocated
+        try:
+            headers.append((path_, read_header(path_)[0]))
+        except SafetensorsError as e:
+            raise CheckpointError(str(e)) from None
+    skeleton = _skeleton(config, dt)
+    shapes = _targets(skeleton)
+    if config.tie_word_embeddings and not quantization_of(config):
+        shapes.pop("lm_head.weight", None)  # tied after allocation (to_empty would give each use its own copy)
+    _place(d, config, headers, shapes)  # names and shapes against the meta model: nothing read yet
+    model = _materialize(skeleton, config, device)
+    _place(d, config, headers, _targets(model), read=True)
+    prepare_quantized(model)
+    return model.eval()
+
+
+def _place(d: Path, config: LfmConfig, headers: list[tuple[Path, dict[str, Entry]]], targets: dict[str, torch.Tensor],
+           read: bool = False) -> None:
+    """Map every file tensor to (a slice of) a model tensor and check that the files fill the model exactly: each
+    tensor's shape, nothing unexpected, nothing missing, nothing twice. Run first on the meta model (shapes only,
+    so a config that does not match its weights fails before allocation), then with `read` to fill the real one."""
     filled: dict[str, int] = {}
     unexpected: list[str] = []
     I = config.moe_intermediate_size
-    for path_ in files:
-        try:
-            entries, _ = read_header(path_)
-        except SafetensorsError as e:
-            raise CheckpointError(str(e)) from None
-        with open(path_, "rb") as f:
+    for path_, entries in headers:
+        with open(path_, "rb") if read else _nothing() as f:
             for name, e in entries.items():
                 m = _EXPERT.match(name)
                 if m:  # published layout: one tensor per expert -> a slice of the stacked parameter
@@ -190,7 +210,9 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", devic
                 else:
                     unexpected.append(name)
                     continue
-                _read(f, path_, e, t)
+                _check(path_, e, t)
+                if read:
+                    _read(f, path_, e, t)
                 filled[key] = filled.get(key, 0) + t.numel()
     if unexpected:
         more = f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""
@@ -200,8 +222,14 @@ def load_model(path: str | Path, dtype: str | torch.dtype | None = "auto", devic
             raise CheckpointError(f"{d}: tensor {key!r} is missing from the checkpoint")
         if filled[key] > t.numel():
             raise CheckpointError(f"{d}: tensor {key!r} appears more than once")
-    prepare_quantized(model)
-    return model.eval()
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None
 
 
 def quantization_of(config: LfmConfig) -> tuple[int, int] | None:
@@ -214,11 +242,14 @@ def quantization_of(config: LfmConfig) -> tuple[int, int] | None:
     return int(q["bits"]), int(q.get("group_size", 64))
 
 
-def _read(f, path: Path, e: Entry, t: torch.Tensor) -> None:
+def _check(path: Path, e: Entry, t: torch.Tensor) -> None:
     if tuple(t.shape) != e.shape:
         raise CheckpointError(f"{path}: tensor {e.name!r} has shape {list(e.shape)}, the config implies {list(t.shape)}")
     if not e.dtype.is_floating_point and e.dtype != t.dtype:
         raise CheckpointError(f"{path}: tensor {e.name!r} is {e.dtype}, expected floating point weights")
+
+
+def _read(f, path: Path, e: Entry, t: torch.Tensor) -> None:
     try:
         read_into(f, e, t)
     except SafetensorsError as err:
@@ -227,6 +258,11 @@ def _read(f, path: Path, e: Entry, t: torch.Tensor) -> None:
 
 def empty_model(config: LfmConfig, dtype: torch.dtype, device: str | torch.device = "cpu") -> LfmForCausalLM:
     """Allocated once, directly in `dtype` on `device`, values undefined (to be loaded or initialised)."""
+    return _materialize(_skeleton(config, dtype), config, device)
+
+
+def _skeleton(config: LfmConfig, dtype: torch.dtype) -> LfmForCausalLM:
+    """The model on the meta device: every name and shape, no memory (the head is tied by `_materialize`)."""
     quant = quantization_of(config)
     with torch.device("meta"):
         model = LfmForCausalLM(config).to(dtype)
@@ -235,8 +271,12 @@ def empty_model(config: LfmConfig, dtype: torch.dtype, device: str | torch.devic
     for mod in model.modules():  # the selection bias stays float32, as in the reference
         if isinstance(mod, MoE) and mod.expert_bias is not None:
             mod.expert_bias = mod.expert_bias.float()
+    return model
+
+
+def _materialize(model: LfmForCausalLM, config: LfmConfig, device: str | torch.device) -> LfmForCausalLM:
     model.to_empty(device=device)
-    if config.tie_word_embeddings and not quant:
+    if config.tie_word_embeddings and not quantization_of(config):
         model.lm_head.weight = model.model.embed_tokens.weight
     return model
 

@@ -8,12 +8,33 @@ FFN-width rule. Anything we cannot run is refused here with one line naming the 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 MODEL_TYPES = ("lfm2", "lfm2_moe")
 LAYER_TYPES = ("conv", "full_attention")
+
+# Plausibility bounds: a value above these is a damaged or hostile file, refused before anything is allocated (a
+# hidden_size of 1e9 would otherwise ask for terabytes, 1e8 layers would spin for minutes building the layer list).
+# They sit far above the largest published LFM2 shapes (lfm/model/presets.py): vocab 128,000 (LFM2.5-8B-A1B),
+# hidden 2,048, 30 layers (LFM2-2.6B), FFN 12,288 (LFM2.5-1.2B), 32 heads, 32 experts, conv kernel 3, 128K context.
+MAX_SIZES: dict[str, int] = {
+    "vocab_size": 1 << 22,  # 4.2M: 32x LFM2.5-8B-A1B's 128,000 (the largest public vocabularies are ~262K)
+    "hidden_size": 1 << 16,  # 65,536: 32x
+    "num_hidden_layers": 1024,  # 34x LFM2-2.6B's 30
+    "num_attention_heads": 1024,  # 32x
+    "num_key_value_heads": 1024,
+    "head_dim": 4096,  # LFM2: 64
+    "intermediate_size": 1 << 19,  # 524,288: 42x LFM2.5-1.2B's 12,288
+    "moe_intermediate_size": 1 << 19,
+    "num_experts": 4096,  # 128x LFM2-8B-A1B's 32
+    "num_experts_per_tok": 4096,
+    "conv_L_cache": 256,  # LFM2: 3
+    "max_position_embeddings": 1 << 24,  # 16.7M tokens: 128x LFM2's 128K
+}
+MAX_PARAMS = 1 << 40  # 1.1e12 parameters: ~130x LFM2-8B-A1B, whatever the mix of the sizes above
 
 
 class ConfigError(ValueError):
@@ -56,8 +77,9 @@ class LfmConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if not self.layer_types:
-            self.layer_types = ["conv"] * self.num_hidden_layers
+        n = self.num_hidden_layers
+        if not self.layer_types and isinstance(n, int) and 0 < n <= MAX_SIZES["num_hidden_layers"]:
+            self.layer_types = ["conv"] * n
         self.validate()
 
     # ---- derived shapes -------------------------------------------------------------------------------------
@@ -103,6 +125,25 @@ class LfmConfig:
                   "intermediate_size", "conv_L_cache", "max_position_embeddings"):
             v = getattr(self, k)
             need(isinstance(v, int) and not isinstance(v, bool) and v > 0, f"{k} must be a positive integer, got {v!r}")
+        for k in ("head_dim", "moe_intermediate_size", "num_experts", "num_experts_per_tok", "num_dense_layers"):
+            v = getattr(self, k)
+            need(v is None and k == "head_dim" or isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                 f"{k} must be a non-negative integer, got {v!r}")
+        for k, hi in MAX_SIZES.items():
+            v = getattr(self, k)
+            need(v is None or v <= hi, f"{k} = {v} is implausibly large (lfm accepts up to {hi:,}; the largest "
+                 "LFM2 is far below): a damaged config?")
+        for k in ("norm_eps", "rope_theta", "routed_scaling_factor"):
+            v = getattr(self, k)
+            need(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+                 f"{k} must be a finite number, got {v!r}")
+        m = self.block_ffn_dim_multiplier
+        need(m is None or isinstance(m, (int, float)) and not isinstance(m, bool) and math.isfinite(m) and m > 0,
+             f"block_ffn_dim_multiplier must be a positive number or null, got {m!r}")
+        need(isinstance(self.block_multiple_of, int) and not isinstance(self.block_multiple_of, bool)
+             and 0 < self.block_multiple_of <= MAX_SIZES["intermediate_size"],
+             f"block_multiple_of must be a positive integer, got {self.block_multiple_of!r}")
+        need(isinstance(self.layer_types, list), f"layer_types must be a list, got {type(self.layer_types).__name__}")
         need(len(self.layer_types) == self.num_hidden_layers,
              f"layer_types has {len(self.layer_types)} entries but num_hidden_layers is {self.num_hidden_layers}")
         bad = [t for t in self.layer_types if t not in LAYER_TYPES]
@@ -122,6 +163,9 @@ class LfmConfig:
             need(self.moe_intermediate_size > 0, "lfm2_moe needs moe_intermediate_size > 0")
             need(0 <= self.num_dense_layers <= self.num_hidden_layers,
                  f"num_dense_layers ({self.num_dense_layers}) must be in 0..num_hidden_layers ({self.num_hidden_layers})")
+        total = self.param_counts()["total"]
+        need(total <= MAX_PARAMS, f"the sizes imply {total:,} parameters (lfm accepts up to {MAX_PARAMS:,}): a damaged "
+             "config? (vocab_size, hidden_size, num_hidden_layers, intermediate_size, num_experts)")
 
     # ---- parameter and memory arithmetic (what `lfm info` prints) ---------------------------------------------
     def param_counts(self) -> dict[str, int]:
@@ -181,15 +225,23 @@ class LfmConfig:
             raise ConfigError(f"rope_parameters.rope_type {rope_type!r} is not supported (only 'default' RoPE)")
         n = d.get("num_hidden_layers", d.get("num_layers"))
         d.pop("num_layers", None)
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= MAX_SIZES["num_hidden_layers"]):
+            # checked before the layer list below is built from it
+            raise ConfigError(f"num_hidden_layers must be an integer in 1..{MAX_SIZES['num_hidden_layers']}, got {n!r}")
         if "layer_types" not in d or d["layer_types"] is None:
             idxs = d.pop("full_attn_idxs", None)
             if n is None:
                 raise ConfigError("config.json needs num_hidden_layers")
             if idxs is None:
                 idxs = list(range(n))  # the reference's default: attention everywhere
+            if not isinstance(idxs, list) or not all(isinstance(i, int) for i in idxs):
+                raise ConfigError(f"full_attn_idxs must be a list of layer indices, got {str(idxs)[:80]}")
+            idxs = set(idxs)
             d["layer_types"] = ["full_attention" if i in idxs else "conv" for i in range(n)]
         else:
             d.pop("full_attn_idxs", None)
+            if not isinstance(d["layer_types"], list):
+                raise ConfigError(f"layer_types must be a list, got {str(d['layer_types'])[:80]}")
             d["layer_types"] = ["full_attention" if t in ("full_attention", "attention") else t for t in d["layer_types"]]
         if "dtype" in d:
             d.setdefault("torch_dtype", d.pop("dtype"))
@@ -208,19 +260,27 @@ class LfmConfig:
                 raise ConfigError(f"{k} must be true or false, got {known[k]!r}")
         try:
             return cls(model_type=mt, extra=extra, **known)
-        except TypeError as e:  # wrong value types surface here
+        except (TypeError, ValueError, OverflowError) as e:  # wrong value types surface here
+            if isinstance(e, ConfigError):
+                raise
             raise ConfigError(f"invalid config.json: {e}") from None
 
     @classmethod
     def from_file(cls, path: str | Path) -> LfmConfig:
+        """Errors name the file: `DIR/config.json: hidden_size = ... is implausibly large ...`."""
         path = Path(path)
         try:
-            raw = json.loads(path.read_text())
+            raw = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise ConfigError(f"{path} does not exist") from None
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
-        return cls.from_dict(raw)
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read it ({e.strerror or e})") from None
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """The Hugging Face form: what transformers' Lfm2Config / Lfm2MoeConfig read."""

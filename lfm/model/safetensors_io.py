@@ -39,8 +39,30 @@ class Entry:
     nbytes: int
 
 
+class _Constant:
+    """NaN / Infinity / -Infinity, which Python's json accepts and JSON (and safetensors) does not: kept as a marker
+    so that the entry holding it is refused by name below."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def _count(v: object) -> int:
+    """A non-negative JSON integer (not a bool, not a float), else ValueError."""
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise ValueError(f"{v!r} is not a non-negative integer")
+    return v
+
+
 def read_header(path: str | Path) -> tuple[dict[str, Entry], dict[str, str]]:
-    """Tensor entries and the free-form metadata, checked against the file size (a truncated file fails here)."""
+    """Tensor entries and the free-form metadata, checked before any tensor is read: the header is strict JSON,
+    every entry has a known dtype, integer shape and offsets whose span is the shape's size, and the tensors tile
+    the data section exactly (in offset order, no overlap, no gap, nothing after) — the rules of the `safetensors`
+    library (its `InvalidOffset` / "file not fully covered" errors), so a truncated, padded or overlapping file fails
+    here with one line naming the file and the tensor."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -52,31 +74,53 @@ def read_header(path: str | Path) -> tuple[dict[str, Entry], dict[str, str]]:
             if n > min(size - 8, _MAX_HEADER):
                 raise SafetensorsError(f"{path}: header length {n} exceeds the file ({size} bytes): truncated or not safetensors")
             raw = f.read(n)
-        header = json.loads(raw)
+        header = json.loads(raw, parse_constant=_Constant)
+    except SafetensorsError:
+        raise
     except FileNotFoundError:
         raise SafetensorsError(f"{path}: file not found") from None
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise SafetensorsError(f"{path}: header is not valid JSON: not a safetensors file") from None
+    except IsADirectoryError:
+        raise SafetensorsError(f"{path}: is a directory, not a safetensors file") from None
+    except (UnicodeDecodeError, ValueError) as e:  # JSONDecodeError is a ValueError
+        raise SafetensorsError(f"{path}: header is not valid JSON ({e}): not a safetensors file") from None
     if not isinstance(header, dict):
         raise SafetensorsError(f"{path}: header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict):
+        raise SafetensorsError(f"{path}: __metadata__ is not a JSON object")
     base = 8 + n
     entries: dict[str, Entry] = {}
     for name, info in header.items():
         try:
+            if not isinstance(info, dict):
+                raise TypeError
             dtype = DTYPES[info["dtype"]]
-            shape = tuple(int(s) for s in info["shape"])
-            a, b = (int(o) for o in info["data_offsets"])
+            shape = tuple(_count(s) for s in info["shape"])
+            offsets = info["data_offsets"]
+            if not isinstance(offsets, list) or len(offsets) != 2:
+                raise ValueError
+            a, b = (_count(o) for o in offsets)
         except (KeyError, TypeError, ValueError):
-            raise SafetensorsError(f"{path}: tensor {name!r} has an unreadable or unsupported header entry {info!r}") from None
+            raise SafetensorsError(f"{path}: tensor {name!r} has an unreadable or unsupported header entry "
+                                   f"{str(info)[:200]}") from None
         numel = 1
         for s in shape:
             numel *= s
-        if b - a != numel * dtype.itemsize or a < 0:
+        if b - a != numel * dtype.itemsize:
             raise SafetensorsError(f"{path}: tensor {name!r} header says {b - a} bytes for shape {list(shape)} {info['dtype']}")
         if base + b > size:
             raise SafetensorsError(f"{path}: truncated: tensor {name!r} ends at byte {base + b} but the file has {size} bytes")
         entries[name] = Entry(name, dtype, shape, base + a, b - a)
+    end = base
+    for e in sorted(entries.values(), key=lambda e: (e.start, e.nbytes)):
+        if e.start != end:
+            what = "overlaps the tensor before it" if e.start < end else "leaves a gap after the tensor before it"
+            raise SafetensorsError(f"{path}: tensor {e.name!r} data_offsets {[e.start - base, e.start - base + e.nbytes]} "
+                                   f"{what} (invalid offsets)")
+        end = e.start + e.nbytes
+    if end != size:
+        raise SafetensorsError(f"{path}: {size - end} bytes after the last tensor: the file is not a safetensors "
+                               "file of this header (damaged?)")
     return entries, meta
 
 

@@ -23,11 +23,14 @@ from .chat import chat_completions
 from .completions import completions
 from .errors import ApiError, bad_request
 from .protocol import ChatCompletionRequest, CompletionRequest
+from .responses import ResponsesRequest, responses
 from .state import ServerState
+from .tokenize import DetokenizeRequest, TokenizeRequest, detokenize, tokenize, tokenizer_info
 
 log = logging.getLogger("lfm.serve")
 
-_ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
+_ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models", "/health", "/metrics",
+              "/tokenize", "/detokenize", "/tokenizer_info"}
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -64,7 +67,7 @@ def create_app(state: ServerState) -> FastAPI:
     async def health() -> Response:
         if not state.engine.alive:
             raise ApiError(503, "the engine thread is not running", code="engine_unavailable")
-        return Response(status_code=200)
+        return JSONResponse({"status": "ok", "model": state.model_name})
 
     @app.get("/metrics")
     async def metrics() -> Response:
@@ -92,6 +95,27 @@ def create_app(state: ServerState) -> FastAPI:
         _auth(state, request)
         body = await _parse(state, request, CompletionRequest)
         return await completions(state, request, body)
+
+    @app.post("/v1/responses")
+    async def respond(request: Request):
+        _auth(state, request)
+        body = await _parse(state, request, ResponsesRequest)
+        return await responses(state, request, body)
+
+    @app.post("/tokenize")
+    async def tokenize_route(request: Request) -> JSONResponse:
+        _auth(state, request)
+        return JSONResponse(await tokenize(state, await _parse(state, request, TokenizeRequest)))
+
+    @app.post("/detokenize")
+    async def detokenize_route(request: Request) -> JSONResponse:
+        _auth(state, request)
+        return JSONResponse(await detokenize(state, await _parse(state, request, DetokenizeRequest)))
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info_route(request: Request) -> JSONResponse:
+        _auth(state, request)
+        return JSONResponse(tokenizer_info(state))
 
     return app
 

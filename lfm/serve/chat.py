@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from ..engine.grammar import ConstraintSpec, GrammarError
 from ..engine.tool_grammar import ToolSchemaError, function_of
 from ..text import new_call_id, parse_tool_calls
+from ..text.reasoning import THINK_END, THINK_START, ReasoningParser, split_reasoning
 from .errors import ApiError, bad_request
 from .protocol import ChatCompletionRequest
 from .state import Choice, ServerState, usage
@@ -47,11 +48,16 @@ async def chat_completions(state: ServerState, request: Request, body: ChatCompl
     ids = [r.request_id for r in reqs]
     rid = ids[0].rsplit("-", 1)[0]
     created = int(time.time())
+    # output forced by a grammar from its first token (a required call, a JSON format) cannot hold <think>
+    forced = isinstance(choice, dict) or choice == "required" or (body.response_format or {}).get("type") in (
+        "json_object", "json_schema")
+    think = None if forced else reasoning_mode(state, prompt)
     if body.stream:
-        gen = _stream(state, stream, ids, rid, created, body, tools if parse_tools else None, len(prompt))
+        gen = _stream(state, stream, ids, rid, created, body, tools if parse_tools else None, len(prompt), think)
         return state.sse(gen, stream)
     choices = await state.collect(request, stream, ids)
-    out = [_choice_json(state, i, c, tools if parse_tools else None, top is not None) for i, c in enumerate(choices)]
+    out = [_choice_json(state, i, c, tools if parse_tools else None, top is not None, think)
+           for i, c in enumerate(choices)]
     return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": state.model_name,
                          "choices": out, "usage": usage(len(prompt), sum(len(c.token_ids) for c in choices)),
                          "system_fingerprint": None})
@@ -171,6 +177,15 @@ def _normalize_messages(msgs: list[dict]) -> list[dict]:
     return out
 
 
+def reasoning_mode(state: ServerState, prompt: list[int]) -> tuple[str, bool] | None:
+    """(parser name, whether the prompt ends inside an open <think>) with --reasoning-parser, else None."""
+    name = state.cfg.reasoning_parser
+    if not name:
+        return None
+    tail = state.tokenizer.decode(prompt[-32:], skip_special_tokens=False)
+    return name, tail.rfind(THINK_START) > tail.rfind(THINK_END)
+
+
 # ------------------------------------------------------------------------------------------------ responses
 def _logprobs_json(state: ServerState, records: list) -> dict:
     def entry(tid: int, lp: float) -> dict:
@@ -180,11 +195,16 @@ def _logprobs_json(state: ServerState, records: list) -> dict:
                         for r in records]}
 
 
-def _choice_json(state: ServerState, i: int, c: Choice, tools: list[dict] | None, logprobs: bool) -> dict:
-    msg: dict[str, Any] = {"role": "assistant", "content": c.text}
+def _choice_json(state: ServerState, i: int, c: Choice, tools: list[dict] | None, logprobs: bool,
+                 think: tuple[str, bool] | None = None) -> dict:
+    text = c.text
+    msg: dict[str, Any] = {"role": "assistant", "content": text}
+    if think is not None:  # vLLM's field: the <think> text, kept out of content (None when there was none)
+        msg["reasoning_content"], text = split_reasoning(c.text, *think)
+        msg["content"] = text
     reason = c.finish_reason
     if tools is not None:
-        calls, content = parse_tool_calls(c.text, tools)
+        calls, content = parse_tool_calls(text, tools)
         if calls:
             msg["content"] = content or None
             msg["tool_calls"] = [call.to_openai(new_call_id()) for call in calls]
@@ -194,10 +214,12 @@ def _choice_json(state: ServerState, i: int, c: Choice, tools: list[dict] | None
 
 
 async def _stream(state: ServerState, stream, ids: list[str], rid: str, created: int, body: ChatCompletionRequest,
-                  tools: list[dict] | None, prompt_tokens: int) -> AsyncIterator[str]:
+                  tools: list[dict] | None, prompt_tokens: int,
+                  think: tuple[str, bool] | None = None) -> AsyncIterator[str]:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     index = {r: i for i, r in enumerate(ids)}
     parsers = [ToolStreamParser(tools) if tools is not None else None for _ in ids]
+    thinkers = [ReasoningParser(*think) if think is not None else None for _ in ids]
     completion = 0
 
     def chunk(i: int, delta: dict, reason: str | None = None, logprobs: dict | None = None) -> str:
@@ -220,7 +242,15 @@ async def _stream(state: ServerState, stream, ids: list[str], rid: str, created:
                 break
             completion += len(d.token_ids)
             p = parsers[i]
-            content, calls = p.feed(d.text) if p is not None else (d.text, [])
+            text, reasoning = d.text, ""
+            if thinkers[i] is not None:  # <think> text goes out as delta.reasoning_content (vLLM's field)
+                reasoning, text = thinkers[i].feed(d.text)
+                if d.finish_reason is not None:
+                    more_r, more_c = thinkers[i].finish()
+                    reasoning, text = reasoning + more_r, text + more_c
+                if reasoning:
+                    yield chunk(i, {"reasoning_content": reasoning})
+            content, calls = p.feed(text) if p is not None else (text, [])
             if d.finish_reason is not None and p is not None:
                 more, late = p.finish()
                 content, calls = content + more, calls + late

@@ -32,7 +32,7 @@ def _positive(text: str) -> int:
 
 
 def add_serve_parser(sub) -> argparse.ArgumentParser:
-    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, tools, JSON output)")
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (chat, completions, responses, tools, JSON output)")
     s.add_argument("model", nargs="?", help="checkpoint directory or Hugging Face Hub id (default: the built-in demo "
                    "model, offline)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
@@ -66,6 +66,10 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--replicas", type=_positive, default=1, help="with --ray: replicas (the minimum with --max-replicas)")
     s.add_argument("--max-replicas", type=_positive, help="with --ray: autoscale up to this many by queue length")
     s.add_argument("--ray-address", help="with --ray: the cluster to join (default: a new local one)")
+    s.add_argument("--reasoning-parser", choices=["lfm2", "deepseek_r1"],
+                   help="return the text of <think>...</think> as reasoning_content (message and stream deltas), "
+                        "not content; lfm2 (LFM2.5 thinking models) and vLLM's deepseek_r1 / qwen3 names all "
+                        "mean: text before </think> is reasoning")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     s.set_defaults(fn=cmd_serve)
     return s
@@ -86,7 +90,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
                       max_num_batched_tokens=a.max_num_batched_tokens, block_size=a.block_size,
                       enable_prefix_caching=a.enable_prefix_caching,
                       api_key=a.api_key, max_body_bytes=a.max_body_bytes, threads=a.threads,
-                      quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype)
+                      quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype,
+                      reasoning_parser=a.reasoning_parser)
     if a.ray:
         import dataclasses
 
@@ -97,5 +102,27 @@ def cmd_serve(a: argparse.Namespace) -> None:
         return
     print(f"loading {a.model or 'the built-in demo model'} ...", file=sys.stderr, flush=True)
     state = ServerState(cfg)
-    print(f"serving '{state.model_name}' on http://{a.host}:{a.port}/v1", file=sys.stderr, flush=True)
+    for line in startup_lines(state, a.host, a.port):
+        print(line, file=sys.stderr, flush=True)
     uvicorn.run(create_app(state), host=a.host, port=a.port, log_level=a.log_level, timeout_graceful_shutdown=5)
+
+
+def startup_lines(state, host: str, port: int) -> list[str]:
+    """What an operator checks first: which model, its dtype, the context and KV budget actually granted (the
+    engine may lower max_model_len to fit the cache), the torch threads, and where to point clients."""
+    import torch
+
+    eng = state.llm.engine
+    bm = eng.block_manager
+    cfg = state.cfg
+    kv = cfg.kv_cache_dtype if cfg.kv_cache_dtype != "auto" else str(eng.model.dtype).removeprefix("torch.")
+    return [f"model     {state.model_name} ({cfg.model or 'built-in demo model'})",
+            f"dtype     {str(eng.model.dtype).removeprefix('torch.')}"
+            + (f", {cfg.quantization} weights" if cfg.quantization else "") + f", KV cache {kv}",
+            f"context   {state.max_model_len} tokens, up to {eng.config.max_num_seqs} sequences",
+            f"KV cache  {bm.num_blocks:,} blocks of {bm.block_size} tokens = {bm.num_blocks * bm.block_size:,} tokens "
+            f"(budget {cfg.kv_cache_memory / (1 << 30):.2f} GiB), prefix caching "
+            + ("on" if cfg.enable_prefix_caching else "off"),
+            f"threads   {torch.get_num_threads()} (torch CPU)",
+            f"reasoning {cfg.reasoning_parser or 'off (think text stays in content)'}",
+            f"serving   http://{host}:{port}/v1 (OpenAI API), /tokenize, /health, /metrics"]

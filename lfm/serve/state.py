@@ -20,6 +20,7 @@ from ..engine.llm import LLM
 from ..engine.llm_engine import RequestDelta
 from ..engine.sampling import SamplingParams
 from ..engine.sequence import TokenLogprob
+from ..text.reasoning import PARSERS as REASONING_PARSERS
 from .errors import ApiError, bad_request
 from .metrics import Metrics
 from .protocol import _Sampling
@@ -45,6 +46,7 @@ class ServeConfig:
     threads: int | None = None  # torch CPU threads (process-wide); None leaves torch's choice
     quantization: str | None = None  # "int8" / "int4": weight-only, quantized on load (CPU)
     kv_cache_dtype: str = "auto"  # "int8": quantized KV cache (CPU kernels)
+    reasoning_parser: str | None = None  # "lfm2" (or vLLM's "deepseek_r1" / "qwen3"): <think> text -> reasoning_content
 
 
 @dataclass
@@ -56,11 +58,15 @@ class Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     prompt_tokens: int = 0
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # asked for by echo + logprobs (completions)
 
 
 class ServerState:
     def __init__(self, cfg: ServeConfig, llm: LLM | None = None) -> None:
         self.cfg = cfg
+        if cfg.reasoning_parser not in (None, *REASONING_PARSERS):
+            raise ValueError(f"unknown reasoning parser {cfg.reasoning_parser!r} (choose from "
+                             f"{', '.join(REASONING_PARSERS)})")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         if llm is None:
@@ -112,7 +118,8 @@ class ServerState:
 
     # --------------------------------------------------------------------------------------------- requests
     def sampling(self, req: _Sampling, max_tokens: int, index: int, constraint: ConstraintSpec | None = None,
-                 logprobs: int | None = None, logit_bias: dict[int, float] | None = None) -> SamplingParams:
+                 logprobs: int | None = None, logit_bias: dict[int, float] | None = None,
+                 prompt_logprobs: int | None = None) -> SamplingParams:
         """The request's fields over the checkpoint's generation_config defaults (vLLM's rule)."""
         d = self.defaults
         pick = lambda v, default: default if v is None else v  # noqa: E731
@@ -127,20 +134,21 @@ class ServerState:
                                   stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
                                   skip_special_tokens=req.skip_special_tokens, presence_penalty=req.presence_penalty,
                                   frequency_penalty=req.frequency_penalty, logit_bias=logit_bias, logprobs=logprobs,
-                                  constraint=constraint)
+                                  prompt_logprobs=prompt_logprobs, constraint=constraint)
         except ValueError as e:
             raise bad_request(str(e)) from None
 
     def engine_requests(self, req: _Sampling, prompt_ids: list[int], max_tokens: int, chat: bool,
                         constraint: ConstraintSpec | None, top_logprobs: int | None,
-                        prefix: str) -> list[EngineRequest]:
+                        prefix: str, prompt_logprobs: int | None = None) -> list[EngineRequest]:
         bias = None
         if req.logit_bias:
             bias = {int(k): float(v) for k, v in req.logit_bias.items()}
             self.check_token_ids(list(bias), "logit_bias")
         rid = f"{prefix}-{uuid.uuid4().hex[:16]}"
         return [EngineRequest(f"{rid}-{i}", prompt_ids,
-                              self.sampling(req, max_tokens, i, constraint, top_logprobs, bias), chat)
+                              self.sampling(req, max_tokens, i, constraint, top_logprobs, bias, prompt_logprobs),
+                              chat)
                 for i in range(req.n)]
 
     def submit(self, reqs: list[EngineRequest]) -> RequestStream:
@@ -208,6 +216,8 @@ def _absorb(c: Choice, d: RequestDelta) -> None:
     c.token_ids += d.token_ids
     if d.logprobs:
         c.logprobs += d.logprobs
+    if d.prompt_logprobs is not None:
+        c.prompt_logprobs = d.prompt_logprobs
     c.prompt_tokens = d.prompt_tokens or c.prompt_tokens
     if d.finish_reason is not None:
         c.finish_reason = d.finish_reason

@@ -19,7 +19,8 @@ def add_train_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("config", nargs="?", help="a TOML run config (see configs/); flags below override it")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest complete checkpoint")
     s.add_argument("--model", help="preset to train from scratch (tiny, LFM2.5-350M, ...) or a checkpoint / Hub id")
-    s.add_argument("--tokenizer", help="tokenizer directory (needed when training a preset from scratch)")
+    s.add_argument("--tokenizer", help="tokenizer directory (needed when training a preset from scratch; for a toy "
+                   "run, the demo model's: lfm/assets/demo)")
     s.add_argument("--task", choices=["pretrain", "sft"], help="documents (pretrain) or chat jsonl (sft)")
     s.add_argument("--data", nargs="+", metavar="FILE", help="training files: .txt .jsonl .json .parquet, globs, hf:NAME")
     s.add_argument("--eval-data", nargs="+", metavar="FILE", help="held-out files for eval loss / perplexity")
@@ -33,7 +34,8 @@ def add_train_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--threads", type=int, help="torch threads per process")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set optim.schedule=wsd --set model.activation_checkpointing=true")
-    s.add_argument("--no-progress", action="store_true", help="no progress bar (logs still go to metrics.jsonl)")
+    s.add_argument("--no-progress", action="store_true",
+                   help="no progress bar: a line every log_every steps instead (everything also goes to metrics.jsonl)")
 
 
 def config_from_args(a: argparse.Namespace):

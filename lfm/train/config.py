@@ -7,6 +7,7 @@ run directory keeps a copy (`config.toml`), which is what `--resume` reads.
 from __future__ import annotations
 
 import dataclasses
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,6 +145,19 @@ class TrainConfig:
                         lines.append(f"{k} = {_toml_value(v)}")
         return "\n".join(lines) + "\n"
 
+    def with_absolute_paths(self) -> "TrainConfig":
+        """A copy whose local paths (data, eval data, tokenizer, a checkpoint to start from) are absolute, resolved
+        against the working directory as this process reads them: what a run directory's config.toml stores, so
+        `--resume RUN` reads the same files from any working directory."""
+        c = dataclasses.replace(self, model=dataclasses.replace(self.model), data=dataclasses.replace(self.data))
+        c.data.train = [_abs(s) for s in self.data.train]
+        c.data.eval = [_abs(s) for s in self.data.eval]
+        if c.model.tokenizer:
+            c.model.tokenizer = _abs(c.model.tokenizer)
+        if Path(c.model.init).expanduser().exists():  # a local checkpoint (a preset name or Hub id stays a name)
+            c.model.init = _abs(c.model.init)
+        return c
+
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise TrainConfigError("steps, batch_size and grad_accum must be >= 1")
@@ -157,6 +171,12 @@ class TrainConfig:
             raise TrainConfigError(f"optim.schedule = {self.optim.schedule!r}: expected cosine, wsd or constant")
         if self.model.dtype not in ("float32", "bfloat16"):
             raise TrainConfigError(f"model.dtype = {self.model.dtype!r}: expected float32 or bfloat16")
+
+
+def _abs(s: str) -> str:
+    if s.startswith("hf:"):
+        return s
+    return os.path.abspath(os.path.expanduser(s))
 
 
 def _rel(base: Path, s: str) -> str:

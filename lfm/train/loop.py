@@ -29,7 +29,12 @@ from .config import TrainConfig, TrainConfigError
 from .data import IGNORE, Rows, RowOrder, StreamingRows, build_rows
 from .distributed import World, close_world, init_world, shard_model
 from .plot import plot_run, read_metrics
-from .state import latest_checkpoint, load_checkpoint, model_from_state, save_checkpoint
+from .state import find_checkpoint, load_checkpoint, model_from_state, save_checkpoint, write_atomic
+
+
+def warn(msg: str) -> None:
+    """A one-line notice on stderr, in the shape of the CLI's one-line errors."""
+    print(f"lfm: warning: {msg}", file=sys.stderr, flush=True)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -78,8 +83,10 @@ def _tokenizer_dir(cfg: TrainConfig) -> Path:
     if cfg.model.tokenizer:
         return Path(cfg.model.tokenizer)
     if _is_preset(cfg.model.init):
+        from ..model.checkpoint import DEMO_MODEL
         raise TrainConfigError(f"model.init = {cfg.model.init!r} trains from scratch: give model.tokenizer "
-                               "(a tokenizer directory), e.g. --tokenizer DIR")
+                               "(a tokenizer directory), e.g. --tokenizer DIR; for a toy run, the demo model's "
+                               f"4,096-token tokenizer: --tokenizer {DEMO_MODEL}")
     from ..model.checkpoint import resolve
     return resolve(cfg.model.init)
 
@@ -105,9 +112,18 @@ class Trainer:
         self.tok = Tokenizer.from_dir(self.tok_dir)
         self.model = build_model(cfg, self.tok).to(self.world.device)
         self.lora = None
-        ckpt = latest_checkpoint(self.run_dir) if resume else None
-        if resume and ckpt is None:
-            raise TrainConfigError(f"{self.run_dir}: no complete checkpoint to resume from")
+        ckpt, damaged = find_checkpoint(self.run_dir) if resume else (None, [])
+        if self.world.is_main:
+            for msg in damaged:
+                warn(f"skipping a damaged checkpoint: {msg}")
+            if resume and ckpt is None:
+                warn(f"{self.run_dir}: no complete checkpoint to resume from; starting from step 0")
+            elif ckpt is not None and damaged:
+                warn(f"resuming from {ckpt}")
+            o = cfg.optim
+            if o.warmup_steps > cfg.steps:
+                warn(f"optim.warmup_steps = {o.warmup_steps} is longer than the run (steps = {cfg.steps}): the learning "
+                     f"rate peaks at {lr_at(cfg.steps - 1, cfg):.3g}, never reaching optim.lr = {o.lr:g}")
         if cfg.lora.enabled:
             if self.world.sharded:
                 raise TrainConfigError("LoRA runs are single-process (the adapter is small); drop torchrun")
@@ -146,12 +162,15 @@ class Trainer:
             self.step, self.consumed, self.tokens_seen = st["step"], st["rows_consumed"], st["tokens_seen"]
         if self.world.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if ckpt is None:
-                (self.run_dir / "config.toml").write_text(cfg.to_toml())
-                (self.run_dir / "metrics.jsonl").write_text("")
+            if ckpt is None:  # absolute paths: a resume reads the same files from any working directory
+                write_atomic(self.run_dir / "config.toml", cfg.with_absolute_paths().to_toml())
+                write_atomic(self.run_dir / "metrics.jsonl", "")
             else:  # forget what happened after the checkpoint: those steps run again
-                kept = [r for r in read_metrics(self.run_dir / "metrics.jsonl") if r["step"] <= self.step]
-                (self.run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+                problems: list[str] = []
+                kept = [r for r in read_metrics(self.run_dir / "metrics.jsonl", problems) if r["step"] <= self.step]
+                for msg in problems:
+                    warn(msg)
+                write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
 
     @property
     def global_batch(self) -> int:
@@ -263,6 +282,8 @@ class Trainer:
                 if "eval_loss" in rec:
                     post["eval"] = f"{rec['eval_loss']:.3f}"
                 bar.set_postfix(post)
+            elif self.world.is_main and cfg.log_every > 0 and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
+                print(log_line(rec, cfg.steps), flush=True)  # no bar (logs, CI): a line every log_every steps
             if cfg.save_every and self.step % cfg.save_every == 0 or self.step == cfg.steps:
                 self.save()
                 if self.world.is_main:
@@ -290,6 +311,15 @@ class Trainer:
             plot_run(self.run_dir)
         self.world.barrier()
         return final
+
+
+def log_line(rec: dict[str, Any], steps: int) -> str:
+    """`step 10/200  loss 3.2145  lr 3.00e-04  grad_norm 0.812  tok/s 5123  [eval_loss 3.3012  ppl 27.1]`."""
+    line = (f"step {rec['step']}/{steps}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  grad_norm {rec['grad_norm']:.3f}  "
+            f"tok/s {rec.get('tokens_per_s', 0):.0f}")
+    if "eval_loss" in rec:
+        line += f"  eval_loss {rec['eval_loss']:.4f}  ppl {rec['eval_ppl']:.1f}"
+    return line
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:

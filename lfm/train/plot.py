@@ -7,10 +7,24 @@ import math
 from pathlib import Path
 
 
-def read_metrics(path: Path) -> list[dict]:
+def read_metrics(path: Path, problems: list[str] | None = None) -> list[dict]:
+    """The records of metrics.jsonl. A line that is not a JSON record with an integer `step` (the half-written last
+    line of a killed run, damage) is skipped, and named in `problems` when given: logs never block a resume."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError:
+            r = None
+        if isinstance(r, dict) and isinstance(r.get("step"), int):
+            rows.append(r)
+        elif problems is not None:
+            problems.append(f"{path}:{n}: not a metrics record, dropped ({line[:60]!r})")
+    return rows
 
 
 def plot_run(run_dir: Path) -> Path | None:
