@@ -192,6 +192,9 @@ class GrammarBackend:
         lengths = [len(b) for b in self.token_bytes[:vocab_size]]
         self.token_len = torch.tensor(lengths + [0] * (vocab_size - len(lengths)))
         self.closing_score, self.closing_score_in_string = _closing_scores(self.token_bytes, vocab_size, specials)
+        self._orders: dict[tuple, torch.Tensor] = {}
+        self._by_len = torch.sort(-self.token_len, stable=True).indices  # the fallback: longest first, then by id
+        self._by_len_ok = ~self.control[self._by_len]
         self._lock = threading.Lock()
 
     def _utf8_masks(self, vocab_size: int) -> dict[int, torch.Tensor]:
@@ -313,13 +316,40 @@ class GrammarBackend:
         bits = (bm[0, :, None] >> torch.arange(32, dtype=torch.int32)) & 1
         return bits.flatten()[: self.vocab_size].bool() & ~self.control
 
+    def _closing_order(self, in_string: bool, end_ids: tuple[int, ...]) -> torch.Tensor:
+        """The ids closing_pick would prefer, best first (score descending, then id: argmax's tie order)."""
+        key = (in_string, end_ids)
+        order = self._orders.get(key)
+        if order is None:
+            score = (self.closing_score_in_string if in_string else self.closing_score).clone()
+            for t in end_ids:
+                if 0 <= t < score.numel():
+                    score[t] = 100.0
+            ids = torch.nonzero((score > 0) & ~self.control).flatten()
+            order = self._orders[key] = ids[torch.sort(-score[ids], stable=True).indices]
+        return order
+
+    def simulated_pick(self, matcher: Any, in_string: bool, end_ids: tuple[int, ...]) -> int:
+        """closing_pick(allowed(matcher), ...) without unpacking the whole vocabulary: test the few closing tokens
+        in preference order, then the tokens by length (the policy's fallback). Same token, a fraction of the work
+        on a 65K vocabulary (the simulation runs it once per simulated token)."""
+        bm = self.new_bitmask(1)
+        matcher.fill_next_token_bitmask(bm, 0)
+        for ids, ok in ((self._closing_order(in_string, end_ids), None), (self._by_len, self._by_len_ok)):
+            bits = ((bm[0, ids >> 5] >> (ids & 31)) & 1).bool()
+            if ok is not None:
+                bits &= ok
+            if bits.any():
+                return int(ids[int(bits.to(torch.uint8).argmax())])
+        return 0  # nothing allowed: what closing_pick's argmax over all -1 returns
+
     def tokens_to_close(self, c: Constraint, limit: int) -> int:
         """How many tokens the closing policy needs from here to finish the current Match phase (> limit: too many)."""
         m = c.matcher.fork()
         end_ids = c.head.end_ids
         in_string, escaped = c.in_string, c.escaped
         for n in range(1, limit + 1):
-            t = self.closing_pick(self.allowed(m), in_string, end_ids)
+            t = self.simulated_pick(m, in_string, end_ids)
             if not m.accept_token(t):
                 return limit + 1
             if m.is_terminated():
