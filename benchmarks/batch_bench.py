@@ -77,7 +77,7 @@ def run(a, model: str, quant: str | None, tmp: Path) -> dict:
     from lfm.batch.sink import open_sink
 
     rows = [InputRow(r["id"], r) for r in make_rows(a.rows)]
-    job = BatchJob(prompt=PromptTemplate(PROMPT), schema=SCHEMA, max_tokens=a.max_tokens, chunk_size=100)
+    job = BatchJob(prompt=PromptTemplate(PROMPT), schema=SCHEMA, max_tokens=a.max_tokens, chunk_size=16)
     llm_kw = {"model": model, "quantization": quant, "max_num_seqs": a.max_num_seqs}
     out: dict[str, tuple[int, float, int, int]] = {}  # phase -> (rows, seconds, output tokens, errors)
 

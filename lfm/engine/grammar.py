@@ -335,7 +335,9 @@ class GrammarBackend:
         on a 65K vocabulary (the simulation runs it once per simulated token)."""
         bm = self.new_bitmask(1)
         matcher.fill_next_token_bitmask(bm, 0)
-        for ids, ok in ((self._closing_order(in_string, end_ids), None), (self._by_len, self._by_len_ok)):
+        head = 1024  # the fallback in two parts: the longest tokens usually decide, the rest rarely needs a look
+        for ids, ok in ((self._closing_order(in_string, end_ids), None), (self._by_len[:head], self._by_len_ok[:head]),
+                        (self._by_len[head:], self._by_len_ok[head:])):
             bits = ((bm[0, ids >> 5] >> (ids & 31)) & 1).bool()
             if ok is not None:
                 bits &= ok
