@@ -2,6 +2,9 @@
 
 `lfm.model.checkpoint` reads our own format (HF safetensors) and knows nothing of GGUF; `lfm.gguf` builds on the
 model package. This module sits above both and picks by the path, so neither has to point back at the other.
+
+Naming a model (checkpoint.resolve): an existing path always wins (a directory called `tiny` or `demo` is that
+directory); then `demo` (or no name) is the built-in demo model; anything else must be a Hub id.
 """
 
 from __future__ import annotations

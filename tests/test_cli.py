@@ -51,8 +51,9 @@ def test_init_then_generate_streams_text(tmp_path):
 def test_chat_session_with_commands_and_ctrl_d(checkpoints):
     p = lfm("chat", str(checkpoints["dense"]), "--max-tokens", "5", "--temperature", "0",
             stdin="hello\n/system Be brief.\nhi again\n/reset\nthird\n")
-    assert p.stdout.count("> ") == 6  # five prompts answered or handled, then the prompt that met Ctrl-D
-    assert "history cleared" in p.stderr and "system prompt set" in p.stderr
+    assert p.stdout.count(">>> ") == 6  # five prompts answered or handled, then the prompt that met Ctrl-D
+    assert "conversation cleared" in p.stderr and "system prompt set" in p.stderr
+    assert p.stderr.count("tok/s") == 3  # a speed line under each of the three replies
 
 
 def test_bad_input_is_one_line_not_a_traceback(tmp_path):
@@ -81,4 +82,4 @@ def test_cli_on_a_checkpoint_saved_by_transformers(tmp_path, tokenizer_dir):
     out = lfm("generate", d, "Hello there", "--max-tokens", "6", "--temperature", "0").stdout
     assert out.startswith("Hello there")
     p = lfm("chat", d, "--max-tokens", "4", "--temperature", "0", stdin="hi\n")
-    assert p.stdout.count("> ") == 2
+    assert p.stdout.count(">>> ") == 2

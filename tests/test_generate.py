@@ -153,7 +153,9 @@ def test_chat_renders_template_and_parses_tool_calls(llm, monkeypatch):
     assert out.prompt_token_ids == ids
     # a model that answers with a tool call: feed the reply tokens through the same parsing path
     reply = '<|tool_call_start|>[get_weather(city="Paris")]<|tool_call_end|>Checking.'
-    reply_ids = llm.tokenizer.encode(reply, add_bos=False)
+    tk = llm.tokenizer  # the sentinels as the real control tokens a model emits (spelled, they are plain text)
+    reply_ids = ([tk.token_to_id("<|tool_call_start|>")] + tk.encode('[get_weather(city="Paris")]', add_bos=False)
+                 + [tk.token_to_id("<|tool_call_end|>")] + tk.encode("Checking.", add_bos=False))
     script = iter(reply_ids)
     real = llm.model.forward_step
 

@@ -147,10 +147,11 @@ def test_streaming_tool_splitter_handles_split_sentinels_and_trailing_text():
     content, calls = content + c, calls + found
     assert content == "Let me check.Done."
     assert [(c.name, c.arguments) for c in calls] == [("get_weather", {"city": "Par]is"})]
-    p = ToolStreamParser(None)  # unterminated block at the end: complete calls survive
+    p = ToolStreamParser(None)  # unterminated block at the end: complete calls survive, the cut one is partial
     c1, f1 = p.feed('<|tool_call_start|>[f(a=1), g(b=')
     c2, f2 = p.finish()
-    assert [c.name for c in f1 + f2] == ["f"] and "<|tool_call_start|>" not in c1
+    assert [(c.name, c.partial) for c in f1 + f2] == [("f", False), ("g", True)]
+    assert "<|tool_call_start|>" not in c1 + c2
 
 
 def test_constrained_generation_from_random_weights_always_parses(llm):

@@ -96,6 +96,19 @@ def test_decode_skips_specials_but_keeps_tool_call_sentinels(tok: Tokenizer) -> 
     assert tok.skips(7) and not tok.skips(10)
 
 
+def test_thinking_tags_marked_special_survive_decoding(tok_dir: Path) -> None:
+    """A checkpoint may mark `<think>`/`</think>` as special added tokens; skipping specials must keep them, or the
+    reasoning parser never sees where thinking ends (vLLM's reasoning parsers key on these ids for the same reason)."""
+    from tokenizers import AddedToken
+
+    base = Tokenizer.from_dir(tok_dir)
+    base.backend.add_tokens([AddedToken(t, special=True, normalized=False) for t in ("<think>", "</think>")])
+    tok = Tokenizer(base.backend, base.config, base.chat_template)
+    ids = [tok.token_to_id("<think>"), *tok.encode("hmm", add_bos=False), tok.token_to_id("</think>"),
+           *tok.encode("yes", add_bos=False), 7]
+    assert tok.decode(ids) == "<think>hmm</think>yes"
+
+
 def test_matches_transformers_encoding(tok_dir: Path, tok: Tokenizer) -> None:
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(str(tok_dir))

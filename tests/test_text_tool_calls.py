@@ -8,6 +8,7 @@ import re
 import pytest
 
 from lfm.text import ToolCall, new_call_id, parse_tool_calls
+from lfm.text.tool_calls import parse_tool_calls_detailed
 
 S, E = "<|tool_call_start|>", "<|tool_call_end|>"
 
@@ -61,9 +62,11 @@ CASES = [
     pytest.param(f'{S}[get_weather(city="Paris")]{E}Try [get_weather(city="Rome")] next?',
                  [("get_weather", {"city": "Paris"})], 'Try [get_weather(city="Rome")] next?',
                  id="different-call-is-not-an-echo"),
-    pytest.param(f"{S}[f(a=1), g(b='trunc", [("f", {"a": 1})], "", id="truncated-keeps-complete-calls"),
+    # a call cut off by the end of generation comes back partial (see test_cut_off_call_is_partial)
+    pytest.param(f"{S}[f(a=1), g(b='trunc", [("f", {"a": 1}), ("g", {})], "", id="truncated-keeps-complete-calls"),
     pytest.param(f"Sure. {S}[f(a=1)", [("f", {"a": 1})], "Sure.", id="truncated-no-close-bracket"),
-    pytest.param(f"{S}[f(a=1), @@garbage]{E}ok", [("f", {"a": 1})], "ok", id="malformed-tail-keeps-calls"),
+    # never drop text silently: the part of a block that is not a call comes back as content
+    pytest.param(f"{S}[f(a=1), @@garbage]{E}ok", [("f", {"a": 1})], "@@garbage]\nok", id="malformed-tail-keeps-calls"),
     pytest.param(f"{E}[f()]{S}[g()]{E}", [("g", {})], "[f()]", id="stray-end-sentinel"),
 ]
 
@@ -76,12 +79,9 @@ def test_parse(text: str, calls: list[tuple[str, dict]], content: str) -> None:
 
 
 @pytest.mark.parametrize("text", [
-    f"Sure. {S}[f(a=",
-    f"{S}",
     f"{S}[f(a=1 b=2)]{E}after",
     f"{S}not a call at all{E}",
     f"{S}[{{\"arguments\": {{}}}}]{E}",
-    f"{S}" + "[" * 5000,
     f"{S}[f(a=" + "[" * 5000 + "]" * 5000 + ")]" + E,
 ])
 def test_unusable_blocks_leave_raw_text(text: str) -> None:
@@ -120,3 +120,76 @@ def test_round_trip_through_template_rendering() -> None:
     text = render_chat_template(TEMPLATES["lfm2"], [msg]).text
     body = text.split("<|im_start|>assistant\n", 1)[1].removesuffix("<|im_end|>\n")
     assert parse_tool_calls(body) == ([ToolCall("x.y", args)], "ok")
+
+
+@pytest.mark.parametrize(("text", "content", "unparsed"), [
+    (f"Sure. {S}", "Sure. ", []),
+    (f"{S}" + "[" * 5000, "[" * 5000, ["[" * 5000]),
+    (f"Hm {S}[get_wea", "Hm [get_wea", ["[get_wea"]),
+])
+def test_cut_off_block_never_returns_control_text(text: str, content: str, unparsed: list[str]) -> None:
+    r = parse_tool_calls_detailed(text)
+    assert (r.calls, r.content, r.unparsed) == ([], content, unparsed)
+    assert S not in r.content
+
+
+def test_cut_off_call_is_partial() -> None:
+    """OpenAI answers a call cut by max_tokens with finish_reason "length" and the arguments generated so far (an
+    unterminated JSON string); the complete arguments stay readable in `arguments`."""
+    calls, content = parse_tool_calls(f"Sure. {S}[f(a=1), g(n=2, b='it\\'s trun")
+    assert content == "Sure." and calls[0] == ToolCall("f", {"a": 1})
+    g = calls[1]
+    assert (g.name, g.arguments, g.partial) == ("g", {"n": 2}, True)
+    assert g.to_openai("call_1")["function"]["arguments"] == '{"n": 2, "b": "it\'s trun'
+    calls, _ = parse_tool_calls(f"{S}[f(a=")
+    assert calls[0].partial and calls[0].to_openai()["function"]["arguments"] == "{"
+    calls, _ = parse_tool_calls(f"{S}[f(a=[1, 'x")
+    assert calls[0].to_openai()["function"]["arguments"] == "{"  # a nested string is not the argument's value
+
+
+LFM_TEMPLATE_TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {
+    "type": "object", "properties": {"q": {"type": "string"}, "n": {"type": "integer"}}, "required": ["q"]}}}]
+
+
+@pytest.mark.parametrize(("body", "args"), [
+    # What Liquid's templates in llama.cpp's models/templates/ (LFM2.5-Instruct, LFM2-8B-A1B, LFM2.5-8B-A1B) write
+    # for an assistant call (render_tool_calls: arg_name + "=" + "'" + value + "'", joined by ", "; read at
+    # ggml-org/llama.cpp 6f4e9f5, models/templates/LFM2.5-8B-A1B.jinja): the value's own quotes are not escaped.
+    ("[f(q='it's 5')]", {"q": "it's 5"}),
+    ("[f(q='it's 5', n=3)]", {"q": "it's 5", "n": 3}),
+    ("[f(q='rock 'n' roll')]", {"q": "rock 'n' roll"}),
+    ("[f(n=2, q='l'amour')]", {"n": 2, "q": "l'amour"}),
+])
+def test_unescaped_single_quotes_are_recovered(body: str, args: dict) -> None:
+    calls, content = parse_tool_calls(f"{S}{body}{E}", LFM_TEMPLATE_TOOLS)
+    assert calls == [ToolCall("f", args)]
+    assert content == ""
+
+
+def test_ambiguous_unescaped_quotes_come_back_as_content() -> None:
+    """`f(q='a', n='b')` with quotes inside could be q="a', n='b" too; without tools both readings are complete, so
+    the block is not guessed at: it is returned as content and reported in `unparsed`."""
+    text = f"{S}[f(q='it's', r='x')]{E}"
+    r = parse_tool_calls_detailed(text)
+    assert r.calls == [] and r.content == text and r.unparsed == [text]
+    # with the tool's schema only one reading passes both arguments
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"q": {"type": "string"}, "r": {"type": "string"}}, "required": ["q", "r"]}}}]
+    assert parse_tool_calls(text, tools)[0] == [ToolCall("f", {"q": "it's", "r": "x"})]
+    # two calls whose strings could swallow each other: f(n=1, q="don't'), f(q='ok") is a complete reading too
+    two = f"{S}[f(n=1, q='don't'), f(q='ok')]{E}"
+    assert parse_tool_calls_detailed(two, LFM_TEMPLATE_TOOLS).unparsed == [two]
+
+
+def test_only_real_sentinels_count() -> None:
+    """`sentinels` names where the real control tokens are; the same characters spelled by ordinary tokens are
+    plain text (no call is made of them), also inside a real block's string."""
+    spelled = f"look: {S}[f(a=1)]{E} "
+    real_block = f"{S}[g(s='{E}')]{E}"
+    text = spelled + real_block
+    at = len(spelled)
+    calls, content = parse_tool_calls(text, sentinels=[at, len(text) - len(E)])
+    assert calls == [ToolCall("g", {"s": E})] and content == spelled.strip()
+    assert parse_tool_calls(spelled, sentinels=[]) == ([], spelled)
+    # without sentinels (plain strings) every occurrence counts
+    assert [c.name for c in parse_tool_calls(spelled)[0]] == ["f"]

@@ -13,12 +13,20 @@ budget, `must_close` plays a *closing policy* forward on a fork of the matcher (
 brackets, then commas and minimal values, else the longest allowed token) to count the tokens it needs; once that
 nearly fills what is left, the row follows the policy for good, so the output still parses and validates. If even that
 does not fit, the finish_reason is honestly "length". Raw control bytes are banned inside constrained phases.
+
+Cost control: compiling grows faster than linearly with a schema's size (2,000 optional properties take minutes), so
+a `SchemaBudget` (bytes of JSON and schema nodes, every tool of a request counted together) is checked before any
+compilation and a schema over it is refused with the limit named. Compiled grammars are cached by their canonical
+text, and compilations hold a lock per grammar, not one global lock: two requests with the same new schema compile
+it once, while other schemas compile alongside (xgrammar releases the GIL while it compiles).
 """
 
 from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,11 +36,47 @@ import xgrammar as xgr
 from ..text import Tokenizer
 from .tool_grammar import ToolSchemaError, tool_call_ebnf
 
-__all__ = ["GrammarBackend", "GrammarError", "ConstraintSpec", "Constraint", "Force", "Match", "Trigger"]
+__all__ = ["GrammarBackend", "GrammarError", "ConstraintSpec", "Constraint", "Force", "Match", "Trigger",
+           "SchemaBudget", "schema_cost"]
 
 
 class GrammarError(ValueError):
     """A schema or tool list that cannot be compiled (reported to the client as a 400)."""
+
+
+@dataclass
+class SchemaBudget:
+    """The largest schema (all of a request's tools together) that will be compiled. The defaults compile in about
+    a second on one core; `lfm serve --max-schema-bytes / --max-schema-nodes` change them."""
+
+    max_bytes: int = 64 << 10
+    max_nodes: int = 512  # schema objects: each property, item and branch schema counts one
+
+    def check(self, schema: Any, what: str) -> None:
+        size, nodes = schema_cost(schema)
+        if size > self.max_bytes:
+            raise GrammarError(f"{what} is {size} bytes of JSON; this server compiles at most {self.max_bytes} "
+                               "(--max-schema-bytes)")
+        if nodes > self.max_nodes:
+            raise GrammarError(f"{what} has {nodes} schema nodes; this server compiles at most {self.max_nodes} "
+                               "(--max-schema-nodes)")
+
+
+def schema_cost(schema: Any) -> tuple[int, int]:
+    """(bytes of compact JSON, number of JSON objects) of a schema, without recursion (schemas nest arbitrarily)."""
+    try:
+        size = len(json.dumps(schema, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "replace"))
+    except (TypeError, ValueError, RecursionError):
+        raise GrammarError("the schema is not plain JSON") from None
+    nodes, todo = 0, [schema]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, dict):
+            nodes += 1
+            todo.extend(v.values())
+        elif isinstance(v, list):
+            todo.extend(v)
+    return size, nodes
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,7 +239,11 @@ class GrammarBackend:
         self._orders: dict[tuple, torch.Tensor] = {}
         self._by_len = torch.sort(-self.token_len, stable=True).indices  # the fallback: longest first, then by id
         self._by_len_ok = ~self.control[self._by_len]
-        self._lock = threading.Lock()
+        self.budget = SchemaBudget()
+        self._locks: dict[str, threading.Lock] = {}  # one per grammar being compiled
+        self._meta = threading.Lock()  # guards _locks and _cache (held for dictionary operations only)
+        self._cache: OrderedDict[str, Any] = OrderedDict()
+        self.cache_size = 256
 
     def _utf8_masks(self, vocab_size: int) -> dict[int, torch.Tensor]:
         """For each narrow lead byte: bitmask words (xgrammar's layout) allowing every token except those whose
@@ -213,42 +261,65 @@ class GrammarBackend:
         return out
 
     # ------------------------------------------------------------------------------------------- compile
+    def _compiled(self, key: str, build: Callable[[], Any]) -> Any:
+        """The grammar for `key`, compiled once: concurrent requests for the same key wait for one compilation,
+        other keys do not wait at all."""
+        with self._meta:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+            lock = self._locks.setdefault(key, threading.Lock())
+        with lock:
+            with self._meta:
+                if key in self._cache:
+                    return self._cache[key]
+            try:
+                grammar = build()
+            finally:
+                with self._meta:
+                    self._locks.pop(key, None)
+            with self._meta:
+                self._cache[key] = grammar
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+            return grammar
+
     def json_schema(self, schema: dict) -> Any:
         if not isinstance(schema, dict):
             raise GrammarError("json_schema.schema must be a JSON object")
+        self.budget.check(schema, "response_format's schema")
+        text = json.dumps(schema, sort_keys=True)
         try:
-            with self._lock:
-                return self.compiler.compile_json_schema(json.dumps(schema), any_whitespace=False, strict_mode=True)
+            return self._compiled("json:" + text, lambda: self.compiler.compile_json_schema(
+                text, any_whitespace=False, strict_mode=True))
         except Exception as e:  # xgrammar raises RuntimeError / ValueError with a readable message
             raise GrammarError(f"unsupported or invalid JSON schema: {_first_line(e)}") from None
 
     def json_object(self) -> Any:
         """Any JSON object (OpenAI's json_object mode), compact: no free whitespace for a model to wander in."""
-        with self._lock:
-            return self.compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+        return self._compiled("json_object", lambda: self.compiler.compile_json_schema(
+            '{"type": "object"}', any_whitespace=False, strict_mode=False))
 
     def tool_calls(self, tools: list[dict], parallel: bool = True) -> Any:
+        self.budget.check(tools, "the tools' parameter schemas")
         try:
             ebnf = tool_call_ebnf(tools, parallel)
         except ToolSchemaError as e:
             raise GrammarError(str(e)) from None
         try:
-            with self._lock:
-                return self.compiler.compile_grammar(ebnf)
+            return self._compiled("ebnf:" + ebnf, lambda: self.compiler.compile_grammar(ebnf))
         except Exception as e:
             raise GrammarError(f"cannot build a grammar for these tools: {_first_line(e)}") from None
 
     def regex(self, pattern: str) -> Any:
         try:
-            with self._lock:
-                return self.compiler.compile_regex(pattern)
+            return self._compiled("regex:" + pattern, lambda: self.compiler.compile_regex(pattern))
         except Exception as e:
             raise GrammarError(f"unsupported or invalid regex: {_first_line(e)}") from None
 
     def ebnf(self, grammar: str) -> Any:
         try:
-            with self._lock:
-                return self.compiler.compile_grammar(grammar)
+            return self._compiled("ebnf:" + grammar, lambda: self.compiler.compile_grammar(grammar))
         except Exception as e:
             raise GrammarError(f"invalid grammar (EBNF, root ::= ...): {_first_line(e)}") from None
 

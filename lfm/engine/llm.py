@@ -21,7 +21,8 @@ from ..model.cpu_linear import use_cpu_kernels
 from ..model.lfm2 import LfmForCausalLM
 from ..model.quant import prepare as prepare_quantized
 from ..model.quant import quantize_model
-from ..text import Tokenizer, parse_tool_calls
+from ..text import TOOL_CALL_END, TOOL_CALL_START, Tokenizer, parse_tool_calls
+from ..text.tool_calls import sentinel_offsets
 from .llm_engine import EngineConfig, LLMEngine
 from .sampling import SamplingParams
 from .sequence import RequestOutput
@@ -105,17 +106,34 @@ class LLM:
         single = bool(messages) and isinstance(messages[0], dict)
         convs = [messages] if single else messages
         ids = [self.encode_chat(c, tools, add_generation_prompt, chat_template_kwargs) for c in convs]
-        outs = self._run(ids, self._params(sampling_params, len(ids)), chat=True)
-        for o in outs:
-            o.tool_calls, o.content = parse_tool_calls(o.text)
+        params = self._params(sampling_params, len(ids))
+        outs = self._run(ids, params, chat=True)
+        tk = self.tokenizer
+        start, end = tk.token_to_id(TOOL_CALL_START), tk.token_to_id(TOOL_CALL_END)
+        for o, p in zip(outs, params):
+            # calls open and close only at the real control tokens, not at text that merely spells them
+            marks = sentinel_offsets(o.token_ids, start, end,
+                                     lambda i, skip=p.skip_special_tokens: tk.decode(i, skip_special_tokens=skip))
+            o.tool_calls, o.content = parse_tool_calls(o.text, tools, marks)
         return outs[0] if single else outs
 
     def stream_chat(self, messages: list[Message], sampling_params: SamplingParams | None = None,
-                    tools: list[dict] | None = None, chat_template_kwargs: dict[str, Any] | None = None) -> Iterator[str]:
+                    tools: list[dict] | None = None, chat_template_kwargs: dict[str, Any] | None = None,
+                    outputs: list[RequestOutput] | None = None) -> Iterator[str]:
+        """Text pieces of one chat reply as they are produced. `outputs`, when given, receives the RequestOutput
+        (token ids, finish reason) once the stream ends, is closed or fails: what `lfm chat` counts tokens/s from."""
         ids = self.encode_chat(messages, tools, True, chat_template_kwargs)
-        for _, delta in self._steps([ids], self._params(sampling_params, 1), True):
-            if delta:
-                yield delta
+        rid = f"llm-{next(_ids)}"
+        done: dict[str, RequestOutput] = {}
+        steps = self._steps([ids], self._params(sampling_params, 1), True, [rid], done)
+        try:
+            for _, delta in steps:
+                if delta:
+                    yield delta
+        finally:
+            steps.close()  # aborts the request now, not when the generator is collected
+            if outputs is not None and rid in done:
+                outputs.append(done[rid])
 
     @property
     def grammar(self) -> Any:

@@ -36,6 +36,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     kv_cache_dtype: torch.dtype | None = None  # None: the model's dtype; torch.int8: quantized blocks
     max_model_len: int | None = None  # None: the model's, capped by what the cache can hold
+    logprobs_mode: str = "raw_logprobs"  # vLLM's: or "processed_logprobs" (after temperature / filters; RL)
 
 
 @dataclass(slots=True)
@@ -76,7 +77,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, bs, cfg.max_num_seqs, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.cache)
-        self.sampler = Sampler(grammar)
+        self.sampler = Sampler(grammar, processed_logprobs=cfg.logprobs_mode == "processed_logprobs")
         self.seqs: dict[str, Sequence] = {}
         self.steps = 0
 

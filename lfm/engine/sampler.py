@@ -4,7 +4,9 @@ Rows are processed together on the logits' device; per-request state (a seeded g
 constraint) lives in each `Sequence`, so a request samples the same tokens whatever else shares the step, and a
 preempted one resumes exactly. Order (as transformers / vLLM): logit bias, presence / frequency penalties,
 repetition penalty, grammar mask, then temperature, top-k, top-p, min-p and one multinomial draw from the row's
-generator. Log-probabilities are those of the raw model distribution (as vLLM's default).
+generator. Log-probabilities are those of the raw model distribution (as vLLM's default), or with
+`processed_logprobs` (vLLM's logprobs_mode="processed_logprobs") those of the distribution a sampled row was drawn
+from (after penalties, temperature, top-k / top-p / min-p): what an RL trainer's importance weights need.
 """
 
 from __future__ import annotations
@@ -50,8 +52,9 @@ def logprob_record(lp: torch.Tensor, token: int, top: int) -> TokenLogprob:
 
 
 class Sampler:
-    def __init__(self, grammar: GrammarBackend | None = None) -> None:
+    def __init__(self, grammar: GrammarBackend | None = None, processed_logprobs: bool = False) -> None:
         self.grammar = grammar
+        self.processed_logprobs = processed_logprobs
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprob | None]]:
         """logits [n, V] for n sequences -> (next token per sequence, its logprob record or None). A row whose
@@ -69,9 +72,12 @@ class Sampler:
         out = logits.argmax(-1)
         bad = set(torch.isnan(logits).any(-1).nonzero().flatten().tolist())
         sampled = [i for i, s in enumerate(seqs) if s.generator is not None and i not in forced and i not in bad]
+        lp_rows = {}
         if sampled:
             sub = filter_logits(logits[sampled], [seqs[i].params for i in sampled])
             probs = sub.softmax(-1)
+            if self.processed_logprobs and raw_lp is not None:
+                lp_rows = dict(zip(sampled, torch.log_softmax(sub, -1)))
             broken = (~torch.isfinite(probs).all(-1)).tolist()
             for j, i in enumerate(sampled):
                 if broken[j]:
@@ -83,7 +89,8 @@ class Sampler:
             tokens[i] = t
         for i in bad:
             tokens[i] = -1
-        records = [logprob_record(raw_lp[i], tokens[i], s.params.logprobs) if want_lp[i] and tokens[i] >= 0 else None
+        records = [logprob_record(lp_rows.get(i, raw_lp[i]), tokens[i], s.params.logprobs)
+                   if want_lp[i] and tokens[i] >= 0 else None
                    for i, s in enumerate(seqs)]
         return tokens, records
 

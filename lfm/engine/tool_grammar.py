@@ -117,22 +117,36 @@ class _Builder:
         return name
 
     def ref(self, ref: Any, depth: int) -> str:
-        if not isinstance(ref, str) or not ref.startswith("#/"):
+        if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
             raise ToolSchemaError(f"only local $ref ('#/...') is supported, got {ref!r}")
         key = "$ref:" + ref
         if key in self.memo:
             return self.memo[key]
-        target: Any = self.root_schema
-        for part in ref[2:].split("/"):
-            part = part.replace("~1", "/").replace("~0", "~")
-            if not isinstance(target, dict) or part not in target:
-                raise ToolSchemaError(f"$ref {ref!r} points nowhere")
-            target = target[part]
+        target = self._resolve(ref)
+        seen = [ref]
+        while isinstance(target, dict) and isinstance(target.get("$ref"), str):
+            # a chain of refs that comes back to itself admits no value: the grammar would have an empty rule and
+            # the call could not be constrained at all (xgrammar's JSON-schema converter rejects it too)
+            if target["$ref"] in seen:
+                raise ToolSchemaError(f"circular $ref: {' -> '.join(seen + [target['$ref']])} never reaches a schema")
+            seen.append(target["$ref"])
+            target = self._resolve(target["$ref"])
         self.n += 1
         name = f"ref_{self.n}"
         self.memo[key] = name  # before recursing: recursive schemas refer to themselves
         self.rules[name] = self.value(target, depth + 1)
         return name
+
+    def _resolve(self, ref: Any) -> Any:
+        if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
+            raise ToolSchemaError(f"only local $ref ('#/...') is supported, got {ref!r}")
+        target: Any = self.root_schema
+        for part in ref[2:].split("/") if ref != "#" else ():
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(target, dict) or part not in target:
+                raise ToolSchemaError(f"$ref {ref!r} points nowhere")
+            target = target[part]
+        return target
 
     def _value(self, s: dict, depth: int) -> str:
         if "const" in s:

@@ -4,6 +4,11 @@ The extension is compiled at first use with `torch.utils.cpp_extension.load` int
 of the source, the flags, the torch and Python versions (`$LFM_KERNELS_CACHE`, default `~/.cache/lfm-kernels`); a
 later process finds the built library there and imports it directly, without touching the compiler.
 
+A first build takes about a minute and is never silent: the compile prints its elapsed time, and a process that
+finds another one compiling the same build says so (which process, which directory) and how long it has waited.
+Builds of one cache directory are serialised by an flock on `lfm.lock` (released by the kernel when a process dies,
+so a killed build never blocks later ones); `lfm kernels build` compiles ahead of time.
+
 Whenever the kernels cannot be used — `LFM_KERNELS=0`, not an x86-64 CPU with AVX2 + FMA + F16C, no C++ compiler or
 ninja, a failed build — `load()` returns None after ONE warning line (none for `LFM_KERNELS=0`), and the quantized
 layers keep using PyTorch's own weight-only kernels.
@@ -11,13 +16,17 @@ layers keep using PyTorch's own weight-only kernels.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
 import platform
 import shutil
 import sys
+import threading
+import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -102,27 +111,128 @@ def _ninja() -> bool:
     return shutil.which("ninja") is not None or importlib.util.find_spec("ninja") is not None  # pip's ships one
 
 
+def note(msg: str, end: str = "\n") -> None:
+    print(msg, file=sys.stderr, end=end, flush=True)
+
+
+@contextlib.contextmanager
+def progress(what: str, every: float = 10.0) -> Iterator[None]:
+    """Say `what` now, then the elapsed time while the block runs: one line rewritten each second on a terminal,
+    a line every `every` seconds in a log; the total at the end."""
+    tty = sys.stderr.isatty()
+    t0 = time.monotonic()
+    done = threading.Event()
+    note(f"lfm.kernels: {what} ...")
+
+    def tick() -> None:
+        while not done.wait(1.0 if tty else every):
+            elapsed = f"lfm.kernels: {what}: {time.monotonic() - t0:.0f} s"
+            note(f"\r{elapsed}" if tty else elapsed, end="" if tty else "\n")
+
+    t = threading.Thread(target=tick, daemon=True, name="lfm-kernels-progress")
+    t.start()
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        done.set()
+        t.join()
+        note(("\r" if tty else "") + f"lfm.kernels: {what}: {'done' if ok else 'failed'} after "
+             f"{time.monotonic() - t0:.0f} s")
+
+
+def _lock_holder(lock: Path) -> str:
+    try:
+        pid = lock.read_text().strip()
+    except OSError:
+        pid = ""
+    return f"process {pid}" if pid.isdigit() else "another process"
+
+
+@contextlib.contextmanager
+def build_lock(build_dir: Path, poll: float = 0.2, every: float = 10.0) -> Iterator[None]:
+    """Hold the build directory's lock (`lfm.lock`, flock), waiting for another builder if there is one, and saying
+    so: who holds it, where, and for how long we have waited. Without fcntl (Windows) builds are not serialised
+    here (torch's own lock file still is)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock = build_dir / "lfm.lock"
+    with open(lock, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            t0 = last = time.monotonic()
+            note(f"lfm.kernels: waiting for {_lock_holder(lock)}, which is compiling the kernels in {build_dir} "
+                 "(the first build takes about a minute; this process uses its result)")
+            while True:
+                time.sleep(poll)
+                try:
+                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() - last >= every:
+                        last = time.monotonic()
+                        note(f"lfm.kernels: still waiting for {_lock_holder(lock)} ({last - t0:.0f} s)")
+            note(f"lfm.kernels: the other build finished after {time.monotonic() - t0:.0f} s of waiting")
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _clear_stale_torch_lock(build_dir: Path) -> None:
+    """torch's cpp_extension waits, silently and forever, while `lock` exists in the build directory; a build killed
+    midway leaves it behind. We hold `lfm.lock`, so no other lfm build can be using it: remove it."""
+    stale = build_dir / "lock"
+    if stale.exists():
+        note(f"lfm.kernels: removing {stale}, left by a build that did not finish")
+        stale.unlink(missing_ok=True)
+
+
+def _cpp_load(name: str, build_dir: Path, verbose: bool) -> ModuleType:
+    from torch.utils.cpp_extension import load as cpp_load
+
+    return cpp_load(name=name, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
+                    build_directory=str(build_dir), verbose=verbose)
+
+
+def built_library() -> Path:
+    """Where this source + flags + torch + Python combination's library is (or will be) built."""
+    key = build_key()
+    return cache_root() / key / f"lfm_gemv_{key}.so"
+
+
 def compile_and_load(verbose: bool = False) -> ModuleType:
     """Compile (if not cached) and import the extension; raises on any failure."""
-    key = build_key()
-    name = f"lfm_gemv_{key}"
-    build_dir = cache_root() / key
-    so = build_dir / f"{name}.so"
+    so = built_library()
+    name, build_dir = so.stem, so.parent
     if so.exists():
         try:
             return _import_built(name, so)
         except ImportError:
-            pass  # another process is still linking it: build (under torch's lock) below
+            pass  # another process is still linking it: wait for its lock below
     if _compiler() is None:
         raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX', 'c++')}) on PATH")
     if not _ninja():
         raise RuntimeError("ninja is not installed")
     build_dir.mkdir(parents=True, exist_ok=True)
-    print("lfm.kernels: compiling the AVX2 GEMV kernels (first use only, about a minute)", file=sys.stderr, flush=True)
-    from torch.utils.cpp_extension import load as cpp_load
-
-    return cpp_load(name=name, sources=[str(s) for s in SOURCES], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
-                    build_directory=str(build_dir), verbose=verbose)
+    with build_lock(build_dir):
+        if so.exists():  # built by the process we waited for
+            try:
+                return _import_built(name, so)
+            except ImportError:
+                pass
+        _clear_stale_torch_lock(build_dir)
+        with progress(f"compiling the AVX2 kernels into {build_dir} (first use only, about a minute)"):
+            return _cpp_load(name, build_dir, verbose)
 
 
 def load() -> ModuleType | None:

@@ -94,10 +94,22 @@ def default_model() -> Path:
     return DEMO_MODEL
 
 
+DEMO_NAME = "demo"  # what a user types for the built-in model (`lfm quantize demo -o d4`, `LLM("demo")`)
+
+
+def model_path_exists(name: str | Path | None) -> bool:
+    """Whether a model name is an existing path: a path always wins over a preset or the name `demo`."""
+    return name is not None and Path(name).expanduser().exists()
+
+
+def is_demo_name(name: str | Path | None) -> bool:
+    return name is None or (str(name).lower() == DEMO_NAME and not model_path_exists(name))
+
+
 def resolve(path_or_id: str | Path | None) -> Path:
     """A local checkpoint directory for a path or a Hub id (downloaded with a progress bar, then cached);
-    None means the built-in demo model."""
-    if path_or_id is None:
+    None or `demo` (when no such path exists) means the built-in demo model."""
+    if is_demo_name(path_or_id):
         return default_model()
     p = Path(path_or_id).expanduser()
     if p.exists():
@@ -112,6 +124,8 @@ def resolve(path_or_id: str | Path | None) -> Path:
 
 def resolve_config(path_or_id: str | Path) -> LfmConfig:
     """Only config.json: enough for `lfm info`, without downloading any weights."""
+    if is_demo_name(path_or_id):
+        return LfmConfig.from_file(default_model() / "config.json")
     p = Path(path_or_id).expanduser()
     if p.is_dir():
         return LfmConfig.from_file(p / "config.json")

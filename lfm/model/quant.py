@@ -310,14 +310,22 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 64, progress: 
         raise ValueError(f"group size must be one of {GROUP_SIZES}, got {group_size}")
     from tqdm import tqdm
 
-    for name in tqdm(_linear_names(model), desc=f"int{bits}", unit="layer", disable=not progress):
+    linears, experts = _linear_names(model), _expert_names(model)
+    # one bar over every weight matrix swapped: linears, then (MoE only) each layer's stacked experts
+    bar = tqdm(total=len(linears) + len(experts), desc=f"quantizing to int{bits}", unit=" weights",
+               disable=not progress)
+    for name in linears:
         lin = model.get_submodule(name)
         if bits == 4 and lin.in_features % group_size == 0:
             _swap(model, name, Int4Linear.from_linear(lin, group_size))
         else:  # a width the group size does not divide stays usable at 8 bits
             _swap(model, name, Int8Linear.from_linear(lin))
-    for name in tqdm(_expert_names(model), desc=f"int{bits} experts", unit="layer", disable=not progress):
+        bar.update()
+    for name in experts:
+        bar.set_postfix_str("experts")
         _swap(model, name, QuantExperts.from_experts(model.get_submodule(name), bits, group_size))
+        bar.update()
+    bar.close()
     emb = model.model.embed_tokens
     model.model.embed_tokens = QuantEmbedding.from_embedding(emb)
     model.config.extra["quantization_config"] = {"quant_method": "lfm", "bits": bits, "group_size": group_size}

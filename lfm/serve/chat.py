@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,33 +16,31 @@ from fastapi.responses import JSONResponse
 
 from ..engine.grammar import ConstraintSpec, GrammarError
 from ..engine.tool_grammar import ToolSchemaError, function_of
-from ..text import new_call_id, parse_tool_calls
+from ..text import new_call_id
 from ..text.reasoning import THINK_END, THINK_START, ReasoningParser, split_reasoning
+from ..text.tool_calls import parse_tool_calls_detailed, sentinel_offsets
 from .errors import ApiError, bad_request
 from .protocol import ChatCompletionRequest
 from .state import Choice, ServerState, usage
 from .tool_stream import ToolStreamParser
+
+log = logging.getLogger("lfm.serve")
 
 
 async def chat_completions(state: ServerState, request: Request, body: ChatCompletionRequest):
     state.check_model(body.model)
     if state.tokenizer is None or state.grammar is None:
         raise ApiError(400, "this checkpoint has no tokenizer, so it cannot chat", "model")
-    tools = _check_tools(body.tools)
-    choice = _tool_choice(body.tool_choice, tools)
-    messages = _normalize_messages(body.messages)
-    try:
-        prompt = state.tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True,
-                                                     **(body.chat_template_kwargs or {}))
-    except Exception as e:  # template errors, raise_exception(), missing template: the client's input
-        raise bad_request(f"cannot apply the chat template: {e}", "messages") from None
+    # schema checks, rendering and tokenizing take time proportional to the body (up to --max-body-bytes): off the
+    # event loop, so /health and every other stream keep answering
+    tools, choice, prompt = await asyncio.to_thread(_prepare, state, body)
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     max_tokens = state.max_tokens_for(limit, len(prompt), param)
     if body.top_logprobs is not None and not body.logprobs:
         raise bad_request("top_logprobs requires logprobs=true", "top_logprobs")
     top = (body.top_logprobs or 0) if body.logprobs else None
-    spec = await asyncio.to_thread(_constraint, state, body, tools, choice)
+    spec = await state.compile(_constraint, state, body, tools, choice)
     reqs = state.engine_requests(body, prompt, max_tokens, True, spec, top, "chatcmpl")
     parse_tools = bool(tools) and choice != "none"
     stream = state.submit(reqs)
@@ -56,7 +55,8 @@ async def chat_completions(state: ServerState, request: Request, body: ChatCompl
         gen = _stream(state, stream, ids, rid, created, body, tools if parse_tools else None, len(prompt), think)
         return state.sse(gen, stream)
     choices = await state.collect(request, stream, ids)
-    out = [_choice_json(state, i, c, tools if parse_tools else None, top is not None, think)
+    out = [_choice_json(state, i, c, tools if parse_tools else None, top is not None, think,
+                        body.skip_special_tokens)
            for i, c in enumerate(choices)]
     return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": state.model_name,
                          "choices": out, "usage": usage(len(prompt), sum(len(c.token_ids) for c in choices)),
@@ -64,6 +64,24 @@ async def chat_completions(state: ServerState, request: Request, body: ChatCompl
 
 
 # ------------------------------------------------------------------------------------------------ request checks
+def _prepare(state: ServerState, body: ChatCompletionRequest) -> tuple[list[dict], str | dict, list[int]]:
+    if body.tools:
+        try:
+            state.grammar.budget.check(body.tools, "the tools' parameter schemas")
+        except GrammarError as e:
+            raise bad_request(str(e), "tools", "schema_too_large") from None
+    tools = _check_tools(body.tools)
+    choice = _tool_choice(body.tool_choice, tools)
+    messages = _normalize_messages(body.messages)
+    state.check_text_fits(sum(len(m["content"]) for m in messages if isinstance(m.get("content"), str)), "messages")
+    try:
+        prompt = state.tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True,
+                                                     trust_assistant=False, **(body.chat_template_kwargs or {}))
+    except Exception as e:  # template errors, raise_exception(), missing template: the client's input
+        raise bad_request(f"cannot apply the chat template: {e}", "messages") from None
+    return tools, choice, prompt
+
+
 def _check_tools(tools: list[dict] | None) -> list[dict]:
     for i, t in enumerate(tools or []):
         try:
@@ -133,6 +151,7 @@ def _response_format(g: Any, rf: dict | None) -> ConstraintSpec | None:
         if not isinstance(js, dict) or not isinstance(js.get("schema", {}), dict):
             raise bad_request("response_format.json_schema must be {name, schema, strict}", "response_format")
         schema = js.get("schema", {})
+        g.budget.check(schema, "response_format's schema")  # before validating it: that takes time too
         try:
             jsonschema.validators.validator_for(schema).check_schema(schema)
         except jsonschema.SchemaError as e:
@@ -195,8 +214,12 @@ def _logprobs_json(state: ServerState, records: list) -> dict:
                         for r in records]}
 
 
+def _decoder(state: ServerState, skip_special_tokens: bool):
+    return lambda ids: state.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
 def _choice_json(state: ServerState, i: int, c: Choice, tools: list[dict] | None, logprobs: bool,
-                 think: tuple[str, bool] | None = None) -> dict:
+                 think: tuple[str, bool] | None = None, skip_special_tokens: bool = True) -> dict:
     text = c.text
     msg: dict[str, Any] = {"role": "assistant", "content": text}
     if think is not None:  # vLLM's field: the <think> text, kept out of content (None when there was none)
@@ -204,7 +227,17 @@ def _choice_json(state: ServerState, i: int, c: Choice, tools: list[dict] | None
         msg["content"] = text
     reason = c.finish_reason
     if tools is not None:
-        calls, content = parse_tool_calls(text, tools)
+        # only real control tokens open and close calls (text that spells them is content); content is a suffix
+        # of the output (after any reasoning), so the tokens' offsets shift by what came before it
+        g = state.grammar
+        cut = len(c.text) - len(text)
+        marks = [m - cut for m in sentinel_offsets(c.token_ids, g.start_id, g.end_id,
+                                                   _decoder(state, skip_special_tokens)) if m >= cut]
+        parsed = parse_tool_calls_detailed(text, tools, marks)
+        calls, content = parsed.calls, parsed.content
+        msg["content"] = content  # without the control text of a block cut off before its call had a name
+        if parsed.unparsed:
+            log.warning("a tool-call block could not be read as calls; returned as content: %.200r", parsed.unparsed)
         if calls:
             msg["content"] = content or None
             msg["tool_calls"] = [call.to_openai(new_call_id()) for call in calls]
@@ -218,8 +251,11 @@ async def _stream(state: ServerState, stream, ids: list[str], rid: str, created:
                   think: tuple[str, bool] | None = None) -> AsyncIterator[str]:
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     index = {r: i for i, r in enumerate(ids)}
-    parsers = [ToolStreamParser(tools) if tools is not None else None for _ in ids]
+    g = state.grammar
+    parsers = [ToolStreamParser(tools, _decoder(state, body.skip_special_tokens), g.start_id, g.end_id)
+               if tools is not None else None for _ in ids]
     thinkers = [ReasoningParser(*think) if think is not None else None for _ in ids]
+    fed = [[0, 0] for _ in ids]  # characters of output / of content so far, per choice (to place the sentinels)
     completion = 0
 
     def chunk(i: int, delta: dict, reason: str | None = None, logprobs: dict | None = None) -> str:
@@ -250,7 +286,11 @@ async def _stream(state: ServerState, stream, ids: list[str], rid: str, created:
                     reasoning, text = reasoning + more_r, text + more_c
                 if reasoning:
                     yield chunk(i, {"reasoning_content": reasoning})
-            content, calls = p.feed(text) if p is not None else (text, [])
+            fed[i][0] += len(d.text)
+            fed[i][1] += len(text)
+            # content is the output after its reasoning: it starts this many characters into the output
+            shift = fed[i][0] - fed[i][1] - (len(thinkers[i].buf) if thinkers[i] is not None else 0)
+            content, calls = p.feed(text, d.token_ids, shift) if p is not None else (text, [])
             if d.finish_reason is not None and p is not None:
                 more, late = p.finish()
                 content, calls = content + more, calls + late

@@ -36,7 +36,7 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("model", nargs="?", help="checkpoint directory or Hugging Face Hub id (default: the built-in demo "
                    "model, offline)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     s.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     s.add_argument("--quantization", choices=["int8", "int4"], help="weight-only quantization on load (CPU)")
@@ -58,7 +58,16 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV and conv state of prompt prefixes seen before (shared system prompts, earlier "
                         "turns of a chat); on by default, --no-enable-prefix-caching turns it off")
-    s.add_argument("--max-body-bytes", type=parse_size, default=4 << 20, help="largest request body (4MiB)")
+    s.add_argument("--max-body-bytes", type=parse_size, default=4 << 20,
+                   help="largest request body (4MiB); larger ones get HTTP 413")
+    s.add_argument("--max-schema-bytes", type=parse_size, default=64 << 10,
+                   help="largest tools / response_format JSON schema compiled for constrained decoding (64KiB); "
+                        "larger ones get HTTP 400")
+    s.add_argument("--max-schema-nodes", type=_positive, default=512,
+                   help="most schema objects (properties, items, branches) in one request's schemas (512, about a "
+                        "second of compiling on one core); more get HTTP 400")
+    s.add_argument("--grammar-compile-timeout", type=float, default=60.0,
+                   help="seconds a request waits for its grammar to compile before HTTP 400 (60)")
     s.add_argument("--threads", type=_positive,
                    help="torch CPU threads (default: torch's choice; 1 is often fastest on a busy or small machine)")
     s.add_argument("--ray", action="store_true", help="serve --replicas copies on Ray Serve behind this one endpoint "
@@ -70,7 +79,8 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="return the text of <think>...</think> as reasoning_content (message and stream deltas), "
                         "not content; lfm2 (LFM2.5 thinking models) and vLLM's deepseek_r1 / qwen3 names all "
                         "mean: text before </think> is reasoning")
-    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+                   help="server log verbosity (uvicorn's levels)")
     s.set_defaults(fn=cmd_serve)
     return s
 
@@ -91,7 +101,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
                       enable_prefix_caching=a.enable_prefix_caching,
                       api_key=a.api_key, max_body_bytes=a.max_body_bytes, threads=a.threads,
                       quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype,
-                      reasoning_parser=a.reasoning_parser)
+                      max_schema_bytes=a.max_schema_bytes, max_schema_nodes=a.max_schema_nodes,
+                      grammar_compile_timeout=a.grammar_compile_timeout, reasoning_parser=a.reasoning_parser)
     if a.ray:
         import dataclasses
 

@@ -3,6 +3,7 @@ logprobs)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -30,6 +31,7 @@ def _prompts(state: ServerState, p: str | list) -> list[tuple[list[int], str]]:
         if isinstance(f, str):
             if state.tokenizer is None:
                 raise bad_request("this checkpoint has no tokenizer: send token ids", param)
+            state.check_text_fits(len(f), param)
             ids, text = state.tokenizer.encode(f), f
         else:
             ids = list(f)
@@ -56,7 +58,7 @@ async def completions(state: ServerState, request: Request, body: CompletionRequ
     # echo + logprobs: one entry per prompt token too (OpenAI's legacy completions and vLLM), so ask the engine for
     # the prompt's log-probabilities with the same number of alternatives
     prompt_lp = body.logprobs if body.echo and body.logprobs is not None else None
-    prompts = _prompts(state, body.prompt)
+    prompts = await asyncio.to_thread(_prompts, state, body.prompt)  # tokenizing a large prompt takes a while
     reqs, meta = [], []
     for k, (ids, text) in enumerate(prompts):
         max_tokens = state.max_tokens_for(1 if score_only else body.max_tokens, len(ids))

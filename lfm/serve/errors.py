@@ -23,7 +23,8 @@ class ApiError(Exception):
 
     def body(self) -> dict:
         kind = self.type or _TYPES.get(self.status, "invalid_request_error")
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+        return {"error": {"message": _utf8(self.message), "type": kind, "param": _utf8(self.param),
+                          "code": self.code}}
 
     def response(self) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
@@ -32,3 +33,8 @@ class ApiError(Exception):
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(400, message, param, code)
+
+
+def _utf8(text: str | None) -> str | None:
+    """Client text echoed in an error must still encode (a lone surrogate would turn the 4xx into a 500)."""
+    return None if text is None else text.encode("utf-8", "replace").decode("utf-8")

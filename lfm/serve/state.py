@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +16,7 @@ from fastapi import Request
 from fastapi.responses import StreamingResponse
 
 from ..engine.async_engine import AsyncEngine, EngineDead, EngineFull, EngineRequest, RequestStream
-from ..engine.grammar import ConstraintSpec, GrammarBackend
+from ..engine.grammar import ConstraintSpec, GrammarBackend, SchemaBudget
 from ..engine.llm import LLM
 from ..engine.llm_engine import RequestDelta
 from ..engine.sampling import SamplingParams
@@ -46,6 +47,9 @@ class ServeConfig:
     threads: int | None = None  # torch CPU threads (process-wide); None leaves torch's choice
     quantization: str | None = None  # "int8" / "int4": weight-only, quantized on load (CPU)
     kv_cache_dtype: str = "auto"  # "int8": quantized KV cache (CPU kernels)
+    max_schema_bytes: int = 64 << 10  # largest tools / response_format schema compiled (JSON bytes)
+    max_schema_nodes: int = 512  # ... and schema objects in it
+    grammar_compile_timeout: float = 60.0  # seconds a request waits for its grammar before a 400
     reasoning_parser: str | None = None  # "lfm2" (or vLLM's "deepseek_r1" / "qwen3"): <think> text -> reasoning_content
 
 
@@ -76,6 +80,13 @@ class ServerState:
                       block_size=cfg.block_size, enable_prefix_caching=cfg.enable_prefix_caching)
         self.llm = llm
         self.grammar: GrammarBackend | None = llm.grammar
+        self._longest_token = 1  # bytes: a text longer than max_model_len * this cannot fit, without tokenizing it
+        if self.grammar is not None:
+            self.grammar.budget = SchemaBudget(cfg.max_schema_bytes, cfg.max_schema_nodes)
+            self._longest_token = max(len(b) for b in self.grammar.token_bytes) or 1
+        # grammars compile here, not in the event loop's default pool (which tokenizes): a slow schema occupies one
+        # of these two workers, and its request stops waiting after grammar_compile_timeout
+        self._compile_pool = ThreadPoolExecutor(2, thread_name_prefix="lfm-grammar")
         self.tokenizer = self.llm.tokenizer
         self.model_name = cfg.served_model_name or cfg.model or "lfm-demo"
         self.max_model_len = self.llm.max_model_len
@@ -109,6 +120,23 @@ class ServerState:
                               f"for the completion). Please reduce the prompt or {param}.", param,
                               "context_length_exceeded")
         return requested
+
+    def check_text_fits(self, chars: int, param: str) -> None:
+        """Refuse, before tokenizing it, a text so long that it cannot fit the context whatever its tokens (each
+        token covers at most `_longest_token` bytes): a 4 MB prompt is answered at once, not after its encoding."""
+        if self.tokenizer is not None and chars > self.max_model_len * self._longest_token:
+            raise bad_request(f"This model's maximum context length is {self.max_model_len} tokens; the prompt has "
+                              f"{chars} characters, which is more than that many tokens can hold.", param,
+                              "context_length_exceeded")
+
+    async def compile(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a grammar compilation in the compile pool; give up waiting after grammar_compile_timeout."""
+        fut = asyncio.get_running_loop().run_in_executor(self._compile_pool, fn, *args)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), self.cfg.grammar_compile_timeout)
+        except asyncio.TimeoutError:
+            raise bad_request(f"the schema did not compile within {self.cfg.grammar_compile_timeout:g} s "
+                              "(--grammar-compile-timeout); simplify it", None, "schema_too_complex") from None
 
     def check_token_ids(self, ids: list[int], param: str) -> None:
         V = self.llm.config.vocab_size

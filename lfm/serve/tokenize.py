@@ -65,7 +65,8 @@ async def tokenize(state: ServerState, body: TokenizeRequest) -> dict[str, Any]:
         messages = _normalize_messages(body.messages or [])
         try:
             ids = await asyncio.to_thread(tok.apply_chat_template, messages, body.tools or None,
-                                          body.add_generation_prompt, **(body.chat_template_kwargs or {}))
+                                          body.add_generation_prompt, trust_assistant=False,
+                                          **(body.chat_template_kwargs or {}))
         except Exception as e:  # template errors are the client's input
             raise bad_request(f"cannot apply the chat template: {e}", "messages") from None
         if body.add_special_tokens and tok.bos_token_id is not None and ids[:1] != [tok.bos_token_id]:

@@ -25,7 +25,9 @@ _MARK_CLOSE = "\U000f0001"
 
 # Special tokens that carry meaning in generated text and so survive `decode(skip_special_tokens=True)`:
 # the tool parser needs the call sentinels even where a checkpoint flags them special.
-KEEP_ON_SKIP = ("<|tool_call_start|>", "<|tool_call_end|>")
+# Thinking tags too: a checkpoint may mark `<think>` / `</think>` special, and the reasoning parser (and a reader of the
+# raw output) must still see where thinking ends.
+KEEP_ON_SKIP = ("<|tool_call_start|>", "<|tool_call_end|>", "<think>", "</think>")
 
 # Roles whose content is model output; its control tokens are genuine (e.g. a tool-call block) and stay tokens.
 _TRUSTED_ROLES = ("assistant",)
@@ -232,9 +234,14 @@ class Tokenizer:
         return self._render(messages, tools, add_generation_prompt, False, kwargs).text
 
     def apply_chat_template(self, messages: list[dict], tools: list[dict] | None = None,
-                            add_generation_prompt: bool = True, **kwargs: Any) -> list[int]:
-        """Render and tokenize a chat; only template-written control tokens become control ids."""
-        return self._encode_chat(messages, tools, add_generation_prompt, False, kwargs).ids
+                            add_generation_prompt: bool = True, trust_assistant: bool = True,
+                            **kwargs: Any) -> list[int]:
+        """Render and tokenize a chat; only template-written control tokens become control ids.
+
+        `trust_assistant=True` (training data, `LLM.chat`) keeps control tokens written in assistant turns' content as
+        control ids (they are model output). A server passes False: there every string a client sends, assistant
+        history included, is untrusted and stays text."""
+        return self._encode_chat(messages, tools, add_generation_prompt, False, kwargs, trust_assistant).ids
 
     def encode_chat(self, messages: list[dict], tools: list[dict] | None = None,
                     add_generation_prompt: bool = False, **kwargs: Any) -> ChatEncoding:
@@ -242,10 +249,11 @@ class Tokenizer:
         return self._encode_chat(messages, tools, add_generation_prompt, True, kwargs)
 
     def _encode_chat(self, messages: list[dict], tools: list[dict] | None, add_generation_prompt: bool,
-                     with_mask: bool, kwargs: dict) -> ChatEncoding:
-        marked_messages = [m if m.get("role") in _TRUSTED_ROLES else self._mark(m) for m in messages]
+                     with_mask: bool, kwargs: dict, trust_assistant: bool = True) -> ChatEncoding:
+        marked_messages = [self._mark_trusted(m) if trust_assistant and m.get("role") in _TRUSTED_ROLES
+                           else self._mark(m) for m in messages]
         marked_tools = self._mark(tools) if tools is not None else None
-        rendered = self._render(marked_messages, marked_tools, add_generation_prompt, with_mask, kwargs)
+        rendered = self._render(marked_messages, marked_tools, add_generation_prompt, with_mask, self._mark(kwargs))
         ids: list[int] = []
         starts: list[int] = []
         pos = 0
@@ -288,13 +296,20 @@ class Tokenizer:
         return render_chat_template(self._chat_template, messages, tools, add_generation_prompt,
                                     return_spans=return_spans, **variables)
 
+    def _mark_trusted(self, message: dict) -> dict:
+        """An assistant turn: its content is model output (control tokens genuine), but its structured tool calls
+        (names, argument keys and values) are data the template writes, and stay text."""
+        if not isinstance(message, dict):
+            return message
+        return {k: self._mark(v) if k == "tool_calls" else v for k, v in message.items()}
+
     def _mark(self, obj: Any) -> Any:
         """Wrap control-token text in untrusted strings with markers (after removing any forged markers)."""
         if isinstance(obj, str):
             obj = obj.replace(_MARK_OPEN, "").replace(_MARK_CLOSE, "")
             return self._control_re.sub(lambda m: f"{_MARK_OPEN}{m.group()}{_MARK_CLOSE}", obj)
-        if isinstance(obj, dict):
-            return {key: self._mark(value) for key, value in obj.items()}
+        if isinstance(obj, dict):  # keys too: a tool's property names are client text like any other
+            return {self._mark(key) if isinstance(key, str) else key: self._mark(value) for key, value in obj.items()}
         if isinstance(obj, (list, tuple)):
             return [self._mark(value) for value in obj]
         return obj

@@ -21,7 +21,8 @@ def add_train_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--model", help="preset to train from scratch (tiny, LFM2.5-350M, ...) or a checkpoint / Hub id")
     s.add_argument("--tokenizer", help="tokenizer directory (needed when training a preset from scratch; for a toy "
                    "run, the demo model's: lfm/assets/demo)")
-    s.add_argument("--task", choices=["pretrain", "sft"], help="documents (pretrain) or chat jsonl (sft)")
+    s.add_argument("--task", choices=["pretrain", "sft", "distill", "grpo"],
+                   help="documents (pretrain), chat jsonl (sft), distill (see [distill]) or grpo (prompt jsonl)")
     s.add_argument("--data", nargs="+", metavar="FILE", help="training files: .txt .jsonl .json .parquet, globs, hf:NAME")
     s.add_argument("--eval-data", nargs="+", metavar="FILE", help="held-out files for eval loss / perplexity")
     s.add_argument("--steps", type=int, help="optimizer steps")

@@ -31,7 +31,7 @@ class ModelSection:
 
 @dataclass
 class DataSection:
-    task: str = "pretrain"  # "pretrain" (documents) or "sft" (chat jsonl: messages, optional tools)
+    task: str = "pretrain"  # "pretrain" (documents), "sft" (chat jsonl), "distill" (see [distill]), "grpo" (prompts)
     train: list[str] = field(default_factory=list)  # files (.txt .jsonl .json .parquet), globs, or hf:NAME[:SPLIT]
     eval: list[str] = field(default_factory=list)
     text_key: str = "text"
@@ -72,6 +72,40 @@ class MoeSection:
 
 
 @dataclass
+class DistillSection:
+    """task = "distill": a teacher's top-K log-probabilities (online, or from a precomputed cache) teach the student."""
+
+    teacher: str = ""  # checkpoint directory / Hub id (lfm2 or lfm2_moe, any size; same tokenizer)
+    data: str = "pretrain"  # how data.train is read: "pretrain" (documents) or "sft" (chat jsonl)
+    top_k: int = 64
+    temperature: float = 1.0
+    alpha: float = 0.5  # weight of the KL term; the data cross-entropy gets 1 - alpha
+    cache: str = ""  # a top-K cache directory: built once if missing, then streamed; empty = teacher online
+    rows_per_shard: int = 1024
+
+
+@dataclass
+class GrpoSection:
+    """task = "grpo": G samples per prompt from the engine on the policy's own weights, verifiable rewards."""
+
+    group_size: int = 8
+    max_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    rewards: list[str] = field(default_factory=lambda: ["exact"])  # built-in names or module:function
+    reward_weights: list[float] = field(default_factory=list)  # default: 1 each
+    clip_low: float = 0.2  # DAPO's asymmetric clip: ratio kept in [1 - clip_low, 1 + clip_high]
+    clip_high: float = 0.28
+    is_cap: float = 2.0  # the trainer/sampler importance weight is capped here (truncated IS)
+    kl_coef: float = 0.0  # > 0: k3 KL to a frozen reference model
+    ref_model: str = ""  # default: model.init (the starting policy)
+    scale_rewards: bool = True  # divide advantages by the group's std (GRPO); false: Dr. GRPO
+    updates_per_rollout: int = 1  # optimizer steps on each rollout batch (> 1 makes the clip bite)
+    shuffle_rewards: bool = False  # a control: rewards permuted across samples (no signal left)
+    kv_cache_memory: int = 1 << 30
+
+
+@dataclass
 class TrainConfig:
     out_dir: str = "runs/run"
     steps: int = 1000
@@ -89,6 +123,8 @@ class TrainConfig:
     optim: OptimSection = field(default_factory=OptimSection)
     lora: LoraSection = field(default_factory=LoraSection)
     moe: MoeSection = field(default_factory=MoeSection)
+    distill: DistillSection = field(default_factory=DistillSection)
+    grpo: GrpoSection = field(default_factory=GrpoSection)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -107,6 +143,8 @@ class TrainConfig:
         base = p.resolve().parent  # relative data paths are relative to the config file
         cfg.data.train = [_rel(base, s) for s in cfg.data.train]
         cfg.data.eval = [_rel(base, s) for s in cfg.data.eval]
+        if cfg.distill.cache:
+            cfg.distill.cache = _rel(base, cfg.distill.cache)
         return cfg
 
     def set(self, assignment: str) -> None:
@@ -156,13 +194,36 @@ class TrainConfig:
             c.model.tokenizer = _abs(c.model.tokenizer)
         if Path(c.model.init).expanduser().exists():  # a local checkpoint (a preset name or Hub id stays a name)
             c.model.init = _abs(c.model.init)
+        c.distill, c.grpo = dataclasses.replace(self.distill), dataclasses.replace(self.grpo)
+        if c.distill.cache:
+            c.distill.cache = _abs(c.distill.cache)
+        if c.distill.teacher and Path(c.distill.teacher).expanduser().exists():
+            c.distill.teacher = _abs(c.distill.teacher)
+        if c.grpo.ref_model and Path(c.grpo.ref_model).expanduser().exists():
+            c.grpo.ref_model = _abs(c.grpo.ref_model)
         return c
 
     def validate(self) -> None:
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise TrainConfigError("steps, batch_size and grad_accum must be >= 1")
-        if self.data.task not in ("pretrain", "sft"):
-            raise TrainConfigError(f"data.task = {self.data.task!r}: expected 'pretrain' or 'sft'")
+        if self.data.task not in ("pretrain", "sft", "distill", "grpo"):
+            raise TrainConfigError(f"data.task = {self.data.task!r}: expected pretrain, sft, distill or grpo")
+        if self.data.task == "distill":
+            d = self.distill
+            if not d.teacher and not d.cache:
+                raise TrainConfigError("data.task = 'distill' needs distill.teacher (a checkpoint) or distill.cache")
+            if d.data not in ("pretrain", "sft"):
+                raise TrainConfigError(f"distill.data = {d.data!r}: expected 'pretrain' or 'sft'")
+            if d.top_k < 1 or d.temperature <= 0 or not 0 <= d.alpha <= 1:
+                raise TrainConfigError("distill: top_k >= 1, temperature > 0 and 0 <= alpha <= 1")
+        if self.data.task == "grpo":
+            g = self.grpo
+            if g.group_size < 2 or g.max_tokens < 1 or g.updates_per_rollout < 1:
+                raise TrainConfigError("grpo: group_size >= 2, max_tokens >= 1, updates_per_rollout >= 1")
+            if g.reward_weights and len(g.reward_weights) != len(g.rewards):
+                raise TrainConfigError("grpo.reward_weights: one weight per entry of grpo.rewards")
+            if g.clip_low < 0 or g.clip_high < 0 or g.is_cap < 1 or g.kl_coef < 0:
+                raise TrainConfigError("grpo: clip_low, clip_high, kl_coef >= 0 and is_cap >= 1")
         if not self.data.train:
             raise TrainConfigError("data.train is empty: give training files (--data FILE or data.train in the config)")
         if self.data.seq_len < 2:

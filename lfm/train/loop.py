@@ -146,16 +146,7 @@ class Trainer:
         self.optim = torch.optim.AdamW([{"params": decay, "weight_decay": o.weight_decay},
                                         {"params": no_decay, "weight_decay": 0.0}],
                                        lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
-        d = cfg.data
-        if d.streaming:
-            if d.task != "pretrain":
-                raise TrainConfigError("data.streaming is for pretraining corpora; SFT data is read whole")
-            self.stream: StreamingRows | None = StreamingRows(self.tok, d.train, d.seq_len, d.text_key)
-            self.rows: Rows | None = None
-        else:
-            self.stream, self.rows = None, build_rows(self.tok, d.train, d.task, d.seq_len, d.text_key)
-            self.order = RowOrder(len(self.rows), cfg.model.seed, d.shuffle)
-        self.eval_rows = build_rows(self.tok, d.eval, d.task, d.seq_len, d.text_key) if d.eval else None
+        self.init_data()
         self.step, self.consumed, self.tokens_seen = 0, 0, 0
         if ckpt is not None:
             st = load_checkpoint(ckpt, self.model, self.optim, self.world, lora=self.lora is not None)
@@ -171,6 +162,24 @@ class Trainer:
                 for msg in problems:
                     warn(msg)
                 write_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+
+    def init_data(self) -> None:
+        """Training (and eval) rows; a task with other data (GRPO's prompts) overrides this."""
+        cfg, d = self.cfg, self.cfg.data
+        task = cfg.distill.data if d.task == "distill" else d.task
+        if d.streaming:
+            if task != "pretrain":
+                raise TrainConfigError("data.streaming is for pretraining corpora; SFT data is read whole")
+            self.stream: StreamingRows | None = StreamingRows(self.tok, d.train, d.seq_len, d.text_key)
+            self.rows: Rows | None = None
+        else:
+            self.stream, self.rows = None, build_rows(self.tok, d.train, task, d.seq_len, d.text_key)
+            self.order = RowOrder(len(self.rows), cfg.model.seed, d.shuffle)
+        self.eval_rows = build_rows(self.tok, d.eval, task, d.seq_len, d.text_key) if d.eval else None
+
+    def loss_sum(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The summed per-token loss of one micro-batch (distillation overrides it)."""
+        return _loss_sum(self.model, batch, self.cfg.bf16_autocast)
 
     @property
     def global_batch(self) -> int:
@@ -199,7 +208,7 @@ class Trainer:
         aux_sum = torch.zeros(())
         moes = moe_layers(self.model)
         for b in batches:
-            s = _loss_sum(self.model, b, cfg.bf16_autocast)
+            s = self.loss_sum(b)
             loss = s / total * w.size  # FSDP averages gradients over ranks; this makes it a global token mean
             aux = [m.aux_loss for _, m in moes if m.aux_loss is not None]
             if aux:
@@ -266,13 +275,14 @@ class Trainer:
             from tqdm import tqdm
             bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True,
                        file=sys.stderr)
-        busy, steps0 = 0.0, self.step  # training time only: evals and checkpoints are not in tokens/s
+        busy, done_tokens = 0.0, 0  # training time only: evals and checkpoints are not in tokens/s
         row_tokens = self.global_batch * cfg.data.seq_len  # processed per step (the loss may cover fewer)
         while self.step < cfg.steps:
             t0 = time.perf_counter()
             rec = self.train_step()
             busy += time.perf_counter() - t0
-            rec["tokens_per_s"] = round((self.step - steps0) * row_tokens / max(busy, 1e-9), 1)
+            done_tokens += rec.pop("processed_tokens", row_tokens)  # GRPO: prompt + sampled tokens
+            rec["tokens_per_s"] = round(done_tokens / max(busy, 1e-9), 1)
             if cfg.eval_every and self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                 rec.update(self.evaluate())
             self.log(rec)
@@ -313,17 +323,31 @@ class Trainer:
         return final
 
 
+def make_trainer(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Trainer:
+    """The trainer of the config's task: pretrain / sft here, distill and grpo in their own modules."""
+    if cfg.data.task == "distill":
+        from .distill import DistillTrainer
+        return DistillTrainer(cfg, resume=resume, progress=progress)
+    if cfg.data.task == "grpo":
+        from .grpo import GrpoTrainer
+        return GrpoTrainer(cfg, resume=resume, progress=progress)
+    return Trainer(cfg, resume=resume, progress=progress)
+
+
 def log_line(rec: dict[str, Any], steps: int) -> str:
     """`step 10/200  loss 3.2145  lr 3.00e-04  grad_norm 0.812  tok/s 5123  [eval_loss 3.3012  ppl 27.1]`."""
     line = (f"step {rec['step']}/{steps}  loss {rec['loss']:.4f}  lr {rec['lr']:.2e}  grad_norm {rec['grad_norm']:.3f}  "
             f"tok/s {rec.get('tokens_per_s', 0):.0f}")
     if "eval_loss" in rec:
         line += f"  eval_loss {rec['eval_loss']:.4f}  ppl {rec['eval_ppl']:.1f}"
+    if "reward_mean" in rec:  # GRPO
+        line += (f"  reward {rec['reward_mean']:.3f}  len {rec['response_len']:.1f}  "
+                 f"rollouts/s {rec['rollouts_per_s']:.1f}")
     return line
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    trainer = Trainer(cfg, resume=resume, progress=progress)
+    trainer = make_trainer(cfg, resume=resume, progress=progress)
     try:
         return trainer.run()
     finally:

@@ -20,6 +20,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE.parent.parent / "assets" / "demo"
+# sampling defaults shipped in the demo's generation_config.json, chosen by benchmarks/demo_sampling.py (seeds x
+# prompts): as coherent and as good at tool calls as greedy, yet replies vary; temperature 1 talks nonsense
+DEMO_SAMPLING = {"do_sample": True, "temperature": 0.3, "top_p": 0.9, "repetition_penalty": 1.05}
 
 SAMPLE_TOOLS = [{"type": "function", "function": {
     "name": "lookup_doc", "description": "Look up the documentation of a Python standard library object.",
@@ -105,6 +108,8 @@ def build(out: Path, work: Path, pretrain_steps: int | None, sft_steps: int | No
     print(f"[4/4] export -> {out}", flush=True)
     shutil.rmtree(out, ignore_errors=True)
     save_model(load_model(sft_final, dtype="bfloat16"), out, sft_final)
+    gen = json.loads((out / "generation_config.json").read_text())  # + the sampling the demo reads best at
+    (out / "generation_config.json").write_text(json.dumps({**gen, **DEMO_SAMPLING}, indent=2) + "\n")
     for name, cfg in (("pretrain", pre), ("sft", sft)):
         shutil.copy(Path(cfg.out_dir) / "metrics.jsonl", out / f"{name}-metrics.jsonl")
         shutil.copy(Path(cfg.out_dir) / "loss.png", out / f"{name}-loss.png")
