@@ -45,25 +45,26 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--no-chat", dest="chat", action="store_false",
                    help="send the rendered prompt as raw text, not as a user turn through the chat template")
     s.add_argument("--id-field", help="the row field that identifies it (default: its position in the input)")
-    s.add_argument("--max-tokens", type=_positive, default=256)
+    s.add_argument("--max-tokens", type=_positive, default=256, help="most tokens per row (default 256)")
     s.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     s.add_argument("--seed", type=int, help="with temperature > 0: each row seeded from (seed, id)")
     s.add_argument("--chunk-size", type=_positive, default=100, help="rows per atomic write (100)")
-    s.add_argument("--dtype", default="auto")
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's; default)")
+    s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     s.add_argument("--quantization", choices=["int8", "int4"], help="weight-only quantization on load (CPU)")
-    s.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto")
+    s.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto",
+                   help="KV cache storage: auto (the model's dtype, default) or int8")
     s.add_argument("--max-num-seqs", type=_positive, default=64, help="sequences decoded together (64)")
     s.add_argument("--max-num-batched-tokens", type=_positive, default=2048, help="tokens per engine step (2048)")
     s.add_argument("--threads", type=_positive, help="torch CPU threads")
-    s.add_argument("--no-progress", dest="progress", action="store_false")
+    s.add_argument("--no-progress", dest="progress", action="store_false", help="no progress line on stderr")
     r = s.add_argument_group("Ray (pip install 'lfm[ray]')")
     r.add_argument("--ray", action="store_true", help="run as a Ray Data pipeline: one lfm.LLM per replica")
     r.add_argument("--ray-address", help="cluster to join ('auto': the one `ray start` runs here; default: a new "
                    "local one)")
     r.add_argument("--replicas", type=_positive, default=1, help="LLM replicas (Ray actors)")
-    r.add_argument("--gpus-per-replica", type=float, default=0.0)
-    r.add_argument("--cpus-per-replica", type=float, default=1.0)
+    r.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs each replica reserves (default 0)")
+    r.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs each replica reserves (default 1)")
     s.set_defaults(fn=cmd_batch)
     return s
 
