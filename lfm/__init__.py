@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "LLM": ".engine.llm", "RequestOutput": ".engine.sequence", "SamplingParams": ".engine.sampling",
+    "StructuredOutputsParams": ".engine.sampling",
     "load_model": ".loading", "save_model": ".model.checkpoint", "CheckpointError": ".model.checkpoint",
     "ConfigError": ".model.config", "LfmConfig": ".model.config", "LfmForCausalLM": ".model.lfm2",
     "preset": ".model.presets", "Tokenizer": ".text", "ToolCall": ".text", "parse_tool_calls": ".text",
@@ -20,7 +21,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; nothing is imported at run time
     from .engine.llm import LLM
-    from .engine.sampling import SamplingParams
+    from .engine.sampling import SamplingParams, StructuredOutputsParams
     from .engine.sequence import RequestOutput
     from .loading import load_model
     from .model.checkpoint import CheckpointError, save_model

@@ -374,7 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.cli import add_parser as add_eval_parser
 
     add_eval_parser(sub)
-    # `lfm batch` registers here the same way: from .batch.cli import add_batch_parser; add_batch_parser(sub)
+    from .batch.cli import add_parser as add_batch_parser
+
+    add_batch_parser(sub)
     _describe_subcommands(p)
     return p
 

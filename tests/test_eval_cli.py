@@ -16,7 +16,8 @@ from lfm.eval.cli import parse_tasks
 from lfm.eval.tasks import DEFAULT_FILES, read_jsonl
 from lfm.eval.tool_match import score_tool_calls
 
-DATA = Path(__file__).parent / "data" / "tiny_mc.jsonl"
+from .lm_eval_util import DATA, write_mc_task
+
 
 
 def test_demo_model_builtin_tasks_write_table_json_and_png(tmp_path, capsys, one_thread):
@@ -65,17 +66,7 @@ def test_bad_input_is_one_line(args, msg, capsys, tmp_path):
 
 
 def _task(tmp: Path, name: str, dataset: str) -> None:
-    (tmp / f"{name}.yaml").write_text(f"""task: {name}
-dataset_path: {dataset}
-{"dataset_kwargs: {data_files: {test: " + str(DATA) + "}, cache_dir: " + str(tmp / "hf") + "}" if dataset == "json" else ""}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-""")
+    write_mc_task(tmp, name, dataset)
 
 
 def test_lm_eval_tasks_local_yaml_and_unreachable_data(tmp_path, capsys, monkeypatch, one_thread):

@@ -13,25 +13,11 @@ import torch
 
 from lfm import LLM, load_model
 
-DATA = Path(__file__).parent / "data" / "tiny_mc.jsonl"
+from .lm_eval_util import DATA, write_mc_task
 
 
 def task_yaml(tmp: Path) -> Path:
-    (tmp / "tiny_mc.yaml").write_text(f"""task: lfm_eval_tiny_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {DATA}
-  cache_dir: {tmp / "hf-cache"}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-""")
-    return tmp
+    return write_mc_task(tmp, "lfm_eval_tiny_mc")
 
 
 @pytest.fixture(scope="module")

@@ -13,24 +13,19 @@ import torch
 from openai import OpenAI
 
 from lfm import load_model
-from lfm.serve import ServeConfig, ServerState, ServerThread
 
-MODEL = "tiny"
+from .serve_util import MODEL, openai_client, tiny_server
 
 
 @pytest.fixture(scope="module")
 def server(checkpoints):
-    before = torch.get_num_threads()
-    cfg = ServeConfig(model=str(checkpoints["dense"]), served_model_name=MODEL, dtype="float32", max_model_len=256,
-                      threads=1)
-    with ServerThread(ServerState(cfg)) as s:
+    with tiny_server(checkpoints["dense"]) as s:
         yield s
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def client(server) -> OpenAI:
-    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(server)
 
 
 def direct_logprobs(path, ids: list[int]) -> list[float]:

@@ -11,12 +11,10 @@ import json
 
 import jsonschema
 import pytest
-import torch
-from openai import BadRequestError, NotFoundError, OpenAI
+from openai import BadRequestError, NotFoundError
 
-from lfm.serve import ServeConfig, ServerState, ServerThread
+from .serve_util import MODEL, openai_client, tiny_server
 
-MODEL = "tiny"
 GREEDY = {"temperature": 0, "extra_body": {"repetition_penalty": 1.0}}
 WEATHER = {"type": "function", "name": "get_weather", "description": "forecast", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
@@ -25,12 +23,8 @@ CHAT_WEATHER = {"type": "function", "function": {k: WEATHER[k] for k in ("name",
 
 @pytest.fixture(scope="module")
 def client(checkpoints):
-    before = torch.get_num_threads()
-    cfg = ServeConfig(model=str(checkpoints["dense"]), served_model_name=MODEL, dtype="float32", threads=1,
-                      max_model_len=1024)
-    with ServerThread(ServerState(cfg)) as s:
-        yield OpenAI(base_url=s.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-    torch.set_num_threads(before)
+    with tiny_server(checkpoints["dense"], max_model_len=1024) as s:
+        yield openai_client(s)
 
 
 def chat_text(client, messages, **kw) -> str:

@@ -4,31 +4,25 @@ startup summary: ids equal what the completion and chat routes feed the model, b
 from __future__ import annotations
 
 import pytest
-import torch
 from openai import OpenAI
 
-from lfm.serve import ServeConfig, ServerState, ServerThread
 from lfm.serve.cli import startup_lines
 
+from .serve_util import MODEL, openai_client, tiny_server
 from .test_serve_api import raw
 
-MODEL = "tiny"
 MSGS = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
 def server(checkpoints):
-    before = torch.get_num_threads()
-    cfg = ServeConfig(model=str(checkpoints["dense"]), served_model_name=MODEL, dtype="float32", max_model_len=256,
-                      threads=1)
-    with ServerThread(ServerState(cfg)) as s:
+    with tiny_server(checkpoints["dense"]) as s:
         yield s
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
 def client(server) -> OpenAI:
-    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    return openai_client(server)
 
 
 def test_tokenize_matches_what_the_model_is_fed(server, client):

@@ -4,7 +4,8 @@
 cumulative sequence lengths, conv gather rows); a backend holds the cache and, for the step in flight, that batch:
 it is the `StepContext` that `LfmForCausalLM.forward_step` calls. `TorchBackend` is plain PyTorch and runs on any
 device (the reference, and the fallback); `CpuBackend` routes decode attention through `lfm.kernels`' paged kernel.
-A GPU backend (Triton kernels) subclasses the same two methods.
+`TritonBackend` (lfm/engine/triton_backend.py, CUDA) replaces the KV write, decode attention and the short conv with
+Triton kernels.
 
 Flat batch layout: the sequences with one new token (decodes) come first, then prefill chunks; sequence s owns rows
 query_start[s] .. query_start[s+1] and attends over its first context_lens[s] positions (cached ones, then new).
@@ -66,7 +67,7 @@ class TorchBackend:
     # ---- attention ------------------------------------------------------------------------------------------
     def attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b = self.batch
-        self.cache.write_kv(layer, b.slot_mapping, k, v)
+        self.write_kv(layer, k, v)
         nd = b.num_decodes
         if nd == len(b.context_lens):
             return self.decode_attention(layer, q)
@@ -77,6 +78,10 @@ class TorchBackend:
             a, e = b.query_start[s], b.query_start[s + 1]
             out[a:e] = self.prefill_attention(layer, q[a:e], k[a:e], v[a:e], b.context_lens[s], b.prefill_blocks[j])
         return out
+
+    def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the step's new keys and values at their slots."""
+        self.cache.write_kv(layer, self.batch.slot_mapping, k, v)
 
     def prefill_attention(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context_len: int,
                           blocks: torch.Tensor) -> torch.Tensor:
@@ -149,4 +154,10 @@ class CpuBackend(TorchBackend):
 def make_backend(device: torch.device, cache: PagedCache, num_heads: int, head_dim: int) -> TorchBackend:
     if device.type == "cpu":
         return CpuBackend(cache, num_heads, head_dim)
+    if device.type == "cuda" and cache.block_size & (cache.block_size - 1) == 0:  # Triton tiles: powers of two
+        try:
+            from .triton_backend import TritonBackend
+        except ImportError:  # triton not installed (the `gpu` extra): the portable path still serves
+            return TorchBackend(cache, num_heads, head_dim)
+        return TritonBackend(cache, num_heads, head_dim)
     return TorchBackend(cache, num_heads, head_dim)

@@ -6,6 +6,7 @@ batching) and steps it until they finish: the same scheduler, runner and sampler
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from collections.abc import Iterator, Sequence
@@ -76,6 +77,7 @@ class LLM:
                            kv_cache_dtype=torch.int8 if kv_cache_dtype == "int8" else None, max_model_len=max_model_len)
         self.engine = LLMEngine(self.model, self.tokenizer, self.stop_ids(False), self.stop_ids(True), cfg)
         self._mailbox: dict[str, list] = {}  # deltas one open call stepped for another (interleaved streams)
+        self._compiled: dict[str, Any] = {}  # structured-output specs by their canonical JSON (compiled once)
         self.max_model_len = self.engine.max_model_len
 
     # ---- public API -------------------------------------------------------------------------------------------
@@ -215,11 +217,26 @@ class LLM:
         if sp is None:
             sp = self.default_sampling_params()
         if isinstance(sp, SamplingParams):
-            return [sp] * n
+            return [self.with_constraint(sp)] * n
         sp = list(sp)
         if len(sp) != n:
             raise ValueError(f"{len(sp)} sampling params for {n} prompts")
-        return sp
+        return [self.with_constraint(p) for p in sp]
+
+    def with_constraint(self, sp: SamplingParams) -> SamplingParams:
+        """`sp` with its structured_outputs (JSON schema, regex, choice, grammar) compiled into the engine's
+        `constraint` (xgrammar; cached per distinct value). Raises ValueError for one that does not compile."""
+        so = sp.structured_outputs
+        if so is None or sp.constraint is not None:
+            return sp
+        key = json.dumps({k: getattr(so, k) for k in so.kinds()}, sort_keys=True)
+        spec = self._compiled.get(key)
+        if spec is None:
+            g = self.grammar
+            if g is None:
+                raise ValueError("structured output needs a tokenizer (this checkpoint has no tokenizer.json)")
+            spec = self._compiled[key] = g.spec_structured(so)
+        return dataclasses.replace(sp, constraint=spec)
 
     def default_sampling_params(self) -> SamplingParams:
         """The checkpoint's generation_config.json sampling settings, where it has them (as vLLM does)."""

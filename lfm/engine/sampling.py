@@ -2,6 +2,11 @@
 
 One object per request carries the sampling filters, the penalties, logit bias, log-probabilities (of the output and
 of the prompt) and a structured-output constraint, so the server and `LLM` ask the engine for anything the same way.
+
+Structured output offline uses vLLM's current public name: `SamplingParams(structured_outputs=StructuredOutputsParams(
+json=schema))` (vLLM >= 0.12 replaced `guided_decoding` / `guided_json` with it), with the simple spellings
+`json_schema=`, `regex=`, `choice=` and `grammar=` accepted as shortcuts. `LLM` compiles them (xgrammar) into the
+engine's `constraint`, once per distinct value.
 """
 
 from __future__ import annotations
@@ -9,6 +14,45 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from typing import Any
+
+
+@dataclass(slots=True)
+class StructuredOutputsParams:
+    """vLLM's `StructuredOutputsParams`: exactly one of a JSON schema, a regular expression, a list of choices, an
+    EBNF grammar (xgrammar's / GBNF dialect, `root ::= ...`) or `json_object=True` (any JSON object)."""
+
+    json: dict | str | None = None  # a JSON schema (dict or its JSON text)
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.json, str):
+            import json as _json
+
+            try:
+                self.json = _json.loads(self.json)
+            except ValueError:
+                raise ValueError("structured_outputs.json must be a JSON schema (a dict or its JSON text)") from None
+        if self.json is not None and not isinstance(self.json, dict):
+            raise ValueError("structured_outputs.json must be a JSON schema object")
+        if self.choice is not None:
+            if isinstance(self.choice, str) or not self.choice or not all(isinstance(c, str) and c for c in self.choice):
+                raise ValueError("structured_outputs.choice must be a non-empty list of non-empty strings")
+            self.choice = list(self.choice)
+        if self.regex is not None and not (isinstance(self.regex, str) and self.regex):
+            raise ValueError("structured_outputs.regex must be a non-empty string")
+        if self.grammar is not None and not (isinstance(self.grammar, str) and self.grammar.strip()):
+            raise ValueError("structured_outputs.grammar must be a non-empty EBNF string")
+        kinds = self.kinds()
+        if len(kinds) != 1:
+            raise ValueError("structured_outputs takes exactly one of json, regex, choice, grammar, json_object; got "
+                             + (", ".join(kinds) or "none"))
+
+    def kinds(self) -> list[str]:
+        return [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None] + \
+            (["json_object"] if self.json_object else [])
 
 
 @dataclass(slots=True)
@@ -30,8 +74,14 @@ class SamplingParams:
     logprobs: int | None = None  # None: none; 0: the chosen token's; k: also the k most likely
     prompt_logprobs: int | None = None  # None: none; k >= 0: each prompt token's (first: None), plus the k best
     constraint: Any = None  # a grammar.ConstraintSpec (tool calls, JSON schema) that masks every step
+    structured_outputs: StructuredOutputsParams | dict | None = None  # vLLM's name; LLM compiles it into `constraint`
+    json_schema: dict | str | None = None  # shortcut: structured_outputs=StructuredOutputsParams(json=...)
+    regex: str | None = None  # shortcut for StructuredOutputsParams(regex=...)
+    choice: list[str] | None = None  # shortcut for StructuredOutputsParams(choice=...)
+    grammar: str | None = None  # shortcut for StructuredOutputsParams(grammar=...)
 
     def __post_init__(self) -> None:
+        self._merge_structured()
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
@@ -64,6 +114,23 @@ class SamplingParams:
                 raise ValueError(msg)
         if self.logit_bias:
             self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+
+    def _merge_structured(self) -> None:
+        so = self.structured_outputs
+        if isinstance(so, dict):
+            unknown = set(so) - {"json", "regex", "choice", "grammar", "json_object"}
+            if unknown:
+                raise ValueError(f"structured_outputs has unknown field(s): {', '.join(sorted(unknown))}")
+            so = StructuredOutputsParams(**so)
+        short = {k: v for k, v in (("json", self.json_schema), ("regex", self.regex), ("choice", self.choice),
+                                   ("grammar", self.grammar)) if v is not None}
+        if short:
+            made = StructuredOutputsParams(**short)
+            if so is not None and so != made:
+                raise ValueError("give structured output either as structured_outputs or as json_schema / regex / "
+                                 "choice / grammar, not both")
+            so = made
+        self.structured_outputs = so
 
     @property
     def greedy(self) -> bool:

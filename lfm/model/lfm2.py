@@ -21,7 +21,10 @@ class StepContext(Protocol):
     """What `forward_step` needs from the engine for one step: where each token sits, and the cache operations.
 
     The engine's model runner builds one per step (token positions, slot mapping, block tables, conv slots,
-    cumulative sequence lengths) and picks the backend by device; the model only calls these two methods."""
+    cumulative sequence lengths) and picks the backend by device; the model calls these two methods, and uses a
+    backend's fused versions of other steps when it has them (looked up by name, see the CUDA backend):
+    `gated_short_conv(layer, in_proj_out, weight, bias)` = C * conv(B * x), `add_rms_norm(h, residual, norm)` =
+    (norm(h + residual), h + residual), `qk_norm_rope(x, norm, rope)` = rope(norm(x))."""
 
     positions: torch.Tensor  # [N] each token's position in its own sequence
 
@@ -106,7 +109,11 @@ class ShortConv(nn.Module):
 
     def forward_step(self, h: torch.Tensor, layer: int, ctx: StepContext) -> torch.Tensor:
         """h [N, D], the new tokens of many sequences; their conv states live in the engine's cache."""
-        b, c, x = self.in_proj(h).chunk(3, dim=-1)
+        bcx = self.in_proj(h)
+        fused = getattr(ctx, "gated_short_conv", None)  # a backend may fuse B*x, the conv and C* in one kernel
+        if fused is not None:
+            return self.out_proj(fused(layer, bcx, self.conv.weight[:, 0], self.conv.bias))
+        b, c, x = bcx.chunk(3, dim=-1)
         z = ctx.short_conv(layer, b * x, self.conv.weight[:, 0], self.conv.bias)
         return self.out_proj(c * z)
 
@@ -167,10 +174,15 @@ class Attention(nn.Module):
                      ctx: StepContext) -> torch.Tensor:
         """h [N, D], the new tokens of many sequences; keys and values of earlier tokens live in the engine's cache."""
         N = h.shape[0]
-        q = self.q_layernorm(self.q_proj(h).view(N, self.nh, self.hd))
-        k = self.k_layernorm(self.k_proj(h).view(N, self.nkv, self.hd))
+        q, k = self.q_proj(h).view(N, self.nh, self.hd), self.k_proj(h).view(N, self.nkv, self.hd)
         v = self.v_proj(h).view(N, self.nkv, self.hd)
-        o = ctx.attention(layer, apply_rope_flat(q, *rope), apply_rope_flat(k, *rope), v)
+        fused = getattr(ctx, "qk_norm_rope", None)  # a backend may fuse the head norm and RoPE in one kernel
+        if fused is not None:
+            q, k = fused(q, self.q_layernorm, rope), fused(k, self.k_layernorm, rope)
+        else:
+            q = apply_rope_flat(self.q_layernorm(q), *rope)
+            k = apply_rope_flat(self.k_layernorm(k), *rope)
+        o = ctx.attention(layer, q, k, v)
         return self.out_proj(o.reshape(N, self.nh * self.hd))
 
 
@@ -290,13 +302,18 @@ class Block(nn.Module):
 
     def forward_step(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], layer: int,
                      ctx: StepContext) -> torch.Tensor:
-        h = self.operator_norm(x)
+        add_norm = getattr(ctx, "add_rms_norm", None)  # a backend may fuse the residual add into the next norm
+        h = self.operator_norm(x) if add_norm is None else add_norm(x, None, self.operator_norm)[0]
         if self.is_attn:
             h = self.self_attn.forward_step(h, rope, layer, ctx)
         else:
             h = self.conv.forward_step(h, layer, ctx)
-        x = x + h
-        return x + self.feed_forward(self.ffn_norm(x))
+        if add_norm is None:
+            x = x + h
+            n = self.ffn_norm(x)
+        else:
+            n, x = add_norm(h, x, self.ffn_norm)
+        return x + self.feed_forward(n)
 
 
 class LfmModel(nn.Module):

@@ -70,6 +70,11 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="seconds a request waits for its grammar to compile before HTTP 400 (60)")
     s.add_argument("--threads", type=_positive,
                    help="torch CPU threads (default: torch's choice; 1 is often fastest on a busy or small machine)")
+    s.add_argument("--ray", action="store_true", help="serve --replicas copies on Ray Serve behind this one endpoint "
+                   "(pip install 'lfm[ray]')")
+    s.add_argument("--replicas", type=_positive, default=1, help="with --ray: replicas (the minimum with --max-replicas)")
+    s.add_argument("--max-replicas", type=_positive, help="with --ray: autoscale up to this many by queue length")
+    s.add_argument("--ray-address", help="with --ray: the cluster to join (default: a new local one)")
     s.add_argument("--reasoning-parser", choices=["lfm2", "deepseek_r1"],
                    help="return the text of <think>...</think> as reasoning_content (message and stream deltas), "
                         "not content; lfm2 (LFM2.5 thinking models) and vLLM's deepseek_r1 / qwen3 names all "
@@ -98,6 +103,14 @@ def cmd_serve(a: argparse.Namespace) -> None:
                       quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype,
                       max_schema_bytes=a.max_schema_bytes, max_schema_nodes=a.max_schema_nodes,
                       grammar_compile_timeout=a.grammar_compile_timeout, reasoning_parser=a.reasoning_parser)
+    if a.ray:
+        import dataclasses
+
+        from ..ray import serve_ray
+
+        print(f"serving on Ray Serve at http://{a.host}:{a.port}/v1", file=sys.stderr, flush=True)
+        serve_ray(dataclasses.asdict(cfg), a.replicas, a.max_replicas, a.ray_address)
+        return
     print(f"loading {a.model or 'the built-in demo model'} ...", file=sys.stderr, flush=True)
     state = ServerState(cfg)
     for line in startup_lines(state, a.host, a.port):

@@ -1,0 +1,228 @@
+"""Ray for `lfm`: batch inference as a Ray Data pipeline, and `lfm serve`'s app as a Ray Serve deployment.
+
+- `LfmPredictor`: a stateful class for `Dataset.map_batches` that holds one `lfm.LLM` per replica (actor) and runs
+  the batch loop of `lfm.batch.runner` on each batch: the same rows as the local `lfm batch`. Use it in your own
+  pipelines: `ds.map_batches(LfmPredictor, fn_constructor_kwargs={"model": ..., "prompt": "...{text}",
+  "schema": {...}}, concurrency=4, num_gpus=1)`; it adds the result columns to the batch's columns.
+- `run_ray`: what `lfm batch --ray` runs. The driver skips the ids already in the output (resume), the replicas
+  generate, and the driver writes each finished block through the same atomic sink as the local path, so a killed
+  job (driver or workers) restarts with every row exactly once; Ray restarts failed actors and retries their tasks.
+- `build_app` / `app`: `serve run lfm.ray:app` (or `lfm serve --ray --replicas N`) puts N replicas of the
+  OpenAI-compatible app behind one endpoint; with `max_replicas`, Ray Serve scales the count by ongoing requests per
+  replica (the queue length).
+
+`ray` itself is imported inside the functions: importing `lfm.ray` does not start or need a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from .batch.io import InputRow
+from .batch.prompt import PromptTemplate
+from .batch.runner import BatchJob, BatchStats
+from .batch.sink import Sink
+
+__all__ = ["LfmPredictor", "run_ray", "build_app", "serve_ray"]
+
+RESULT_COLUMNS = ("output", "text", "prompt_tokens", "completion_tokens", "finish_reason", "error", "logprobs")
+_INTERNAL = "__lfm_fields__"  # run_ray's rows: id, the row's fields as JSON text, the reading error
+
+
+class LfmPredictor:
+    """One `lfm.LLM` per Ray actor; `__call__(batch)` -> the batch's columns plus `output` (JSON text), the raw
+    `generated_text` (Ray Data LLM's name, so a `text` input column stays),
+    token counts, `finish_reason`, `error` and `logprobs` (JSON text; --classify only), as an Arrow table."""
+
+    def __init__(self, model: str | None = None, prompt: str | None = None, schema: dict | None = None,
+                 classify: list[str] | None = None, job: BatchJob | None = None, id_column: str = "id",
+                 threads: int | None = None, **llm_kwargs: Any) -> None:
+        import torch
+
+        from .engine.llm import LLM
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.job = job or BatchJob(prompt=PromptTemplate(prompt, schema=schema, labels=classify), schema=schema,
+                                   classify=classify)
+        self.id_column = id_column
+        self.llm = LLM(model, **llm_kwargs)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
+        from .batch.runner import process_rows
+
+        if hasattr(batch, "to_pydict"):  # pyarrow.Table
+            cols = batch.to_pydict()
+        elif hasattr(batch, "to_dict") and hasattr(batch, "columns"):  # pandas.DataFrame
+            cols = batch.to_dict("list")
+        else:  # dict of numpy arrays
+            cols = {k: list(v.tolist() if hasattr(v, "tolist") else v) for k, v in batch.items()}
+        n = len(next(iter(cols.values()), []))
+        internal = _INTERNAL in cols
+        rows = []
+        for i in range(n):
+            if internal:
+                f = cols[_INTERNAL][i]
+                err = cols["error"][i]
+                rows.append(InputRow(str(cols["id"][i]), None if f is None else json.loads(f),
+                                     err if isinstance(err, str) else None))
+            else:
+                fields = {k: v[i] for k, v in cols.items()}
+                rid = str(fields[self.id_column]) if self.id_column in fields else str(i)
+                rows.append(InputRow(rid, fields))
+        by_id = {r["id"]: r for r in process_rows(self.llm, rows, self.job)}
+        return _table(rows, by_id, None if internal else cols)
+
+
+def _table(rows: list[InputRow], by_id: dict[str, dict], cols: dict[str, list] | None):
+    """An Arrow table with fixed result types (a column of Nones must stay a string column, not become NaN)."""
+    import pyarrow as pa
+
+    data = {"id": pa.array([r.id for r in rows], pa.string())} if cols is None else \
+        {k: pa.array(v) for k, v in cols.items()}
+    for c in RESULT_COLUMNS:
+        vals = [by_id[r.id][c] for r in rows]
+        if c in ("output", "logprobs"):
+            vals = [None if v is None else json.dumps(v, ensure_ascii=False) for v in vals]
+        name = "generated_text" if c == "text" and cols is not None else c  # as Ray Data LLM names it; keeps `text`
+        data[name] = pa.array(vals, pa.int64() if c.endswith("_tokens") else pa.string())
+    return pa.table(data)
+
+
+def _init(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, logging_level="warning", log_to_driver=False)
+
+
+def run_ray(rows: list[InputRow], job: BatchJob, sink: Sink, llm_kwargs: dict, address: str | None = None,
+            replicas: int = 1, gpus_per_replica: float = 0.0, cpus_per_replica: float = 1.0,
+            threads: int | None = None, progress: bool = True) -> BatchStats:
+    """`lfm batch --ray`: read -> map_batches(LfmPredictor, concurrency=replicas) -> the driver writes each block."""
+    import time
+
+    import ray
+
+    from .batch.progress import Progress
+
+    try:
+        _init(address)
+    except ConnectionError as e:
+        raise ValueError(f"cannot reach the Ray cluster at {address}: {e}") from None
+    done = sink.done_ids()
+    todo = [r for r in rows if r.id not in done]
+    bar = Progress(len(rows), len(rows) - len(todo), progress)
+    t0 = time.perf_counter()
+    written = errors = tokens = 0
+    if todo:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        items = [{"id": r.id, _INTERNAL: None if r.fields is None else json.dumps(r.fields, ensure_ascii=False,
+                                                                                 default=str),
+                  "error": r.error} for r in todo]
+        ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / job.chunk_size)))
+        remote = {"num_cpus": cpus_per_replica}
+        if gpus_per_replica:
+            remote["num_gpus"] = gpus_per_replica
+        ds = ds.map_batches(LfmPredictor, fn_constructor_kwargs={"job": job, "threads": threads, **llm_kwargs},
+                            batch_size=job.chunk_size, compute=ray.data.ActorPoolStrategy(size=replicas),
+                            batch_format="pyarrow", **remote)  # Ray Data restarts actors and retries their tasks
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            out = []
+            for r in batch.to_pylist():
+                r = {"id": r["id"], **{c: r[c] for c in RESULT_COLUMNS}}
+                for c in ("output", "logprobs"):
+                    r[c] = None if r[c] is None else json.loads(r[c])
+                out.append(r)
+            sink.write(out)
+            written += len(out)
+            e = sum(r["error"] is not None for r in out)
+            t = sum(r["completion_tokens"] or 0 for r in out)
+            errors, tokens = errors + e, tokens + t
+            bar.update(len(out), t, e)
+    bar.close()
+    return BatchStats(len(rows), len(rows) - len(todo), written, errors, time.perf_counter() - t0, tokens)
+
+
+# ------------------------------------------------------------------------------------------------ Ray Serve
+def build_app(args: dict[str, Any] | None = None):
+    """A Ray Serve application of `lfm serve`'s app. args: `model`, `replicas` (a fixed count) or `min_replicas` /
+    `max_replicas` (autoscaling on ongoing requests per replica, target `target_ongoing_requests`), `num_cpus`,
+    `num_gpus`, and any `lfm.serve.ServeConfig` field (max_num_seqs, api_key, threads, ...). For
+    `serve run lfm.ray:build_app model=DIR replicas=2`."""
+    from ray import serve
+
+    args = dict(args or {})
+    replicas = args.pop("replicas", None)
+    lo, hi = args.pop("min_replicas", None), args.pop("max_replicas", None)
+    target = float(args.pop("target_ongoing_requests", 16))
+    actor = {"num_cpus": float(args.pop("num_cpus", 1))}
+    if args.get("num_gpus"):
+        actor["num_gpus"] = float(args.pop("num_gpus"))
+    args.pop("num_gpus", None)
+    cfg = _serve_config(args)
+    opts: dict[str, Any] = {"ray_actor_options": actor,
+                            "max_ongoing_requests": cfg["max_waiting"] + cfg["max_num_seqs"]}
+    if hi is not None:
+        opts["autoscaling_config"] = {"min_replicas": int(lo or 1), "max_replicas": int(hi),
+                                      "target_ongoing_requests": target}
+    else:
+        opts["num_replicas"] = int(replicas or 1)
+    return serve.deployment(_server_class(), name="lfm", **opts).bind(cfg)
+
+
+def _serve_config(args: dict[str, Any]) -> dict[str, Any]:
+    import dataclasses
+
+    from .serve.state import ServeConfig
+
+    names = {f.name: f for f in dataclasses.fields(ServeConfig)}
+    unknown = set(args) - set(names)
+    if unknown:
+        raise ValueError(f"unknown lfm serve setting(s): {', '.join(sorted(unknown))}")
+    cfg = dataclasses.asdict(ServeConfig(model=args.pop("model", None)))
+    for k, v in args.items():  # `serve run` passes strings
+        d = cfg[k]
+        cfg[k] = v if d is None or isinstance(v, type(d)) or not isinstance(v, str) else \
+            (v.lower() in ("1", "true", "yes") if isinstance(d, bool) else type(d)(v))
+    return cfg
+
+
+def _server_class():
+    from ray import serve
+
+    class LfmServer:
+        """One replica: a whole `lfm serve` (model, engine thread, FastAPI app); Ray Serve routes to it."""
+
+        def __init__(self, cfg: dict[str, Any]) -> None:
+            from .serve.state import ServeConfig, ServerState
+
+            self.state = ServerState(ServeConfig(**cfg))
+
+        def __serve_build_asgi_app__(self):
+            from .serve.app import create_app
+
+            return create_app(self.state)  # its lifespan (run by Ray Serve) starts the engine thread
+
+    return serve.ingress()(LfmServer)
+
+
+def serve_ray(cfg: dict[str, Any], replicas: int = 1, max_replicas: int | None = None,
+              address: str | None = None) -> None:
+    """`lfm serve --ray`: the app on Ray Serve's HTTP proxy at cfg's host:port, until Ctrl-C."""
+    from ray import serve
+
+    _init(address)
+    serve.start(http_options={"host": cfg.get("host", "127.0.0.1"), "port": int(cfg.get("port", 8000))})
+    args = {**cfg, "replicas": replicas} if max_replicas is None else \
+        {**cfg, "min_replicas": replicas, "max_replicas": max_replicas}
+    serve.run(build_app(args), name="lfm", route_prefix="/", blocking=True)
+
+
+def __getattr__(name: str):
+    if name == "app":  # `serve run lfm.ray:app`: the demo model, 1 to 4 replicas by load
+        return build_app({"min_replicas": 1, "max_replicas": 4})
+    raise AttributeError(name)
