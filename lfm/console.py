@@ -7,6 +7,17 @@ import argparse
 import sys
 
 
+def positive_int(text: str) -> int:
+    """argparse `type=` for counts that must be at least 1 (a clear usage error instead of a later crash)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return n
+
+
 def run_command(a: argparse.Namespace) -> int:
     from .model.checkpoint import CheckpointError
     from .model.config import ConfigError

@@ -17,8 +17,8 @@ from lfm.engine.cache import PagedCache
 from lfm.serve import ServeConfig, ServerState, ServerThread
 
 from .engine_util import capture
+from .serve_util import MODEL, tiny_server
 
-MODEL = "tiny"
 MSGS = [{"role": "user", "content": "What is the weather in Paris?"}]
 CITY = {"type": "function", "function": {"name": "f", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
@@ -34,9 +34,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def server(checkpoints):
-    cfg = ServeConfig(model=str(checkpoints["dense"]), served_model_name=MODEL, dtype="float32", max_model_len=512,
-                      threads=1)
-    with ServerThread(ServerState(cfg)) as s:
+    with tiny_server(checkpoints["dense"], max_model_len=512) as s:
         yield s
 
 

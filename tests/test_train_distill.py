@@ -22,6 +22,7 @@ from lfm.train.topk_cache import CacheMeta, TopKCache, TopKCacheError, build_cac
 
 from .conftest import CONFIGS, random_model
 from .test_train import write_docs
+from .test_train_resume import torchrun
 
 
 def reference_loss(logits, labels, t_idx, t_lp, T, alpha):
@@ -168,10 +169,6 @@ def test_distill_mixes_ce_and_config_errors(tmp_path, tokenizer_dir, teacher_dir
 
 def test_distill_under_fsdp2_equals_one_process(tmp_path, tokenizer_dir, teacher_dir):
     """Student sharded by FSDP2, teacher whole on each rank: 2 ranks x batch 1 = 1 process x batch 2."""
-    import os
-    import subprocess
-    import sys
-
     paths = {}
     for bs in (1, 2):
         cfg = _distill_cfg(tmp_path, tokenizer_dir, teacher_dir, f"bs{bs}", alpha=0.5)
@@ -179,10 +176,7 @@ def test_distill_under_fsdp2_equals_one_process(tmp_path, tokenizer_dir, teacher
         paths[bs] = tmp_path / f"bs{bs}.toml"
         paths[bs].write_text(cfg.to_toml())
     make_trainer(TrainConfig.from_toml(paths[2]), progress=False).run()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "lfm.train", str(paths[1]), "--no-progress"], env=env, capture_output=True, text=True,
-                       timeout=600)
+    r = torchrun(paths[1])
     assert r.returncode == 0, r.stderr[-3000:]
     read = lambda p: [json.loads(x) for x in (p / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     one, two = read(tmp_path / "bs2"), read(tmp_path / "bs1")

@@ -19,6 +19,8 @@ from lfm.train.grpo import GrpoTrainer, group_advantages, grpo_loss
 from lfm.train.loop import make_trainer
 from lfm.train.rewards import RewardError, combined, exact, json_schema, load_reward, regex, tool_call
 
+from .test_train_resume import torchrun
+
 TIMING = {"tokens_per_s", "rollouts_per_s", "sample_tokens_per_s"}
 
 
@@ -255,9 +257,6 @@ def test_grpo_config_and_data_errors(tmp_path, tokenizer_dir):
 def test_fsdp2_two_ranks_sample_and_learn_as_one_process(tmp_path, tokenizer_dir):
     """Rollouts per rank on gathered FSDP2 shards: 2 ranks x batch 1 give the 1 x batch 2 run (same samples, since
     seeds follow the place in the global batch; gradients equal up to float reduction order)."""
-    import os
-    import subprocess
-
     paths = {}
     for bs in (1, 2):
         cfg = grpo_cfg(tmp_path, tokenizer_dir, f"bs{bs}", steps=4, batch_size=bs)
@@ -265,10 +264,7 @@ def test_fsdp2_two_ranks_sample_and_learn_as_one_process(tmp_path, tokenizer_dir
         paths[bs] = tmp_path / f"bs{bs}.toml"
         paths[bs].write_text(cfg.to_toml())
     make_trainer(TrainConfig.from_toml(paths[2]), progress=False).run()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "-m", "lfm.train", str(paths[1]), "--no-progress"], env=env, capture_output=True, text=True,
-                       timeout=600)
+    r = torchrun(paths[1])
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = _metrics(tmp_path / "bs2"), _metrics(tmp_path / "bs1")
     assert len(one) == len(two) == 4

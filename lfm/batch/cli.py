@@ -7,22 +7,14 @@ import json
 import sys
 from pathlib import Path
 
+from ..console import positive_int
+
 EXAMPLES = """examples:
   lfm batch reviews.jsonl -o out.jsonl --schema review.schema.json --prompt "Extract the product and sentiment from: {text}"
   lfm batch 'data/*.parquet' -o results/ --schema s.json --prompt-file p.txt --model LiquidAI/LFM2.5-350M --quantization int8
   lfm batch reviews.jsonl -o labels.jsonl --classify positive,negative,neutral --prompt "Sentiment of: {text}"
   lfm batch data/ -o results/ --schema s.json --prompt "..." --ray --ray-address auto --replicas 16 --gpus-per-replica 1
 A killed job restarted with the same command does only the rows not yet in the output."""
-
-
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return n
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -45,24 +37,24 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--no-chat", dest="chat", action="store_false",
                    help="send the rendered prompt as raw text, not as a user turn through the chat template")
     s.add_argument("--id-field", help="the row field that identifies it (default: its position in the input)")
-    s.add_argument("--max-tokens", type=_positive, default=256, help="most tokens per row (default 256)")
+    s.add_argument("--max-tokens", type=positive_int, default=256, help="most tokens per row (default 256)")
     s.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
     s.add_argument("--seed", type=int, help="with temperature > 0: each row seeded from (seed, id)")
-    s.add_argument("--chunk-size", type=_positive, default=100, help="rows per atomic write (100)")
+    s.add_argument("--chunk-size", type=positive_int, default=100, help="rows per atomic write (100)")
     s.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's; default)")
     s.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     s.add_argument("--quantization", choices=["int8", "int4"], help="weight-only quantization on load (CPU)")
     s.add_argument("--kv-cache-dtype", choices=["auto", "int8"], default="auto",
                    help="KV cache storage: auto (the model's dtype, default) or int8")
-    s.add_argument("--max-num-seqs", type=_positive, default=64, help="sequences decoded together (64)")
-    s.add_argument("--max-num-batched-tokens", type=_positive, default=2048, help="tokens per engine step (2048)")
-    s.add_argument("--threads", type=_positive, help="torch CPU threads")
+    s.add_argument("--max-num-seqs", type=positive_int, default=64, help="sequences decoded together (64)")
+    s.add_argument("--max-num-batched-tokens", type=positive_int, default=2048, help="tokens per engine step (2048)")
+    s.add_argument("--threads", type=positive_int, help="torch CPU threads")
     s.add_argument("--no-progress", dest="progress", action="store_false", help="no progress line on stderr")
     r = s.add_argument_group("Ray (pip install 'lfm[ray]')")
     r.add_argument("--ray", action="store_true", help="run as a Ray Data pipeline: one lfm.LLM per replica")
     r.add_argument("--ray-address", help="cluster to join ('auto': the one `ray start` runs here; default: a new "
                    "local one)")
-    r.add_argument("--replicas", type=_positive, default=1, help="LLM replicas (Ray actors)")
+    r.add_argument("--replicas", type=positive_int, default=1, help="LLM replicas (Ray actors)")
     r.add_argument("--gpus-per-replica", type=float, default=0.0, help="GPUs each replica reserves (default 0)")
     r.add_argument("--cpus-per-replica", type=float, default=1.0, help="CPUs each replica reserves (default 1)")
     s.set_defaults(fn=cmd_batch)

@@ -173,12 +173,7 @@ def _fill(g: GGUFFile, model: LfmForCausalLM, keep_quantized: bool = False) -> N
     params.update(dict(model.named_buffers()))
     I = c.moe_intermediate_size
     used: set[str] = set()
-    for spec in tensor_specs(c):
-        if spec.gguf not in g.tensors:
-            raise GGUFError(f"{g.path}: tensor {spec.gguf!r} is missing (a {g.arch} file of this shape needs it)")
-        shape = g.tensors[spec.gguf].shape
-        if tuple(shape) != spec.shape:
-            raise GGUFError(f"{g.path}: tensor {spec.gguf!r} has shape {list(shape)}, the metadata implies {list(spec.shape)}")
+    for spec in tensor_specs(c):  # presence and shapes were checked by _check_shapes before allocation
         target = _int4_target(g, model, spec) if keep_quantized else None
         if target is not None:
             lin = model.get_submodule(target)

@@ -6,6 +6,8 @@ import argparse
 import re
 import sys
 
+from ..console import positive_int
+
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1000, "kib": 1 << 10, "m": 1 << 20, "mb": 1000**2, "mib": 1 << 20,
           "g": 1 << 30, "gb": 1000**3, "gib": 1 << 30, "t": 1 << 40, "tb": 1000**4, "tib": 1 << 40}
 
@@ -18,16 +20,6 @@ def parse_size(text: str) -> int:
     n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
     if n <= 0:
         raise argparse.ArgumentTypeError("size must be positive")
-    return n
-
-
-def _positive(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError("must be at least 1")
     return n
 
 
@@ -44,17 +36,17 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="KV cache storage: auto (the model's dtype) or int8 (about twice the sequences per GiB)")
     s.add_argument("--served-model-name", help="the model id clients send (default: MODEL as given)")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
-    s.add_argument("--max-num-seqs", type=_positive, default=64, help="most sequences decoded together (64)")
-    s.add_argument("--max-model-len", type=_positive, help="context length (default: the model's)")
+    s.add_argument("--max-num-seqs", type=positive_int, default=64, help="most sequences decoded together (64)")
+    s.add_argument("--max-model-len", type=positive_int, help="context length (default: the model's)")
     s.add_argument("--kv-cache-memory", type=parse_size, default=4 << 30,
                    help="memory for the paged KV cache, e.g. 4GiB (default; on CPU pages are touched only as "
                         "blocks are used); requests beyond it wait, the newest running one yields if it runs out")
-    s.add_argument("--max-waiting", type=_positive, default=256,
+    s.add_argument("--max-waiting", type=positive_int, default=256,
                    help="requests allowed to wait for a slot; more get HTTP 429 (default 256)")
-    s.add_argument("--max-num-batched-tokens", type=_positive, default=512,
+    s.add_argument("--max-num-batched-tokens", type=positive_int, default=512,
                    help="tokens per engine step: prompt chunks of several requests and every running decode share "
                         "one forward (512; larger: faster prefill under load, slower tokens for running requests)")
-    s.add_argument("--block-size", type=_positive, default=16, help="tokens per KV cache block (16)")
+    s.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV cache block (16)")
     s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV and conv state of prompt prefixes seen before (shared system prompts, earlier "
                         "turns of a chat); on by default, --no-enable-prefix-caching turns it off")
@@ -63,17 +55,17 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--max-schema-bytes", type=parse_size, default=64 << 10,
                    help="largest tools / response_format JSON schema compiled for constrained decoding (64KiB); "
                         "larger ones get HTTP 400")
-    s.add_argument("--max-schema-nodes", type=_positive, default=512,
+    s.add_argument("--max-schema-nodes", type=positive_int, default=512,
                    help="most schema objects (properties, items, branches) in one request's schemas (512, about a "
                         "second of compiling on one core); more get HTTP 400")
     s.add_argument("--grammar-compile-timeout", type=float, default=60.0,
                    help="seconds a request waits for its grammar to compile before HTTP 400 (60)")
-    s.add_argument("--threads", type=_positive,
+    s.add_argument("--threads", type=positive_int,
                    help="torch CPU threads (default: torch's choice; 1 is often fastest on a busy or small machine)")
     s.add_argument("--ray", action="store_true", help="serve --replicas copies on Ray Serve behind this one endpoint "
                    "(pip install 'lfm[ray]')")
-    s.add_argument("--replicas", type=_positive, default=1, help="with --ray: replicas (the minimum with --max-replicas)")
-    s.add_argument("--max-replicas", type=_positive, help="with --ray: autoscale up to this many by queue length")
+    s.add_argument("--replicas", type=positive_int, default=1, help="with --ray: replicas (the minimum with --max-replicas)")
+    s.add_argument("--max-replicas", type=positive_int, help="with --ray: autoscale up to this many by queue length")
     s.add_argument("--ray-address", help="with --ray: the cluster to join (default: a new local one)")
     s.add_argument("--reasoning-parser", choices=["lfm2", "deepseek_r1"],
                    help="return the text of <think>...</think> as reasoning_content (message and stream deltas), "
