@@ -109,9 +109,20 @@ class _Clock:
     generated token (the prefill, then gen_len-1 single-token steps), so one generate() call yields TTFT and the
     decode time without a second call."""
 
-    def __init__(self, module: torch.nn.Module) -> None:
+    def __init__(self, module) -> None:
         self.ends: list[float] = []
-        module.register_forward_hook(lambda *_: self.ends.append(time.perf_counter()))
+        if isinstance(module, torch.nn.Module):
+            module.register_forward_hook(lambda *_: self.ends.append(time.perf_counter()))
+            return
+        # lfm's engine: one model-runner step per forward pass (forward_step, or the fused CPU decode step)
+        run = module.run
+
+        def timed(*a, **k):
+            out = run(*a, **k)
+            self.ends.append(time.perf_counter())
+            return out
+
+        module.run = timed
 
     def run(self, fn, n: int) -> tuple[float, float, list[int]]:
         """(seconds to the end of the prefill forward, seconds from there to the end of the last forward, tokens)."""
@@ -130,7 +141,7 @@ class LfmRunner:
         from lfm.engine.llm import LLM
 
         self.llm = LLM(path, dtype=dtype, enable_prefix_caching=False)  # repeated prompts: measure, not hit
-        self.clock = _Clock(self.llm.model)
+        self.clock = _Clock(self.llm.engine.runner)
 
     def __call__(self, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
         from lfm.engine.sampling import SamplingParams

@@ -74,7 +74,7 @@ class LfmEngine:
         self.llm = LLM(work / "ckpt", dtype, quantization=quantization, group_size=group_size,
                        enable_prefix_caching=False)  # repeated prompts: measure, not hit
         self.sp = SamplingParams
-        self.clock = _Clock(self.llm.model)
+        self.clock = _Clock(self.llm.engine.runner)
 
     def run(self, prompts: list[list[int]], n: int) -> tuple[float, float, list[int]]:
         sp = self.sp(temperature=0, max_tokens=n, ignore_eos=True)

@@ -15,6 +15,7 @@ import torch
 from ..model.lfm2 import LfmForCausalLM
 from .backend import StepBatch, TorchBackend, make_backend
 from .cache import PagedCache
+from .cpu_decode import FusedDecode
 from .sequence import Sequence
 
 
@@ -45,6 +46,8 @@ class ModelRunner:
         c = model.config
         self.L1 = c.conv_L_cache - 1
         self.backend: TorchBackend = make_backend(self.device, cache, c.num_attention_heads, c.head_size)
+        # CPU: steps of single-token decodes run as one fused C++ call where the model allows (cpu_decode.py)
+        self.fused: FusedDecode | None = FusedDecode.build(model, cache) if self.device.type == "cpu" else None
 
     def prepare(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, StepBatch]:
         bs, L1, dev = self.cache.block_size, self.L1, self.device
@@ -117,10 +120,38 @@ class ModelRunner:
         return torch.tensor(ids, device=dev), batch
 
     @torch.inference_mode()
+    def run_fused(self, scheduled: list[ScheduledSeq]) -> StepOutput:
+        """A step of single-token decodes through the fused CPU step (same cache, same results as `forward_step`)."""
+        bs, c = self.cache.block_size, self.cache
+        ids, pos, slots, conv_slots, snaps, tables = [], [], [], [], [], []
+        for it in scheduled:
+            s = it.seq
+            p = s.num_computed_tokens
+            ids.append(s.token_ids[p])
+            pos.append(p)
+            slots.append(s.block_table[p // bs] * bs + p % bs)
+            conv_slots.append(s.conv_slot)
+            snaps.append(it.snapshots[-1][1] if it.snapshots else -1)  # the state after this token ends a block
+            tables.append(s.block_table)
+            if s.conv_restore is not None:  # a sequence's first step (one uncached prompt token left)
+                if s.conv_restore == -1:
+                    c.conv[:, s.conv_slot] = 0
+                else:
+                    c.conv[:, s.conv_slot] = c.conv_snap[:, s.conv_restore]
+                s.conv_restore = None
+        logits = self.fused.step(ids, pos, slots, conv_slots, snaps, tables)
+        return StepOutput(logits, {i: i for i in range(len(scheduled))}, {})
+
+    @torch.inference_mode()
     def run(self, scheduled: list[ScheduledSeq]) -> StepOutput:
         """Run one step. `scheduled` must list sequences with one new token first (the scheduler's order is kept
         by sorting here); the returned indices refer to the sorted order, which is also written back."""
         scheduled.sort(key=lambda it: it.num_tokens != 1)  # stable: decodes first
+        if self.fused is not None and self.fused.applies(len(scheduled)) and all(
+                it.num_tokens == 1 and not (it.seq.params.prompt_logprobs is not None
+                                            and it.seq.num_computed_tokens < it.seq.num_prompt_tokens)
+                for it in scheduled):
+            return self.run_fused(scheduled)
         ids, batch = self.prepare(scheduled)
         keep: list[int] = []
         sample_row: dict[int, int] = {}

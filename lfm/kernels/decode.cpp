@@ -1,0 +1,595 @@
+// The fused CPU decode step: every layer of a dense LFM2 model for a batch of single-token decodes, in one call.
+//
+// Why: a decode token of the 350M at int4 reads ~190 MB of weights (~10 ms at this class of machine's bandwidth),
+// but the PyTorch step around the GEMV kernels is ~300 small ATen ops (norms, conv taps, RoPE, casts, residual
+// adds) plus an OpenMP fork/join per kernel: milliseconds per token. Here the whole step runs inside one OpenMP
+// parallel region over preallocated buffers: the GEMVs split their output rows over the threads, the small
+// element-wise work between them runs on one thread (`omp single`, microseconds), and the threads meet at barriers.
+// Each input vector is converted / quantized once and shared by every projection that reads it (in_proj; q, k, v;
+// w1, w3), and the RMSNorm feeding it is computed in the same pass.
+//
+// Exactness: the arithmetic mirrors `LfmForCausalLM.forward_step` on the same weights: the same GEMV kernels with
+// the same activation precision (float32 activations multiplied in float; bfloat16 ones quantized as the unfused
+// Int8Linear / Int4Linear path quantizes them), and every element-wise result rounded to the activation dtype where
+// PyTorch rounds it (float32 math in between). What can differ is float32 summation order (norm statistics) and
+// libm vs. SLEEF in exp / cos / sin: an ulp of float32 before a bfloat16 rounding.
+//
+// Scope: dense layers (short conv, GQA attention, SwiGLU MLP); weights int8, int4 (group 32..256) or bfloat16;
+// activations float32 or bfloat16; KV cache float32 / bfloat16 / int8 (per-vector scales), paged. The caller
+// (lfm.engine.cpu_decode) builds a DecodePlan once per model and checks what it supports.
+
+#include <chrono>
+
+#include "attention_kernels.h"
+#include "bf16_kernels.h"
+#include "gemv_kernels.h"
+
+namespace {
+
+enum Kind : int { kInt8 = 0, kInt4 = 1, kBf16 = 2 };
+
+struct Lin {
+  int kind;
+  int64_t N, K, gs;
+  at::Tensor w, s, z;  // int8: weight [N, K], scales [N]; int4: qweight [N, K/2], scales / zeros [N, K/gs]; bf16: w
+};
+
+// One input of M rows, converted for each kind of weight that reads it (done once, on first use after `reset`).
+struct Act {
+  int64_t M = 0, K = 0;
+  std::vector<float> x;  // [M, K], values exact in the activation dtype
+  bool has[3] = {false, false, false};
+  int64_t gs4 = 0;
+  XQ4 x4;                   // int4, bfloat16 activations
+  XQ8 x8;                   // int8, bfloat16 activations
+  std::vector<float> xsum;  // int4, float32 activations: [M, K / gs]
+  std::vector<float> xp;    // bfloat16 weights: [M, Kp16], 16-blocks in even / odd order
+  int64_t Kp16 = 0;
+  void reset(int64_t m, int64_t k) {
+    M = m;
+    K = k;
+    x.resize(static_cast<size_t>(M * K));
+    has[0] = has[1] = has[2] = false;
+  }
+  float* row(int64_t m) { return x.data() + m * K; }
+};
+
+struct Layer {
+  bool attn = false;
+  at::Tensor norm, ffn_norm;  // activation dtype [D]
+  int in = -1, out = -1;      // conv: in_proj, out_proj; attention: out_proj as `out`
+  int q = -1, k = -1, v = -1;
+  int w1 = -1, w3 = -1, w2 = -1;
+  at::Tensor conv_w, conv_b;  // [D, L] activation dtype; bias [D] or undefined
+  int64_t ci = 0;             // row in the conv pool
+  at::Tensor qn, kn;          // [hd]
+  at::Tensor kc, vc, ks, vs;  // [num_blocks, KV, bs, hd]; int8: scales [num_blocks, KV, bs]
+  int64_t H = 0, KV = 0, hd = 0;
+};
+
+template <typename T>
+inline float rnd(float v) {
+  if constexpr (std::is_same_v<T, BFloat16>) return static_cast<float>(BFloat16(v));
+  else return v;
+}
+
+template <typename T>
+inline const T* ptr(const at::Tensor& t) {
+  return reinterpret_cast<const T*>(t.data_ptr());
+}
+
+inline double now() {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+}
+
+// the int4 row kernel for this group size (CPG as in gemv_kernels.h)
+template <int MT, typename TS, typename TO>
+void int4_rows(const XQ4& X, bool a16, int64_t gs, int64_t m0, const uint8_t* W, const TS* S, const TS* Z, TO* Y,
+               int64_t N, int64_t r0, int64_t r1, float* buf) {
+  auto go = [&](auto cpg) {
+    constexpr int CPG = decltype(cpg)::value;
+    if (a16) int4a16_rows<MT, CPG>(X, m0, W, S, Z, Y, N, r0, r1, buf);
+    else if (vnni512()) int4a8_rows_vnni<MT, CPG>(X, m0, W, S, Z, Y, N, r0, r1, buf);
+    else int4a8_rows<MT, CPG>(X, m0, W, S, Z, Y, N, r0, r1, buf);
+  };
+  if (gs == 32) go(std::integral_constant<int, 0>{});
+  else if (gs == 64) go(std::integral_constant<int, 1>{});
+  else if (gs == 128) go(std::integral_constant<int, 2>{});
+  else go(std::integral_constant<int, 4>{});
+}
+
+class DecodePlan {
+ public:
+  DecodePlan(int64_t hidden, double eps, bool bf16, bool int4_a16, at::Tensor inv_freq, at::Tensor conv,
+             at::Tensor conv_snap, int64_t vocab)
+      : D_(hidden), eps_(static_cast<float>(eps)), bf16_(bf16), a16_(int4_a16), inv_freq_(inv_freq.contiguous()),
+        conv_(conv), snap_(conv_snap), V_(vocab) {
+    TORCH_CHECK(inv_freq_.scalar_type() == at::kFloat, "inv_freq must be float32");
+    TORCH_CHECK(conv_.is_contiguous() && conv_.dim() == 4 && conv_.size(3) == D_, "conv pool must be [C, slots, L-1, D]");
+  }
+
+  int64_t add_linear(int64_t kind, at::Tensor w, at::Tensor s, at::Tensor z, int64_t gs) {
+    TORCH_CHECK(kind >= 0 && kind <= 2, "linear kind must be 0 (int8), 1 (int4) or 2 (bfloat16)");
+    TORCH_CHECK(w.is_contiguous() && w.dim() == 2, "weights must be contiguous and 2-D");
+    Lin l{static_cast<int>(kind), w.size(0), kind == kInt4 ? w.size(1) * 2 : w.size(1), gs, w, s, z};
+    const auto at_ = bf16_ ? at::kBFloat16 : at::kFloat;
+    if (kind == kInt8) TORCH_CHECK(w.scalar_type() == at::kChar && s.scalar_type() == at_ && s.numel() == l.N,
+                                   "int8 linear: int8 weight and one scale per row in the activation dtype");
+    if (kind == kInt4) {
+      TORCH_CHECK(gs == 32 || gs == 64 || gs == 128 || gs == 256, "int4 group size must be 32, 64, 128 or 256");
+      TORCH_CHECK(w.scalar_type() == at::kByte && l.K % gs == 0 && s.scalar_type() == at_ &&
+                      z.scalar_type() == at_ && s.is_contiguous() && z.is_contiguous() && s.numel() == l.N * l.K / gs &&
+                      z.numel() == l.N * l.K / gs,
+                  "int4 linear: packed uint8 weight, scales / zeros [N, K / group] in the activation dtype");
+    }
+    if (kind == kBf16) TORCH_CHECK(w.scalar_type() == at::kBFloat16, "bf16 linear: bfloat16 weight");
+    lins_.push_back(l);
+    Kmax_ = std::max(Kmax_, l.K);
+    Nmax_ = std::max(Nmax_, l.N);
+    return static_cast<int64_t>(lins_.size()) - 1;
+  }
+
+  void add_conv(at::Tensor norm, int64_t in, at::Tensor conv_w, at::Tensor conv_b, int64_t out, int64_t ci) {
+    Layer L;
+    L.norm = norm.contiguous();
+    L.in = static_cast<int>(in);
+    L.out = static_cast<int>(out);
+    L.conv_w = conv_w.contiguous();
+    if (conv_b.defined() && conv_b.numel()) L.conv_b = conv_b.contiguous();
+    L.ci = ci;
+    TORCH_CHECK(L.conv_w.dim() == 2 && L.conv_w.size(0) == D_ && L.conv_w.size(1) == conv_.size(2) + 1,
+                "conv weight must be [D, L] with L - 1 = the conv pool's state columns");
+    TORCH_CHECK(lins_.at(in).N == 3 * D_ && lins_.at(out).K == D_, "conv projections do not match the hidden size");
+    layers_.push_back(L);
+  }
+
+  void add_attn(at::Tensor norm, int64_t q, int64_t k, int64_t v, at::Tensor qn, at::Tensor kn, int64_t o, int64_t H,
+                int64_t KV, int64_t hd, at::Tensor kc, at::Tensor vc, at::Tensor ks, at::Tensor vs) {
+    Layer L;
+    L.attn = true;
+    L.norm = norm.contiguous();
+    L.q = static_cast<int>(q);
+    L.k = static_cast<int>(k);
+    L.v = static_cast<int>(v);
+    L.out = static_cast<int>(o);
+    L.qn = qn.contiguous();
+    L.kn = kn.contiguous();
+    L.H = H;
+    L.KV = KV;
+    L.hd = hd;
+    L.kc = kc;
+    L.vc = vc;
+    TORCH_CHECK(kc.is_contiguous() && vc.is_contiguous() && kc.dim() == 4 && kc.size(1) == KV && kc.size(3) == hd,
+                "KV pools must be contiguous [num_blocks, KV, block_size, head_dim]");
+    TORCH_CHECK(hd % 8 == 0 && hd <= 1024 && H % KV == 0,
+                "head_dim must be a multiple of 8 (at most 1024) and heads a multiple of KV heads");
+    const auto ct = kc.scalar_type();
+    TORCH_CHECK(ct == at::kFloat || ct == at::kBFloat16 || ct == at::kChar, "KV cache must be float32, bfloat16 or int8");
+    if (ct == at::kChar) {
+      TORCH_CHECK(ks.defined() && vs.defined() && ks.scalar_type() == at::kFloat, "int8 KV needs float32 scales");
+      L.ks = ks;
+      L.vs = vs;
+    }
+    TORCH_CHECK(lins_.at(q).N == H * hd && lins_.at(k).N == KV * hd && lins_.at(v).N == KV * hd &&
+                    lins_.at(o).K == H * hd,
+                "attention projections do not match heads x head_dim");
+    layers_.push_back(L);
+  }
+
+  void add_mlp(at::Tensor norm, int64_t w1, int64_t w3, int64_t w2) {
+    TORCH_CHECK(!layers_.empty(), "add_mlp follows add_conv / add_attn");
+    Layer& L = layers_.back();
+    L.ffn_norm = norm.contiguous();
+    L.w1 = static_cast<int>(w1);
+    L.w3 = static_cast<int>(w3);
+    L.w2 = static_cast<int>(w2);
+    TORCH_CHECK(lins_.at(w1).N == lins_.at(w2).K && lins_.at(w3).N == lins_.at(w2).K && lins_.at(w2).N == D_,
+                "MLP projections do not match");
+  }
+
+  void set_head(at::Tensor norm, int64_t head) {
+    final_norm_ = norm.contiguous();
+    head_ = static_cast<int>(head);
+    TORCH_CHECK(lins_.at(head).N == V_ && lins_.at(head).K == D_, "lm_head must be [vocab, hidden]");
+  }
+
+  // x [B, D] embedded tokens (activation dtype); positions, slots (KV slot of each token), conv_slots, snap_blocks
+  // (-1: no conv snapshot) int64 [B]; block_tables int32 [B, mb]; lens int32 [B] (positions attended, the new one
+  // included). Returns logits [B, vocab] in the activation dtype.
+  at::Tensor step(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& slots,
+                  const at::Tensor& conv_slots, const at::Tensor& snap_blocks, const at::Tensor& block_tables,
+                  const at::Tensor& lens) {
+    TORCH_CHECK(head_ >= 0 && !layers_.empty(), "DecodePlan is incomplete");
+    TORCH_CHECK(x.dim() == 2 && x.size(1) == D_ && x.is_contiguous() &&
+                    x.scalar_type() == (bf16_ ? at::kBFloat16 : at::kFloat),
+                "x must be a contiguous [B, hidden] tensor in the activation dtype");
+    const int64_t B = x.size(0);
+    for (const at::Tensor* t : {&positions, &slots, &conv_slots, &snap_blocks})
+      TORCH_CHECK(t->scalar_type() == at::kLong && t->numel() == B && t->is_contiguous(), "per-row indices: int64 [B]");
+    TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 && block_tables.size(0) == B &&
+                    block_tables.is_contiguous() && lens.scalar_type() == at::kInt && lens.numel() == B,
+                "block_tables int32 [B, max_blocks], lens int32 [B]");
+    const int64_t slots_n = conv_.size(1);
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t cs = conv_slots.data_ptr<int64_t>()[b], sb = snap_blocks.data_ptr<int64_t>()[b];
+      TORCH_CHECK(cs >= 0 && cs < slots_n, "conv slot out of range");
+      TORCH_CHECK(sb < 0 || (snap_.defined() && sb < snap_.size(1)), "snapshot block out of range");
+    }
+    for (const Layer& L : layers_) {
+      if (!L.attn) continue;
+      const int64_t nb = L.kc.size(0), bs = L.kc.size(2), mb = block_tables.size(1);
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t len = lens.data_ptr<int32_t>()[b], slot = slots.data_ptr<int64_t>()[b];
+        TORCH_CHECK(len > 0 && len <= mb * bs && slot >= 0 && slot < nb * bs, "context length / KV slot out of range");
+        for (int64_t j = 0; j < (len + bs - 1) / bs; ++j) {
+          const int64_t p = block_tables.data_ptr<int32_t>()[b * mb + j];
+          TORCH_CHECK(p >= 0 && p < nb, "block table entry out of range");
+        }
+      }
+      break;  // every attention layer has the same pool geometry
+    }
+    at::Tensor out = at::empty({B, V_}, x.options());
+    if (B == 0) return out;
+    if (bf16_) run<BFloat16>(x, positions, slots, conv_slots, snap_blocks, block_tables, lens, out);
+    else run<float>(x, positions, slots, conv_slots, snap_blocks, block_tables, lens, out);
+    return out;
+  }
+
+  // seconds spent (thread 0's view) in: GEMVs (weight streaming), attention, everything else; and steps run
+  std::vector<double> timings() const { return {t_gemv_, t_attn_, t_other_, static_cast<double>(steps_)}; }
+  void reset_timings() { t_gemv_ = t_attn_ = t_other_ = 0.0; steps_ = 0; }
+
+ private:
+  int64_t D_;
+  float eps_;
+  bool bf16_, a16_;
+  at::Tensor inv_freq_, conv_, snap_;
+  int64_t V_;
+  std::vector<Lin> lins_;
+  std::vector<Layer> layers_;
+  at::Tensor final_norm_;
+  int head_ = -1;
+  int64_t Kmax_ = 0, Nmax_ = 0;
+  // buffers, kept between steps
+  Act a_, a_ff_, a_o_;
+  std::vector<float> x_, big_, g_, y_;
+  std::vector<std::vector<float>> scratch_;
+  std::vector<std::vector<float>> attn_buf_;
+  double t_gemv_ = 0, t_attn_ = 0, t_other_ = 0;
+  int64_t steps_ = 0;
+
+  // norm(src row) -> dst row: statistics in float32, normalized value rounded, times the weight, rounded
+  template <typename TA>
+  void rms_row(const float* src, const at::Tensor& w, float* dst, int64_t n) const {
+    float ss = 0.0f;
+    for (int64_t i = 0; i < n; ++i) ss += src[i] * src[i];
+    const float r = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps_);
+    const TA* wp = ptr<TA>(w);
+    for (int64_t i = 0; i < n; ++i) dst[i] = rnd<TA>(to_f(wp[i]) * rnd<TA>(src[i] * r));
+  }
+
+  template <typename TA>
+  void ensure(Act& a, const Lin& l) {
+    if (a.has[l.kind] && (l.kind != kInt4 || a.gs4 == l.gs)) return;
+    const int64_t M = a.M, K = a.K;
+    if (l.kind == kBf16) {
+      a.Kp16 = round_up(K, 16);
+      a.xp.resize(static_cast<size_t>(M * a.Kp16));
+      prep_x(a.x.data(), M, K, a.Kp16, a.xp.data());
+    } else if (l.kind == kInt8) {
+      if (bf16_) prep_x8(a.x.data(), M, K, a.x8);
+    } else {
+      if (bf16_) {
+        prep_x4(a.x.data(), M, K, l.gs, a16_, a.x4);
+      } else {
+        const int64_t G = K / l.gs;
+        a.xsum.resize(static_cast<size_t>(M * G));
+        for (int64_t i = 0; i < M * G; ++i) {
+          __m256 s = _mm256_setzero_ps();
+          for (int64_t k = 0; k < l.gs; k += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(a.x.data() + i * l.gs + k));
+          a.xsum[i] = hsum(s);
+        }
+      }
+      a.gs4 = l.gs;
+    }
+    a.has[l.kind] = true;
+  }
+
+  // this thread's share of y = a @ W.T, rows of W split over the threads in multiples of 8
+  template <typename TA, typename TO>
+  void gemv(const Lin& l, const Act& a, TO* Y, int t, int T) {
+    int64_t n0, n1;
+    split_rows(l.N, t, T, n0, n1);
+    if (n0 >= n1) return;
+    float* buf = scratch_[t].data();
+    const int64_t N = l.N, K = l.K;
+    by_row_tiles(a.M, n0, n1, [&](int64_t m0, auto mt, int64_t r0, int64_t r1) {
+      constexpr int MT = decltype(mt)::value;
+      if (l.kind == kBf16) {
+        bf16_rows<MT>(a.xp.data(), K, a.Kp16, m0, ptr<uint16_t>(l.w), nullptr, Y, N, r0, r1);
+      } else if (l.kind == kInt8) {
+        if (bf16_) int8_rows<MT>(a.x8, m0, ptr<int8_t>(l.w), ptr<TA>(l.s), Y, N, r0, r1);
+        else int8f_rows<MT>(a.x.data(), K, m0, ptr<int8_t>(l.w), ptr<TA>(l.s), Y, N, r0, r1);
+      } else if (bf16_) {
+        int4_rows<MT>(a.x4, a16_, l.gs, m0, ptr<uint8_t>(l.w), ptr<TA>(l.s), ptr<TA>(l.z), Y, N, r0, r1, buf);
+      } else {
+        int4f_rows<MT>(a.x.data(), a.xsum.data(), K, l.gs, m0, ptr<uint8_t>(l.w), ptr<TA>(l.s), ptr<TA>(l.z), Y, N,
+                       r0, r1, buf);
+      }
+    });
+  }
+
+  template <typename TA>
+  void run(const at::Tensor& xin, const at::Tensor& positions, const at::Tensor& slots, const at::Tensor& conv_slots,
+           const at::Tensor& snap_blocks, const at::Tensor& block_tables, const at::Tensor& lens, at::Tensor& out) {
+    const int64_t B = xin.size(0), D = D_;
+    int64_t ff = 0, qkv = 0, HD = D;
+    for (const Layer& L : layers_) {
+      ff = std::max(ff, lins_[L.w1].N);
+      if (L.attn) {
+        qkv = std::max(qkv, lins_[L.q].N + 2 * lins_[L.k].N);
+        HD = std::max(HD, L.H * L.hd);
+      }
+    }
+    x_.resize(static_cast<size_t>(B * D));
+    big_.resize(static_cast<size_t>(B * std::max({3 * D, ff, qkv})));
+    g_.resize(static_cast<size_t>(B * ff));
+    y_.resize(static_cast<size_t>(B * D));
+    std::vector<TA> qa(static_cast<size_t>(B * HD)), oa(static_cast<size_t>(B * HD));
+    const TA* xi = ptr<TA>(xin);
+    for (int64_t i = 0; i < B * D; ++i) x_[i] = to_f(xi[i]);
+    int nt = at::get_num_threads();
+    if (nt < 1) nt = 1;
+    scratch_.resize(nt);
+    attn_buf_.resize(nt);
+    for (auto& s : scratch_) s.resize(static_cast<size_t>(4 * round_up(Kmax_ / 16 + 16, 8)));
+    const int64_t* pos = positions.data_ptr<int64_t>();
+    const int64_t* slot = slots.data_ptr<int64_t>();
+    const int64_t* cslot = conv_slots.data_ptr<int64_t>();
+    const int64_t* snapb = snap_blocks.data_ptr<int64_t>();
+    const int32_t* tables = block_tables.data_ptr<int32_t>();
+    const int32_t* lp = lens.data_ptr<int32_t>();
+    const int64_t mb = block_tables.size(1);
+    const float* inv = inv_freq_.data_ptr<float>();
+    TA* convp = reinterpret_cast<TA*>(conv_.data_ptr());
+    TA* snapp = snap_.defined() ? reinterpret_cast<TA*>(snap_.data_ptr()) : nullptr;
+    const int64_t L1 = conv_.size(2), nslots = conv_.size(1), nsnap = snap_.defined() ? snap_.size(1) : 0;
+    double tg = 0, ta = 0, t_start = now();
+
+#pragma omp parallel num_threads(nt)
+    {
+      const int t = omp_get_thread_num(), T = omp_get_num_threads();
+      double mark = 0;
+      auto gemv_begin = [&] { if (t == 0) mark = now(); };
+      auto gemv_end = [&](double& acc) { if (t == 0) acc += now() - mark; };
+      for (size_t li = 0; li < layers_.size(); ++li) {
+        const Layer& L = layers_[li];
+#pragma omp single
+        {
+          a_.reset(B, D);
+          for (int64_t m = 0; m < B; ++m) rms_row<TA>(x_.data() + m * D, L.norm, a_.row(m), D);
+          if (L.attn) { ensure<TA>(a_, lins_[L.q]); ensure<TA>(a_, lins_[L.k]); ensure<TA>(a_, lins_[L.v]); }
+          else ensure<TA>(a_, lins_[L.in]);
+        }
+        gemv_begin();
+        if (!L.attn) {
+          const Lin& in = lins_[L.in];
+          gemv<TA>(in, a_, big_.data(), t, T);
+#pragma omp barrier
+          gemv_end(tg);
+#pragma omp single
+          {  // B * x, the 3-tap conv from the slot's state (state shifted), C * conv
+            a_o_.reset(B, D);
+            const int64_t Lk = L1 + 1;
+            const TA* w = ptr<TA>(L.conv_w);
+            const TA* bias = L.conv_b.defined() ? ptr<TA>(L.conv_b) : nullptr;
+            for (int64_t m = 0; m < B; ++m) {
+              const float* r = big_.data() + m * 3 * D;
+              TA* st = convp + ((L.ci * nslots) + cslot[m]) * L1 * D;  // [L-1, D]
+              float* o = a_o_.row(m);
+              for (int64_t d = 0; d < D; ++d) {
+                const float bx = rnd<TA>(rnd<TA>(r[d]) * rnd<TA>(r[2 * D + d]));
+                float z = to_f(st[d]) * to_f(w[d * Lk]);
+                for (int64_t j = 1; j < L1; ++j) z = z + to_f(st[j * D + d]) * to_f(w[d * Lk + j]);
+                z = z + bx * to_f(w[d * Lk + L1]);
+                if (bias) z = z + to_f(bias[d]);
+                o[d] = rnd<TA>(rnd<TA>(r[D + d]) * rnd<TA>(z));
+                for (int64_t j = 0; j + 1 < L1; ++j) st[j * D + d] = st[(j + 1) * D + d];
+                st[(L1 - 1) * D + d] = TA(bx);
+              }
+              if (snapb[m] >= 0 && snapb[m] < nsnap)
+                std::memcpy(snapp + ((L.ci * nsnap) + snapb[m]) * L1 * D, st, sizeof(TA) * L1 * D);
+            }
+            ensure<TA>(a_o_, lins_[L.out]);
+          }
+        } else {
+          const Lin &lq = lins_[L.q], &lk = lins_[L.k], &lv = lins_[L.v];
+          const int64_t Nq = lq.N, Nk = lk.N, W3 = Nq + 2 * Nk;
+          // q, k, v side by side in big_: each thread's rows of each. Rows of big_ are W3 wide, so each GEMV
+          // writes with a row stride of its own N: use per-projection regions [B, N] instead.
+          float* qb = big_.data();
+          float* kb = qb + B * Nq;
+          float* vb = kb + B * Nk;
+          gemv<TA>(lq, a_, qb, t, T);
+          gemv<TA>(lk, a_, kb, t, T);
+          gemv<TA>(lv, a_, vb, t, T);
+          (void)W3;
+#pragma omp barrier
+          gemv_end(tg);
+          const int64_t H = L.H, KV = L.KV, hd = L.hd, G = H / KV, half = hd / 2;
+          const int64_t bs = L.kc.size(2), nblk = L.kc.size(0);
+          const bool q8 = L.kc.scalar_type() == at::kChar;
+#pragma omp single
+          {  // per-head RMSNorm of q and k, RoPE, the new key / value into the cache
+            std::vector<float> tmp(static_cast<size_t>(hd)), cs(static_cast<size_t>(hd)), sn(static_cast<size_t>(hd));
+            for (int64_t m = 0; m < B; ++m) {
+              for (int64_t i = 0; i < half; ++i) {
+                const float f = static_cast<float>(pos[m]) * inv[i];
+                cs[i] = cs[i + half] = rnd<TA>(std::cos(f));
+                sn[i] = sn[i + half] = rnd<TA>(std::sin(f));
+              }
+              auto norm_rope = [&](const float* src, const at::Tensor& w, float* dst) {
+                float r[1024];
+                for (int64_t i = 0; i < hd; ++i) r[i] = rnd<TA>(src[i]);
+                rms_row<TA>(r, w, tmp.data(), hd);
+                for (int64_t i = 0; i < hd; ++i) {
+                  const float rot = i < half ? -tmp[i + half] : tmp[i - half];
+                  dst[i] = rnd<TA>(rnd<TA>(tmp[i] * cs[i]) + rnd<TA>(rot * sn[i]));
+                }
+              };
+              float hv[1024];
+              for (int64_t h = 0; h < H; ++h) {
+                norm_rope(qb + m * Nq + h * hd, L.qn, hv);
+                for (int64_t i = 0; i < hd; ++i) qa[m * HD + h * hd + i] = TA(hv[i]);
+              }
+              const int64_t blk = slot[m] / bs, off = slot[m] % bs;
+              for (int64_t h = 0; h < KV; ++h) {
+                const int64_t e = ((blk * KV + h) * bs + off);
+                float kv2[2][1024];
+                norm_rope(kb + m * Nk + h * hd, L.kn, kv2[0]);
+                for (int64_t i = 0; i < hd; ++i) kv2[1][i] = rnd<TA>(vb[m * Nk + h * hd + i]);
+                for (int side = 0; side < 2; ++side) {
+                  const float* src = kv2[side];
+                  const at::Tensor& cache = side ? L.vc : L.kc;
+                  if (q8) {  // lfm.engine.cache.quantize_kv: amax / 127, round half to even, clamp
+                    float amax = 0.0f;
+                    for (int64_t i = 0; i < hd; ++i) amax = std::max(amax, std::fabs(src[i]));
+                    const float s = amax / 127.0f;
+                    int8_t* dst = reinterpret_cast<int8_t*>(cache.data_ptr()) + e * hd;
+                    for (int64_t i = 0; i < hd; ++i)
+                      dst[i] = s > 0.0f ? static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(src[i] / s)))) : 0;
+                    (side ? L.vs : L.ks).data_ptr<float>()[e] = s;
+                  } else if (cache.scalar_type() == at::kBFloat16) {
+                    BFloat16* dst = reinterpret_cast<BFloat16*>(cache.data_ptr()) + e * hd;
+                    for (int64_t i = 0; i < hd; ++i) dst[i] = BFloat16(src[i]);
+                  } else {
+                    float* dst = cache.data_ptr<float>() + e * hd;
+                    for (int64_t i = 0; i < hd; ++i) dst[i] = src[i];
+                  }
+                }
+              }
+            }
+          }
+          if (t == 0) mark = now();
+          // attention: one task per (sequence, KV head)
+          const int64_t stride = KV * bs * hd;
+#pragma omp for schedule(dynamic, 1)
+          for (int64_t task = 0; task < B * KV; ++task) {
+            const int64_t m = task / KV, h = task % KV, len = lp[m];
+            const int32_t* table = tables + m * mb;
+            const TA* qp = qa.data() + m * HD + h * G * hd;
+            TA* op = oa.data() + m * HD + h * G * hd;
+            std::vector<float>& buf = attn_buf_[t];
+            if (q8) {
+              std::vector<float> sc(static_cast<size_t>(2 * len));
+              const float* ksp = L.ks.data_ptr<float>();
+              const float* vsp = L.vs.data_ptr<float>();
+              for (int64_t l0 = 0; l0 < len; l0 += bs) {
+                const int64_t off = (static_cast<int64_t>(table[l0 / bs]) * KV + h) * bs, n = std::min(bs, len - l0);
+                std::memcpy(sc.data() + l0, ksp + off, sizeof(float) * n);
+                std::memcpy(sc.data() + len + l0, vsp + off, sizeof(float) * n);
+              }
+              const int8_t* kp = reinterpret_cast<const int8_t*>(L.kc.data_ptr());
+              const int8_t* vp = reinterpret_cast<const int8_t*>(L.vc.data_ptr());
+              const PagedKV<int8_t> kv{kp + h * bs * hd, vp + h * bs * hd, table, bs, stride, hd, (len + bs - 1) / bs};
+              attend<TA, int8_t>(qp, kv, sc.data(), sc.data() + len, len, G, hd, 1.0f / std::sqrt(float(hd)), op, buf);
+            } else if (L.kc.scalar_type() == at::kBFloat16) {
+              const BFloat16* kp = reinterpret_cast<const BFloat16*>(L.kc.data_ptr());
+              const BFloat16* vp = reinterpret_cast<const BFloat16*>(L.vc.data_ptr());
+              const PagedKV<BFloat16> kv{kp + h * bs * hd, vp + h * bs * hd, table, bs, stride, hd, (len + bs - 1) / bs};
+              attend<TA, BFloat16>(qp, kv, nullptr, nullptr, len, G, hd, 1.0f / std::sqrt(float(hd)), op, buf);
+            } else {
+              const float* kp = L.kc.data_ptr<float>();
+              const float* vp = L.vc.data_ptr<float>();
+              const PagedKV<float> kv{kp + h * bs * hd, vp + h * bs * hd, table, bs, stride, hd, (len + bs - 1) / bs};
+              attend<TA, float>(qp, kv, nullptr, nullptr, len, G, hd, 1.0f / std::sqrt(float(hd)), op, buf);
+            }
+          }  // implicit barrier
+          if (t == 0) ta += now() - mark;
+          (void)nblk;
+#pragma omp single
+          {
+            a_o_.reset(B, H * hd);
+            for (int64_t m = 0; m < B; ++m)
+              for (int64_t i = 0; i < H * hd; ++i) a_o_.x[m * H * hd + i] = to_f(oa[m * HD + i]);
+            ensure<TA>(a_o_, lins_[L.out]);
+          }
+        }
+        gemv_begin();
+        gemv<TA>(lins_[L.out], a_o_, y_.data(), t, T);
+#pragma omp barrier
+        gemv_end(tg);
+#pragma omp single
+        {  // residual, ffn norm, shared activations of w1 / w3
+          a_.reset(B, D);
+          for (int64_t m = 0; m < B; ++m) {
+            float* xr = x_.data() + m * D;
+            const float* yr = y_.data() + m * D;
+            for (int64_t d = 0; d < D; ++d) xr[d] = rnd<TA>(xr[d] + rnd<TA>(yr[d]));
+            rms_row<TA>(xr, L.ffn_norm, a_.row(m), D);
+          }
+          ensure<TA>(a_, lins_[L.w1]);
+          ensure<TA>(a_, lins_[L.w3]);
+        }
+        const Lin &l1 = lins_[L.w1], &l3 = lins_[L.w3];
+        gemv_begin();
+        gemv<TA>(l1, a_, big_.data(), t, T);
+        gemv<TA>(l3, a_, g_.data(), t, T);
+#pragma omp barrier
+        gemv_end(tg);
+#pragma omp single
+        {  // SiLU(w1 x) * w3 x
+          const int64_t F = l1.N;
+          a_ff_.reset(B, F);
+          for (int64_t i = 0; i < B * F; ++i) {
+            const float a = rnd<TA>(big_[i]);
+            a_ff_.x[i] = rnd<TA>(rnd<TA>(a / (1.0f + std::exp(-a))) * rnd<TA>(g_[i]));
+          }
+          ensure<TA>(a_ff_, lins_[L.w2]);
+        }
+        gemv_begin();
+        gemv<TA>(lins_[L.w2], a_ff_, y_.data(), t, T);
+#pragma omp barrier
+        gemv_end(tg);
+#pragma omp single
+        {
+          for (int64_t i = 0; i < B * D; ++i) x_[i] = rnd<TA>(x_[i] + rnd<TA>(y_[i]));
+        }
+      }
+#pragma omp single
+      {
+        a_.reset(B, D);
+        for (int64_t m = 0; m < B; ++m) rms_row<TA>(x_.data() + m * D, final_norm_, a_.row(m), D);
+        ensure<TA>(a_, lins_[head_]);
+      }
+      gemv_begin();
+      gemv<TA>(lins_[head_], a_, reinterpret_cast<TA*>(out.data_ptr()), t, T);
+#pragma omp barrier
+      gemv_end(tg);
+    }
+    const double total = now() - t_start;
+    t_gemv_ += tg;
+    t_attn_ += ta;
+    t_other_ += total - tg - ta;
+    ++steps_;
+  }
+};
+
+}  // namespace
+
+namespace py = pybind11;
+
+void register_decode(py::module_& m) {
+  py::class_<DecodePlan>(m, "DecodePlan", "The fused CPU decode step of one dense LFM2 model (lfm.engine.cpu_decode)")
+      .def(py::init<int64_t, double, bool, bool, at::Tensor, at::Tensor, at::Tensor, int64_t>(), py::arg("hidden"),
+           py::arg("eps"), py::arg("bf16"), py::arg("int4_a16"), py::arg("inv_freq"), py::arg("conv"),
+           py::arg("conv_snap"), py::arg("vocab"))
+      .def("add_linear", &DecodePlan::add_linear)
+      .def("add_conv", &DecodePlan::add_conv)
+      .def("add_attn", &DecodePlan::add_attn)
+      .def("add_mlp", &DecodePlan::add_mlp)
+      .def("set_head", &DecodePlan::set_head)
+      .def("step", &DecodePlan::step, py::call_guard<py::gil_scoped_release>())
+      .def("timings", &DecodePlan::timings)
+      .def("reset_timings", &DecodePlan::reset_timings);
+}
