@@ -46,6 +46,66 @@ def _linear(plan, m: nn.Module, dtype: torch.dtype) -> int | None:
     return None
 
 
+_lanes: int | None = None
+
+
+def sum_lanes() -> int:
+    """The vector width (8 or 16 floats) of ATen's float32 sum kernel on this CPU and torch build: the fused step sums
+    RMSNorm statistics in the same order (decode.cpp, aten_sum). Measured once against torch.sum."""
+    global _lanes
+    if _lanes is None:
+        g = torch.Generator().manual_seed(0)
+        xs = [torch.randn(n, generator=g) * 3 for n in (64, 256, 1024, 2048, 4608) for _ in range(4)]
+        _lanes = 8
+        for w in (8, 16):
+            if all(_emulated_sum(x.pow(2), w) == x.pow(2).sum().item() for x in xs):
+                _lanes = w
+                break
+    return _lanes
+
+
+def _emulated_sum(x: torch.Tensor, w: int) -> float:
+    """aten_sum's order in Python float32 arithmetic (numpy), to pick the width."""
+    import numpy as np
+
+    f32, v = np.float32, x.numpy().astype(np.float32)
+    n = len(v)
+    nv = n // w
+    size = nv // 4
+    lp = max(4, (0 if size <= 1 else (size - 1).bit_length()) // 4)
+    step, mask = 1 << lp, (1 << lp) - 1
+    acc = np.zeros((4, 4, w), np.float32)
+    vec = lambda e: v[e * w:(e + 1) * w]  # noqa: E731
+    i = 0
+    while i + step <= size:
+        for j in range(step):
+            for k in range(4):
+                acc[0, k] += vec((i + j) * 4 + k)
+        i += step
+        for lv in range(1, 4):
+            for k in range(4):
+                acc[lv, k] += acc[lv - 1, k]
+                acc[lv - 1, k] = 0
+            if i & (mask << (lv * lp)):
+                break
+    for i in range(i, size):
+        for k in range(4):
+            acc[0, k] += vec(i * 4 + k)
+    for lv in range(1, 4):
+        for k in range(4):
+            acc[0, k] += acc[lv, k]
+    for e in range(size * 4, nv):
+        acc[0, 0] += vec(e)
+    for k in range(1, 4):
+        acc[0, 0] += acc[0, k]
+    fin = f32(0)
+    for e in range(nv * w, n):
+        fin = f32(fin + v[e])
+    for lane in range(w):
+        fin = f32(fin + acc[0, 0, lane])
+    return float(fin)
+
+
 class FusedDecode:
     """One model's fused decode step over the engine's cache."""
 
@@ -70,7 +130,7 @@ class FusedDecode:
         inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_size, 2, dtype=torch.float) / c.head_size))
         snap = cache.conv_snap if cache.conv_snap is not None else torch.empty(0, dtype=dtype)
         plan = ext.DecodePlan(c.hidden_size, c.norm_eps, dtype == torch.bfloat16, _kernels.INT4_ACT_BITS == 16,
-                              inv_freq, cache.conv, snap, c.vocab_size)
+                              inv_freq, cache.conv, snap, c.vocab_size, sum_lanes())
         lin = lambda m: _linear(plan, m, dtype)  # noqa: E731
         with torch.no_grad():
             for i, layer in enumerate(model.model.layers):

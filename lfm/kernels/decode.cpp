@@ -73,6 +73,43 @@ inline float rnd(float v) {
   else return v;
 }
 
+// torch.sum of n float32 values in ATen's CPU order (aten/src/ATen/native/cpu/SumKernel.cpp, cascade sum): vectors of
+// W lanes, 4 interleaved vector accumulators carried up 4 levels every 16 (or more) steps, then the accumulators
+// added in order, a scalar tail, and the lanes left to right. W = the Vectorized<float> width ATen's sum kernel runs
+// with (lfm.engine.cpu_decode measures it against torch once). The RMSNorm statistics must have these bits: an ulp
+// of float32 there flips a bfloat16 rounding every few steps, and a greedy token some tens of tokens later.
+inline float aten_sum(const float* x, int64_t n, int W) {
+  const int64_t V = n >= W ? W : 1, nv = n / V, size = nv / 4;
+  const int64_t cl = size <= 1 ? 0 : 64 - __builtin_clzll(static_cast<uint64_t>(size - 1));
+  const int64_t lp = std::max<int64_t>(4, cl / 4), step = int64_t(1) << lp, mask = step - 1;
+  float acc[4][4][16] = {};
+  auto add = [V](float* a, const float* b) { for (int64_t l = 0; l < V; ++l) a[l] += b[l]; };
+  int64_t i = 0;
+  while (i + step <= size) {
+    for (int64_t j = 0; j < step; ++j)
+      for (int k = 0; k < 4; ++k) add(acc[0][k], x + ((i + j) * 4 + k) * V);
+    i += step;
+    for (int lv = 1; lv < 4; ++lv) {
+      for (int k = 0; k < 4; ++k) {
+        add(acc[lv][k], acc[lv - 1][k]);
+        std::fill(acc[lv - 1][k], acc[lv - 1][k] + 16, 0.0f);
+      }
+      if (i & (mask << (lv * lp))) break;
+    }
+  }
+  for (; i < size; ++i)
+    for (int k = 0; k < 4; ++k) add(acc[0][k], x + (i * 4 + k) * V);
+  for (int lv = 1; lv < 4; ++lv)
+    for (int k = 0; k < 4; ++k) add(acc[0][k], acc[lv][k]);
+  for (int64_t e = size * 4; e < nv; ++e) add(acc[0][0], x + e * V);
+  for (int k = 1; k < 4; ++k) add(acc[0][0], acc[0][k]);
+  if (V == 1) return acc[0][0][0];
+  float fin = 0.0f;
+  for (int64_t e = nv * V; e < n; ++e) fin += x[e];
+  for (int64_t l = 0; l < V; ++l) fin += acc[0][0][l];
+  return fin;
+}
+
 template <typename T>
 inline const T* ptr(const at::Tensor& t) {
   return reinterpret_cast<const T*>(t.data_ptr());
@@ -101,9 +138,14 @@ void int4_rows(const XQ4& X, bool a16, int64_t gs, int64_t m0, const uint8_t* W,
 class DecodePlan {
  public:
   DecodePlan(int64_t hidden, double eps, bool bf16, bool int4_a16, at::Tensor inv_freq, at::Tensor conv,
-             at::Tensor conv_snap, int64_t vocab)
+             at::Tensor conv_snap, int64_t vocab, int64_t sum_lanes)
       : D_(hidden), eps_(static_cast<float>(eps)), bf16_(bf16), a16_(int4_a16), inv_freq_(inv_freq.contiguous()),
-        conv_(conv), snap_(conv_snap), V_(vocab) {
+        conv_(conv), snap_(conv_snap), V_(vocab), lanes_(static_cast<int>(sum_lanes)) {
+    TORCH_CHECK(hidden > 0 && hidden <= 8192, "hidden size must be in 1 .. 8192");
+    if (snap_.defined() && snap_.numel() == 0) snap_ = at::Tensor();  // prefix caching off: no snapshots
+    TORCH_CHECK(!snap_.defined() || (snap_.dim() == 4 && snap_.is_contiguous() && snap_.size(2) == conv_.size(2)),
+                "conv snapshots must be [C, num_blocks, L-1, D]");
+    TORCH_CHECK(lanes_ == 8 || lanes_ == 16, "sum_lanes must be 8 or 16");
     TORCH_CHECK(inv_freq_.scalar_type() == at::kFloat, "inv_freq must be float32");
     TORCH_CHECK(conv_.is_contiguous() && conv_.dim() == 4 && conv_.size(3) == D_, "conv pool must be [C, slots, L-1, D]");
   }
@@ -245,6 +287,7 @@ class DecodePlan {
   bool bf16_, a16_;
   at::Tensor inv_freq_, conv_, snap_;
   int64_t V_;
+  int lanes_;
   std::vector<Lin> lins_;
   std::vector<Layer> layers_;
   at::Tensor final_norm_;
@@ -261,9 +304,9 @@ class DecodePlan {
   // norm(src row) -> dst row: statistics in float32, normalized value rounded, times the weight, rounded
   template <typename TA>
   void rms_row(const float* src, const at::Tensor& w, float* dst, int64_t n) const {
-    float ss = 0.0f;
-    for (int64_t i = 0; i < n; ++i) ss += src[i] * src[i];
-    const float r = 1.0f / std::sqrt(ss / static_cast<float>(n) + eps_);
+    float sq[8192];  // n <= 8192: checked when the plan is built
+    for (int64_t i = 0; i < n; ++i) sq[i] = src[i] * src[i];
+    const float r = 1.0f / std::sqrt(aten_sum(sq, n, lanes_) / static_cast<float>(n) + eps_);
     const TA* wp = ptr<TA>(w);
     for (int64_t i = 0; i < n; ++i) dst[i] = rnd<TA>(to_f(wp[i]) * rnd<TA>(src[i] * r));
   }
@@ -389,15 +432,17 @@ class DecodePlan {
               float* o = a_o_.row(m);
               for (int64_t d = 0; d < D; ++d) {
                 const float bx = rnd<TA>(rnd<TA>(r[d]) * rnd<TA>(r[2 * D + d]));
-                float z = to_f(st[d]) * to_f(w[d * Lk]);
-                for (int64_t j = 1; j < L1; ++j) z = z + to_f(st[j * D + d]) * to_f(w[d * Lk + j]);
+                float z = 0.0f;  // taps oldest first, as the general path sums them (0 + a b = a b exactly)
+                for (int64_t j = 0; j < L1; ++j) z = z + to_f(st[j * D + d]) * to_f(w[d * Lk + j]);
                 z = z + bx * to_f(w[d * Lk + L1]);
                 if (bias) z = z + to_f(bias[d]);
                 o[d] = rnd<TA>(rnd<TA>(r[D + d]) * rnd<TA>(z));
-                for (int64_t j = 0; j + 1 < L1; ++j) st[j * D + d] = st[(j + 1) * D + d];
-                st[(L1 - 1) * D + d] = TA(bx);
+                if (L1 > 0) {
+                  for (int64_t j = 0; j + 1 < L1; ++j) st[j * D + d] = st[(j + 1) * D + d];
+                  st[(L1 - 1) * D + d] = TA(bx);
+                }
               }
-              if (snapb[m] >= 0 && snapb[m] < nsnap)
+              if (snapb[m] >= 0 && snapb[m] < nsnap && L1 > 0)
                 std::memcpy(snapp + ((L.ci * nsnap) + snapb[m]) * L1 * D, st, sizeof(TA) * L1 * D);
             }
             ensure<TA>(a_o_, lins_[L.out]);
@@ -581,9 +626,9 @@ namespace py = pybind11;
 
 void register_decode(py::module_& m) {
   py::class_<DecodePlan>(m, "DecodePlan", "The fused CPU decode step of one dense LFM2 model (lfm.engine.cpu_decode)")
-      .def(py::init<int64_t, double, bool, bool, at::Tensor, at::Tensor, at::Tensor, int64_t>(), py::arg("hidden"),
-           py::arg("eps"), py::arg("bf16"), py::arg("int4_a16"), py::arg("inv_freq"), py::arg("conv"),
-           py::arg("conv_snap"), py::arg("vocab"))
+      .def(py::init<int64_t, double, bool, bool, at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t>(),
+           py::arg("hidden"), py::arg("eps"), py::arg("bf16"), py::arg("int4_a16"), py::arg("inv_freq"),
+           py::arg("conv"), py::arg("conv_snap"), py::arg("vocab"), py::arg("sum_lanes"))
       .def("add_linear", &DecodePlan::add_linear)
       .def("add_conv", &DecodePlan::add_conv)
       .def("add_attn", &DecodePlan::add_attn)
