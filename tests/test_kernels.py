@@ -257,7 +257,7 @@ def test_bf16_linear_swap_keeps_the_module_and_defers_where_it_should(on, monkey
         assert model[0].weight.grad is not None and xg.grad is not None
     f32 = torch.nn.Linear(4, 4)
     assert use_cpu_kernels(f32) == 0 and type(f32) is torch.nn.Linear  # only bfloat16 weights
-    monkeypatch.setattr(kernels, "bf16_faster", lambda: False)  # a CPU with native bfloat16: leave nn.Linear alone
+    monkeypatch.setattr(kernels, "bf16_faster", lambda: False)  # kernels unavailable: leave nn.Linear alone
     other = torch.nn.Linear(4, 4).bfloat16()
     assert use_cpu_kernels(other) == 0 and type(other) is torch.nn.Linear
 

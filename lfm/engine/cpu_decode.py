@@ -162,6 +162,9 @@ class FusedDecode:
             if head is None:
                 return None
             plan.set_head(model.model.embedding_norm.weight.detach(), head)
+            if dtype == torch.bfloat16:  # SiLU of all 65,536 bfloat16 values, exactly as the general path rounds it
+                allv = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+                plan.set_silu_table(torch.nn.functional.silu(allv).float().contiguous())
         rows = MAX_ROWS
         if dtype == torch.bfloat16 and _kernels.native_bf16():
             rows = _kernels.DEQUANT_ROWS - 1  # from there the general path's dequantized bf16 matmuls win

@@ -78,7 +78,58 @@ inline float rnd(float v) {
 // added in order, a scalar tail, and the lanes left to right. W = the Vectorized<float> width ATen's sum kernel runs
 // with (lfm.engine.cpu_decode measures it against torch once). The RMSNorm statistics must have these bits: an ulp
 // of float32 there flips a bfloat16 rounding every few steps, and a greedy token some tens of tokens later.
+inline float aten_sum_scalar(const float* x, int64_t n, int W);
+
+// the same order with each W-lane vector as W / 8 AVX registers (lane-wise adds: the same bits)
+template <int R>
+inline float aten_sum_vec(const float* x, int64_t n) {
+  constexpr int64_t V = 8 * R;
+  const int64_t nv = n / V, size = nv / 4;
+  const int64_t cl = size <= 1 ? 0 : 64 - __builtin_clzll(static_cast<uint64_t>(size - 1));
+  const int64_t lp = std::max<int64_t>(4, cl / 4), step = int64_t(1) << lp, mask = step - 1;
+  __m256 acc[4][4][R];
+  for (auto& a : acc)
+    for (auto& b : a)
+      for (auto& c : b) c = _mm256_setzero_ps();
+  auto add = [&](__m256* a, const float* b) __attribute__((always_inline)) {
+    for (int r = 0; r < R; ++r) a[r] = _mm256_add_ps(a[r], _mm256_loadu_ps(b + 8 * r));
+  };
+  auto addv = [&](__m256* a, const __m256* b) __attribute__((always_inline)) {
+    for (int r = 0; r < R; ++r) a[r] = _mm256_add_ps(a[r], b[r]);
+  };
+  int64_t i = 0;
+  while (i + step <= size) {
+    for (int64_t j = 0; j < step; ++j)
+      for (int k = 0; k < 4; ++k) add(acc[0][k], x + ((i + j) * 4 + k) * V);
+    i += step;
+    for (int lv = 1; lv < 4; ++lv) {
+      for (int k = 0; k < 4; ++k) {
+        addv(acc[lv][k], acc[lv - 1][k]);
+        for (int r = 0; r < R; ++r) acc[lv - 1][k][r] = _mm256_setzero_ps();
+      }
+      if (i & (mask << (lv * lp))) break;
+    }
+  }
+  for (; i < size; ++i)
+    for (int k = 0; k < 4; ++k) add(acc[0][k], x + (i * 4 + k) * V);
+  for (int lv = 1; lv < 4; ++lv)
+    for (int k = 0; k < 4; ++k) addv(acc[0][k], acc[lv][k]);
+  for (int64_t e = size * 4; e < nv; ++e) add(acc[0][0], x + e * V);
+  for (int k = 1; k < 4; ++k) addv(acc[0][0], acc[0][k]);
+  float fin = 0.0f;
+  for (int64_t e = nv * V; e < n; ++e) fin += x[e];
+  alignas(32) float lanes[V];
+  for (int r = 0; r < R; ++r) _mm256_store_ps(lanes + 8 * r, acc[0][0][r]);
+  for (int64_t l = 0; l < V; ++l) fin += lanes[l];
+  return fin;
+}
+
 inline float aten_sum(const float* x, int64_t n, int W) {
+  if (n >= W) return W == 8 ? aten_sum_vec<1>(x, n) : aten_sum_vec<2>(x, n);
+  return aten_sum_scalar(x, n, W);
+}
+
+inline float aten_sum_scalar(const float* x, int64_t n, int W) {
   const int64_t V = n >= W ? W : 1, nv = n / V, size = nv / 4;
   const int64_t cl = size <= 1 ? 0 : 64 - __builtin_clzll(static_cast<uint64_t>(size - 1));
   const int64_t lp = std::max<int64_t>(4, cl / 4), step = int64_t(1) << lp, mask = step - 1;
@@ -108,6 +159,30 @@ inline float aten_sum(const float* x, int64_t n, int W) {
   for (int64_t e = nv * V; e < n; ++e) fin += x[e];
   for (int64_t l = 0; l < V; ++l) fin += acc[0][0][l];
   return fin;
+}
+
+// 8 floats rounded to bfloat16 (nearest even, as c10::BFloat16(float): NaN stays NaN) and widened back
+inline __m256 rnd8_bf16(__m256 v) {
+  const __m256i b = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(b, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(b, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF)));
+  r = _mm256_and_si256(r, _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u)));
+  const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+  return _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)), nan);
+}
+
+template <typename T>
+inline __m256 rnd8(__m256 v) {
+  if constexpr (std::is_same_v<T, BFloat16>) return rnd8_bf16(v);
+  else return v;
+}
+
+// 8 values already rounded to T (rnd8) stored as T
+inline void store8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+inline void store8(BFloat16* p, __m256 v) {
+  const __m256i s = _mm256_srli_epi32(_mm256_castps_si256(v), 16);
+  const __m256i q = _mm256_permute4x64_epi64(_mm256_packus_epi32(s, s), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(q));
 }
 
 template <typename T>
@@ -229,6 +304,11 @@ class DecodePlan {
                 "MLP projections do not match");
   }
 
+  void set_silu_table(at::Tensor t) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == 65536 && t.is_contiguous(), "SiLU table: float32 [65536]");
+    silu_ = t;
+  }
+
   void set_head(at::Tensor norm, int64_t head) {
     final_norm_ = norm.contiguous();
     head_ = static_cast<int>(head);
@@ -241,7 +321,7 @@ class DecodePlan {
   at::Tensor step(const at::Tensor& x, const at::Tensor& positions, const at::Tensor& slots,
                   const at::Tensor& conv_slots, const at::Tensor& snap_blocks, const at::Tensor& block_tables,
                   const at::Tensor& lens) {
-    TORCH_CHECK(head_ >= 0 && !layers_.empty(), "DecodePlan is incomplete");
+    TORCH_CHECK(head_ >= 0 && !layers_.empty() && (!bf16_ || silu_.defined()), "DecodePlan is incomplete");
     TORCH_CHECK(x.dim() == 2 && x.size(1) == D_ && x.is_contiguous() &&
                     x.scalar_type() == (bf16_ ? at::kBFloat16 : at::kFloat),
                 "x must be a contiguous [B, hidden] tensor in the activation dtype");
@@ -255,7 +335,8 @@ class DecodePlan {
     for (int64_t b = 0; b < B; ++b) {
       const int64_t cs = conv_slots.data_ptr<int64_t>()[b], sb = snap_blocks.data_ptr<int64_t>()[b];
       TORCH_CHECK(cs >= 0 && cs < slots_n, "conv slot out of range");
-      TORCH_CHECK(sb < 0 || (snap_.defined() && sb < snap_.size(1)), "snapshot block out of range");
+      TORCH_CHECK(sb < 0 || conv_.size(2) == 0 || (snap_.defined() && sb < snap_.size(1)),
+                  "snapshot block out of range");
     }
     for (const Layer& L : layers_) {
       if (!L.attn) continue;
@@ -288,6 +369,7 @@ class DecodePlan {
   at::Tensor inv_freq_, conv_, snap_;
   int64_t V_;
   int lanes_;
+  at::Tensor silu_;  // bfloat16 activations: float32 [65536], SiLU of each bfloat16 bit pattern as torch rounds it
   std::vector<Lin> lins_;
   std::vector<Layer> layers_;
   at::Tensor final_norm_;
@@ -304,11 +386,28 @@ class DecodePlan {
   // norm(src row) -> dst row: statistics in float32, normalized value rounded, times the weight, rounded
   template <typename TA>
   void rms_row(const float* src, const at::Tensor& w, float* dst, int64_t n) const {
-    float sq[8192];  // n <= 8192: checked when the plan is built
-    for (int64_t i = 0; i < n; ++i) sq[i] = src[i] * src[i];
+    alignas(32) float sq[8192];  // n <= 8192: checked when the plan is built
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256 v = _mm256_loadu_ps(src + i);
+      _mm256_storeu_ps(sq + i, _mm256_mul_ps(v, v));
+    }
+    for (; i < n; ++i) sq[i] = src[i] * src[i];
     const float r = 1.0f / std::sqrt(aten_sum(sq, n, lanes_) / static_cast<float>(n) + eps_);
     const TA* wp = ptr<TA>(w);
-    for (int64_t i = 0; i < n; ++i) dst[i] = rnd<TA>(to_f(wp[i]) * rnd<TA>(src[i] * r));
+    const __m256 vr = _mm256_set1_ps(r);
+    for (i = 0; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(dst + i, rnd8<TA>(_mm256_mul_ps(load8(wp + i), rnd8<TA>(_mm256_mul_ps(_mm256_loadu_ps(src + i), vr)))));
+    for (; i < n; ++i) dst[i] = rnd<TA>(to_f(wp[i]) * rnd<TA>(src[i] * r));
+  }
+
+  // x = x + y, both rounded to TA as the general path's residual add
+  template <typename TA>
+  static void residual(float* x, const float* y, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+      _mm256_storeu_ps(x + i, rnd8<TA>(_mm256_add_ps(_mm256_loadu_ps(x + i), rnd8<TA>(_mm256_loadu_ps(y + i)))));
+    for (; i < n; ++i) x[i] = rnd<TA>(x[i] + rnd<TA>(y[i]));
   }
 
   template <typename TA>
@@ -430,7 +529,25 @@ class DecodePlan {
               const float* r = big_.data() + m * 3 * D;
               TA* st = convp + ((L.ci * nslots) + cslot[m]) * L1 * D;  // [L-1, D]
               float* o = a_o_.row(m);
-              for (int64_t d = 0; d < D; ++d) {
+              int64_t d0 = 0;
+              if (bias == nullptr)
+                for (; d0 + 8 <= D; d0 += 8) {  // w is [D, L]: the taps of 8 channels gathered once per step
+                  const __m256 bx = rnd8<TA>(_mm256_mul_ps(rnd8<TA>(_mm256_loadu_ps(r + d0)),
+                                                           rnd8<TA>(_mm256_loadu_ps(r + 2 * D + d0))));
+                  alignas(32) float wt[16][8];
+                  for (int64_t j = 0; j <= L1; ++j)
+                    for (int c = 0; c < 8; ++c) wt[j][c] = to_f(w[(d0 + c) * Lk + j]);
+                  __m256 z = _mm256_setzero_ps();
+                  for (int64_t j = 0; j < L1; ++j)
+                    z = _mm256_add_ps(z, _mm256_mul_ps(load8(st + j * D + d0), _mm256_load_ps(wt[j])));
+                  z = _mm256_add_ps(z, _mm256_mul_ps(bx, _mm256_load_ps(wt[L1])));
+                  _mm256_storeu_ps(o + d0, rnd8<TA>(_mm256_mul_ps(rnd8<TA>(_mm256_loadu_ps(r + D + d0)), rnd8<TA>(z))));
+                  if (L1 > 0) {
+                    for (int64_t j = 0; j + 1 < L1; ++j) std::memcpy(st + j * D + d0, st + (j + 1) * D + d0, 8 * sizeof(TA));
+                    store8(st + (L1 - 1) * D + d0, bx);
+                  }
+                }
+              for (int64_t d = d0; d < D; ++d) {
                 const float bx = rnd<TA>(rnd<TA>(r[d]) * rnd<TA>(r[2 * D + d]));
                 float z = 0.0f;  // taps oldest first, as the general path sums them (0 + a b = a b exactly)
                 for (int64_t j = 0; j < L1; ++j) z = z + to_f(st[j * D + d]) * to_f(w[d * Lk + j]);
@@ -570,7 +687,7 @@ class DecodePlan {
           for (int64_t m = 0; m < B; ++m) {
             float* xr = x_.data() + m * D;
             const float* yr = y_.data() + m * D;
-            for (int64_t d = 0; d < D; ++d) xr[d] = rnd<TA>(xr[d] + rnd<TA>(yr[d]));
+            residual<TA>(xr, yr, D);
             rms_row<TA>(xr, L.ffn_norm, a_.row(m), D);
           }
           ensure<TA>(a_, lins_[L.w1]);
@@ -586,7 +703,23 @@ class DecodePlan {
         {  // SiLU(w1 x) * w3 x
           const int64_t F = l1.N;
           a_ff_.reset(B, F);
-          for (int64_t i = 0; i < B * F; ++i) {
+          int64_t i = 0;
+          if constexpr (std::is_same_v<TA, BFloat16>) {  // SiLU of every bfloat16 value: torch's own, tabulated
+            const float* tab = silu_.data_ptr<float>();
+            for (; i + 8 <= B * F; i += 8) {
+              const __m256 a = rnd8_bf16(_mm256_loadu_ps(big_.data() + i));
+              const __m256i idx = _mm256_srli_epi32(_mm256_castps_si256(a), 16);
+              const __m256 sa = _mm256_i32gather_ps(tab, idx, 4);
+              _mm256_storeu_ps(a_ff_.x.data() + i, rnd8_bf16(_mm256_mul_ps(sa, rnd8_bf16(_mm256_loadu_ps(g_.data() + i)))));
+            }
+            for (; i < B * F; ++i) {
+              const float a = rnd<TA>(big_[i]);
+              uint32_t bits;
+              std::memcpy(&bits, &a, 4);
+              a_ff_.x[i] = rnd<TA>(tab[bits >> 16] * rnd<TA>(g_[i]));
+            }
+          }
+          for (; i < B * F; ++i) {
             const float a = rnd<TA>(big_[i]);
             a_ff_.x[i] = rnd<TA>(rnd<TA>(a / (1.0f + std::exp(-a))) * rnd<TA>(g_[i]));
           }
@@ -598,7 +731,7 @@ class DecodePlan {
         gemv_end(tg);
 #pragma omp single
         {
-          for (int64_t i = 0; i < B * D; ++i) x_[i] = rnd<TA>(x_[i] + rnd<TA>(y_[i]));
+          residual<TA>(x_.data(), y_.data(), B * D);
         }
       }
 #pragma omp single
@@ -634,6 +767,7 @@ void register_decode(py::module_& m) {
       .def("add_attn", &DecodePlan::add_attn)
       .def("add_mlp", &DecodePlan::add_mlp)
       .def("set_head", &DecodePlan::set_head)
+      .def("set_silu_table", &DecodePlan::set_silu_table)
       .def("step", &DecodePlan::step, py::call_guard<py::gil_scoped_release>())
       .def("timings", &DecodePlan::timings)
       .def("reset_timings", &DecodePlan::reset_timings);

@@ -1,8 +1,10 @@
-"""bfloat16 linears for CPUs without bfloat16 arithmetic: the same module, a faster kernel (a class swap, no copy).
+"""bfloat16 linears on lfm.kernels' bf16 kernel where it is faster: the same module (a class swap, no copy).
 
 On AVX2-only CPUs PyTorch multiplies bfloat16 matrices through an emulation: a bfloat16 model decodes at half the
 speed its weight bytes allow and prefills 4-8x slower than in float32. `Bf16Linear` keeps the bfloat16 weights (half
-the memory of float32) and runs `lfm.kernels.bf16_linear`, which widens them to float32 in registers. Inference only:
+the memory of float32) and runs `lfm.kernels.bf16_linear`, which widens them to float32 in registers. On CPUs with
+native bfloat16 (AVX-512 BF16 / AMX) it does so for decode-sized batches only, where reading the weights is all
+that counts and the kernel beats oneDNN; prefill stays on oneDNN (`kernels.bf16_kernel_rows`). Inference only:
 with autograd, on other devices or where the kernels are unavailable it is exactly `nn.Linear`.
 """
 
@@ -17,13 +19,15 @@ from .. import kernels as _kernels
 
 class Bf16Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = _kernels.bf16_linear(x, self.weight, self.bias)
+        y = None
+        if x.dim() and x.numel() <= _kernels.bf16_kernel_rows() * x.shape[-1]:  # else oneDNN's native bf16 wins
+            y = _kernels.bf16_linear(x, self.weight, self.bias)
         return y if y is not None else F.linear(x, self.weight, self.bias)
 
 
 def use_cpu_kernels(model: nn.Module) -> int:
     """Turn every bfloat16 CPU `nn.Linear` of the model into a `Bf16Linear` (in place, state dict unchanged) where
-    that is faster: the kernels are available and the CPU has no native bfloat16 matmul. Returns how many changed."""
+    that is faster for some batch sizes (kernels available). Returns how many changed."""
     if not _kernels.bf16_faster():
         return 0
     n = 0
