@@ -78,7 +78,18 @@ class LfmEngine:
 
     def run(self, prompts: list[list[int]], n: int) -> tuple[float, float, list[int]]:
         sp = self.sp(temperature=0, max_tokens=n, ignore_eos=True)
-        return self.clock.run(lambda: self.llm.generate(prompts, sp)[0].token_ids, n)
+        fused = self.llm.engine.runner.fused
+        if fused is not None:
+            fused.reset_timings()
+        ttft, dt, toks = self.clock.run(lambda: self.llm.generate(prompts, sp)[0].token_ids, n)
+        self.last_split = None  # ms per decode step: the fused step's GEMVs / attention / rest, and outside it
+        t = fused.timings() if fused is not None else {"steps": 0}
+        if t["steps"] and n > 1:
+            k = t["steps"]
+            sp_ = {"gemv": t["gemv_s"] / k, "attention": t["attention_s"] / k, "other": t["other_s"] / k}
+            sp_["outside"] = dt / (n - 1) - sum(sp_.values())
+            self.last_split = {key: v * 1e3 for key, v in sp_.items()}
+        return ttft, dt, toks
 
 
 class HfEngine:
@@ -172,6 +183,8 @@ def worker(engine: str, work: Path, threads: int) -> None:
             else:  # decode
                 _, dt, toks = eng.run(spec["decode"][:cmd["rows"]], cmd["n"])
                 r = {"v": cmd["rows"] * (cmd["n"] - 1) / dt, "tokens": toks}
+                if getattr(eng, "last_split", None):
+                    r["split"] = eng.last_split
         except Exception as e:  # noqa: BLE001
             r = {"error": f"{type(e).__name__}: {e}"}
         proto.write(json.dumps(r) + "\n")
@@ -299,6 +312,8 @@ def main() -> None:
             print(f"  {w.key} {name}: {r['error']}", file=sys.stderr, flush=True)
         elif store:
             res[w.key][name].append(r["v"])
+            if "split" in r:
+                res[w.key].setdefault(name + "_split", []).append(r["split"])
         return r
 
     try:
@@ -390,6 +405,17 @@ def report(a: argparse.Namespace, engines: list[str], res: dict, build_s: float,
         ratios[label] = row
         print(f"| {label} | " + " | ".join("n/a" if c is None else f"{c['ratio']:.2f}x" + (
             f" ({ENGINES[c['num']][0]} / {ENGINES[c['den']][0]})" if "*" in x + y else "") for c in row.values()) + " |")
+    split_rows = [(e, k) for e in engines for k in ("decode_b1", "decode_batch") if res[e].get(k + "_split")]
+    if split_rows:
+        print("\n| lfm decode step, ms per step (median repeat) | weight GEMVs | attention | rest of the fused step "
+              "| outside it (scheduler, sampler, Python) | GEMV share |\n|---|---:|---:|---:|---:|---:|")
+        for e, k in split_rows:
+            sps = sorted(res[e][k + "_split"], key=lambda d: sum(d.values()))
+            m = sps[len(sps) // 2]
+            res[e][k + "_split_median"] = m
+            print(f"| {ENGINES[e][0]}, {'batch 1' if k == 'decode_b1' else f'batch {a.batch}'} | {m['gemv']:.2f} | "
+                  f"{m['attention']:.2f} | {m['other']:.2f} | {m['outside']:.2f} | "
+                  f"{100 * m['gemv'] / sum(m.values()):.0f}% |")
     errs = [f"- {ENGINES[e][0]} {k}: {v}" for e in engines for k, v in res[e]["errors"].items()]
     print("\nn/a or errors:\n" + "\n".join(errs)) if errs else None
     print(f"\n(build + export {build_s:.0f} s, total wall time {wall:.0f} s)")

@@ -138,7 +138,11 @@ class LLMEngine:
         if not due:
             return out
         seqs = [s for s, _ in due]
-        logits = result.logits[torch.tensor([r for _, r in due], device=result.logits.device)]
+        rows = [r for _, r in due]
+        if rows == list(range(result.logits.shape[0])):  # every row, in order (decode steps): no gather copy
+            logits = result.logits
+        else:
+            logits = result.logits[torch.tensor(rows, device=result.logits.device)]
         try:
             tokens, records = self.sampler(logits, seqs)
         except Exception as e:  # noqa: BLE001  these sequences cannot go on; the others are untouched

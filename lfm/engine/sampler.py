@@ -65,6 +65,14 @@ class Sampler:
         for s in seqs:
             s.sampling_state(logits.device)
         want_lp = [s.params.logprobs is not None for s in seqs]
+        if not any(want_lp) and all(s.generator is None and s.seen is None and s.counts is None and s.constraint is None
+                                    and not s.params.logit_bias for s in seqs):
+            # greedy with nothing to apply (the common decode): one pass; max propagates NaN, so a NaN row shows
+            vals, out = logits.max(-1)  # ties: the first index, as argmax
+            tokens = out.tolist()
+            for i in torch.isnan(vals).nonzero().flatten().tolist():
+                tokens[i] = -1
+            return tokens, [None] * n
         raw_lp = torch.log_softmax(logits, -1) if any(want_lp) else None
         logits = self._penalize(logits.clone(), seqs)
         forced = self._constrain(logits, seqs)
