@@ -19,7 +19,7 @@ peak RSS, in one run.
   n_threads = n_threads_batch = --threads), so at most one 8B model is in memory and each peak RSS is clean.
 * prefill tok/s = prompt_len / (call start -> end of the prefill forward) for one --prompt-len prompt; decode tok/s =
   (gen_len - 1) / (end of the first forward -> end of the last) after an 8-token prompt, greedy, EOS ignored. lfm: one
-  `LLM.generate` call, forward ends from a forward hook; llama.cpp: llama-cpp-python's low-level API (as
+  `LLM.generate` call, forward ends from the engine's model-runner step (general or fused CPU decode step); llama.cpp: llama-cpp-python's low-level API (as
   benchmarks/edge_bench.py: one llama_decode per step, argmax on the logits), forward ends when llama_decode returns.
 * Per engine process: one warm-up (prefill + a short decode), then --repeats timed runs; --rounds processes per
   engine, engines alternating (lfm, llama.cpp, lfm, ...); min / median / max over all runs, ratios of medians.
@@ -163,9 +163,17 @@ class LfmEngine:
 
         model = random_int4_model(a.preset, getattr(torch, dtype), seed=a.seed)
         self.llm, self.sp = LLM(model, enable_prefix_caching=False), SamplingParams
-        self.ends: list[float] = []  # the end of every forward pass (one per generated token)
-        self.llm.model.register_forward_hook(lambda *_: self.ends.append(time.perf_counter()))
-        self.info = {"kernels": lfm.kernels.available()}
+        self.ends: list[float] = []  # the end of every engine step (one forward, general or fused, per token)
+        runner = self.llm.engine.runner
+        run = runner.run
+
+        def timed(*args, **kw):
+            out = run(*args, **kw)
+            self.ends.append(time.perf_counter())
+            return out
+
+        runner.run = timed
+        self.info = {"kernels": lfm.kernels.available(), "fused_decode": runner.fused is not None}
 
     def run(self, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
         """(seconds to the end of the prefill forward, seconds from there to the end of the last forward, tokens)."""

@@ -116,9 +116,32 @@ def test_first_step_of_one_token_prompt_and_full_forward(monkeypatch, one_thread
     check_against_full_forward(m, rec)
 
 
+@pytest.mark.parametrize("cfg", ["moe", "moe-nobias-nonorm-scaled", "moe-top1-untied-kernel4", "moe-topall-scaled"])
+@pytest.mark.parametrize("quant", [4, 8])
+def test_fused_moe_step_equals_general_step(monkeypatch, one_thread, cfg, quant):
+    """Router, top-k, the chosen experts and their weighted sum inside the fused step: batch 1 (one float sum of
+    the k outputs) and 3 sequences (expert-ordered adds) both match the general path."""
+    m = _model(cfg, torch.bfloat16, quant)
+    _, ta, ra = _run(monkeypatch, m, False, block_size=4)
+    llm, tb, rb = _run(monkeypatch, m, True, block_size=4)
+    assert tb == ta
+    _compare(ra, rb, torch.bfloat16)
+    assert llm.engine.runner.fused.timings()["steps"] >= 19
+    for fused in (False, True):  # one sequence alone: the batch-1 combine
+        monkeypatch.setenv("LFM_FUSED_DECODE", "1" if fused else "0")
+        llm1 = LLM(m)
+        rec = capture(llm1)
+        llm1.generate([PROMPTS[1]], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+        if fused:
+            _compare(ref1, {tuple(t): x for t, x in rec}, torch.bfloat16)
+        else:
+            ref1 = {tuple(t): x for t, x in rec}
+
+
 def test_declines_what_it_cannot_run(monkeypatch):
     monkeypatch.setenv("LFM_FUSED_DECODE", "1")
-    assert LLM(random_model(CONFIGS["moe"]).to(torch.bfloat16)).engine.runner.fused is None  # MoE: general path
+    assert LLM(random_model(CONFIGS["moe"]).to(torch.bfloat16)).engine.runner.fused is None  # unquantized experts
+    assert LLM(_model("moe", torch.float32, 4)).engine.runner.fused is None  # MoE with float32 activations
     assert LLM(random_model(CONFIGS["dense-conv-bias"]).to(torch.bfloat16)).engine.runner.fused is None
     assert LLM(random_model(CONFIGS["dense"])).engine.runner.fused is None  # float32 weights: no float GEMV here
     monkeypatch.setenv("LFM_FUSED_DECODE", "0")

@@ -264,6 +264,17 @@ def test_q4_linears_load_as_int4_layers(name, type, checkpoints, tmp_path):
         assert kept.get_submodule(n).group_size == 32
         assert isinstance(deq.get_submodule(n), torch.nn.Linear), n
         torch.testing.assert_close(kept.get_submodule(n).dequantize(), deq.get_submodule(n).weight, rtol=0, atol=1e-6)
+    exps = [s for s in tensor_specs(kept.config) if s.hf.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    if exps and all(g.tensors[s.gguf].type == TYPES[type][0] for s in exps):  # Q4 experts stay quantized too
+        from lfm.model.quant import QuantExperts
+
+        for layer, ref in zip(kept.model.layers, deq.model.layers):
+            if hasattr(layer.feed_forward, "experts"):
+                qe = layer.feed_forward.experts
+                assert isinstance(qe, QuantExperts) and qe.gate_up.bits == 4 and qe.gate_up.group_size == 32
+                d = qe.dequantize()
+                torch.testing.assert_close(d.gate_up_proj, ref.feed_forward.experts.gate_up_proj, rtol=0, atol=1e-6)
+                torch.testing.assert_close(d.down_proj, ref.feed_forward.experts.down_proj, rtol=0, atol=1e-6)
     assert isinstance(kept.model.embed_tokens, torch.nn.Embedding)
     if kept.config.tie_word_embeddings:
         assert kept.lm_head.weight is kept.model.embed_tokens.weight

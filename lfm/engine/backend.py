@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from .. import kernels as _kernels
 from .cache import PagedCache
 
+MASK_BYTES = 64 << 20  # the largest float attention mask one prefill attention call may build (see prefill_attention)
+
 
 @dataclass(slots=True)
 class StepBatch:
@@ -92,12 +94,23 @@ class TorchBackend:
             kk, vv = k.transpose(0, 1), v.transpose(0, 1)
         else:
             kk, vv = self.cache.read_kv(layer, blocks, context_len, q.dtype)
-        mask = None
-        if start:
-            mask = torch.arange(context_len, device=q.device)[None] <= torch.arange(start, context_len, device=q.device)[:, None]
-        o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kk[None], vv[None], attn_mask=mask,
-                                           is_causal=start == 0 and n > 1, enable_gqa=H != kk.shape[0])
-        return o[0].transpose(0, 1)
+        if start == 0:
+            o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kk[None], vv[None], is_causal=n > 1,
+                                               enable_gqa=H != kk.shape[0])
+            return o[0].transpose(0, 1)
+        # a chunk after cached positions needs a mask [queries, keys], which SDPA widens to float: at 32K keys a
+        # 2,048-query chunk would hold 256 MiB for it. Queries go in blocks whose mask stays under MASK_BYTES
+        # (bounded prefill memory at any context length; the keys are read once per block).
+        qb = max(16, min(n, MASK_BYTES // (4 * context_len)))
+        out = torch.empty_like(q)
+        keys = torch.arange(context_len, device=q.device)
+        for a in range(0, n, qb):
+            e = min(n, a + qb)
+            mask = keys[None] <= torch.arange(start + a, start + e, device=q.device)[:, None]
+            o = F.scaled_dot_product_attention(q[a:e].transpose(0, 1)[None], kk[None], vv[None], attn_mask=mask,
+                                               enable_gqa=H != kk.shape[0])
+            out[a:e] = o[0].transpose(0, 1)
+        return out
 
     def decode_attention(self, layer: int, q: torch.Tensor) -> torch.Tensor:
         """One query per sequence over its blocks (keys already written): [S, H, hd]. Gathers every sequence's

@@ -21,6 +21,8 @@ import torch
 
 from ..model.config import LfmConfig
 
+READ_CHUNK_BYTES = 8 << 20  # read_kv's float32 temporaries per slice of blocks
+
 
 @dataclass(slots=True)
 class PagedCache:
@@ -94,12 +96,18 @@ class PagedCache:
         """One sequence's keys and values at positions 0..length-1 as [kv_heads, length, head_dim] in `dtype`
         (gathered from its blocks; int8 dequantized)."""
         out = []
+        bs = self.block_size
         for buf, sc in ((self.k, self.k_scale), (self.v, self.v_scale)):
-            x = buf[layer][blocks]  # [nb, KV, bs, hd]
-            if sc:
-                x = x.float() * sc[layer][blocks][..., None]
-            x = x.transpose(0, 1).reshape(x.shape[1], -1, x.shape[-1])[:, :length]
-            out.append(x.to(dtype))
+            pool = buf[layer]
+            res = torch.empty(pool.shape[1], blocks.numel() * bs, pool.shape[-1], dtype=dtype, device=pool.device)
+            step = max(1, READ_CHUNK_BYTES // max(1, pool[0].numel() * 4))  # blocks per slice (float32 temporaries)
+            for a in range(0, blocks.numel(), step):  # in slices: no whole-context float32 copy at long context
+                ids = blocks[a:a + step]
+                x = pool[ids]  # [nb, KV, bs, hd]
+                if sc:
+                    x = x.float() * sc[layer][ids][..., None]
+                res[:, a * bs:(a + ids.numel()) * bs] = x.transpose(0, 1).reshape(x.shape[1], -1, x.shape[-1])
+            out.append(res[:, :length])
         return out[0], out[1]
 
 

@@ -7,8 +7,9 @@ fork/join per kernel cost a third of a 350M int4 token on a 2-core CPU. `FusedDe
 the same GEMV kernels, the same paged cache and conv slots, the same rounding points (see decode.cpp's header).
 
 `FusedDecode.build` returns None — and the model runner keeps the general path — wherever the plan does not apply:
-kernels unavailable or `LFM_FUSED_DECODE=0`, a MoE model, a float32 model without quantization, biases on the
-projections, LoRA / other wrapped linears. The model is read, never changed: the plan holds its tensors.
+kernels unavailable or `LFM_FUSED_DECODE=0`, a float32 model without quantization, a MoE model with float32
+activations or unquantized experts, biases on the projections, LoRA / other wrapped linears. MoE layers (router,
+top-k, the chosen experts' int4 / int8 GEMVs, the weighted sum) run inside the same step. The model is read, never changed: the plan holds its tensors.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import torch
 from torch import nn
 
 from .. import kernels as _kernels
-from ..model.lfm2 import LfmForCausalLM, MLP
-from ..model.quant import Int4Linear, Int8Linear
+from ..model.lfm2 import LfmForCausalLM, MLP, MoE
+from ..model.quant import Int4Linear, Int8Linear, QuantExperts
 from .cache import PagedCache
 
 # rows (sequences) per fused step: beyond it the kernels' per-row cost grows and the general path (which on CPUs
@@ -106,6 +107,27 @@ def _emulated_sum(x: torch.Tensor, w: int) -> float:
     return float(fin)
 
 
+def _add_moe(plan, f: MoE, norm: torch.Tensor, lin) -> bool:
+    """Register a MoE feed-forward: the router and every expert's two matrices (views into the stacks, not copies).
+    Quantized experts only (QuantExperts); False where the plan cannot run it."""
+    ex = f.experts
+    if not isinstance(ex, QuantExperts):
+        return False
+    gate = lin(f.gate)
+    if gate is None:
+        return False
+    ids: list[list[int]] = [[], []]
+    for j, st in enumerate((ex.gate_up, ex.down)):
+        for e in range(ex.num_experts):
+            if st.bits == 4:
+                ids[j].append(plan.add_linear(1, st.qweight[e], st.scales[e], st.zeros[e], st.group_size))
+            else:
+                ids[j].append(plan.add_linear(0, st.weight[e], st.scales[e], torch.empty(0), 0))
+    bias = f.expert_bias if f.expert_bias is not None else torch.empty(0)
+    plan.add_moe(norm, gate, ids[0], ids[1], bias.float(), f.k, bool(f.norm_topk), float(f.scale))
+    return True
+
+
 class FusedDecode:
     """One model's fused decode step over the engine's cache."""
 
@@ -122,7 +144,7 @@ class FusedDecode:
         c, dtype = model.config, model.dtype
         if dtype not in (torch.float32, torch.bfloat16) or cache.conv.dtype != dtype:
             return None
-        if c.conv_bias or any(c.is_moe_layer(i) for i in range(c.num_hidden_layers)):
+        if c.conv_bias or (c.is_moe and dtype != torch.bfloat16):  # MoE: bfloat16 activations only
             return None
         kv = next(iter(cache.k.values()), None)
         if kv is not None and kv.dtype not in (torch.float32, torch.bfloat16, torch.int8):
@@ -134,7 +156,7 @@ class FusedDecode:
         lin = lambda m: _linear(plan, m, dtype)  # noqa: E731
         with torch.no_grad():
             for i, layer in enumerate(model.model.layers):
-                if not isinstance(layer.feed_forward, MLP):
+                if not isinstance(layer.feed_forward, (MLP, MoE)):
                     return None
                 if layer.is_attn:
                     a = layer.self_attn
@@ -154,6 +176,10 @@ class FusedDecode:
                     plan.add_conv(layer.operator_norm.weight.detach(), ids[0], cv.conv.weight.detach()[:, 0],
                                   torch.empty(0), ids[1], cache.conv_index[i])
                 f = layer.feed_forward
+                if isinstance(f, MoE):
+                    if not _add_moe(plan, f, layer.ffn_norm.weight.detach(), lin):
+                        return None
+                    continue
                 ids = [lin(f.w1), lin(f.w3), lin(f.w2)]
                 if None in ids:
                     return None
@@ -162,9 +188,10 @@ class FusedDecode:
             if head is None:
                 return None
             plan.set_head(model.model.embedding_norm.weight.detach(), head)
-            if dtype == torch.bfloat16:  # SiLU of all 65,536 bfloat16 values, exactly as the general path rounds it
+            if dtype == torch.bfloat16:  # SiLU / sigmoid of all 65,536 bfloat16 values, as the general path rounds
                 allv = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
                 plan.set_silu_table(torch.nn.functional.silu(allv).float().contiguous())
+                plan.set_sigmoid_table(allv.sigmoid().float().contiguous())
         rows = MAX_ROWS
         if dtype == torch.bfloat16 and _kernels.native_bf16():
             rows = _kernels.DEQUANT_ROWS - 1  # from there the general path's dequantized bf16 matmuls win

@@ -19,6 +19,25 @@ from .cpu_decode import FusedDecode
 from .sequence import Sequence
 
 
+TRIM_AFTER_PROMPT = 4096  # prompt tokens from which the end of a prefill returns freed heap memory to the OS
+_libc = None
+
+
+def trim_heap() -> None:
+    """glibc's malloc_trim(0): free pages malloc keeps after big temporaries are released (no-op elsewhere)."""
+    global _libc
+    if _libc is None:
+        try:
+            import ctypes
+
+            _libc = ctypes.CDLL("libc.so.6")
+            _libc.malloc_trim
+        except (OSError, AttributeError):
+            _libc = False
+    if _libc:
+        _libc.malloc_trim(0)
+
+
 @dataclass(slots=True)
 class ScheduledSeq:
     seq: Sequence
@@ -171,4 +190,8 @@ class ModelRunner:
             logits = self.model.forward_step(ids, self.backend, torch.tensor(keep, dtype=torch.long, device=self.device))
         finally:
             self.backend.batch = None
+        if self.device.type == "cpu" and any(it.samples and it.seq.num_prompt_tokens >= TRIM_AFTER_PROMPT
+                                             and it.seq.num_computed_tokens < it.seq.num_prompt_tokens
+                                             for it in scheduled):
+            trim_heap()  # a long prefill ended: its chunks' activations go back to the OS, not kept by malloc
         return StepOutput(logits.float(), sample_row, prompt_rows)

@@ -65,6 +65,14 @@ struct Layer {
   at::Tensor qn, kn;          // [hd]
   at::Tensor kc, vc, ks, vs;  // [num_blocks, KV, bs, hd]; int8: scales [num_blocks, KV, bs]
   int64_t H = 0, KV = 0, hd = 0;
+  // MoE feed-forward (instead of w1 / w3 / w2): router, each expert's gate_up [2I, D] and down [D, I] linears
+  bool moe = false;
+  int gate = -1;
+  std::vector<int> gu, dn;
+  at::Tensor ebias;  // float32 [E] (selection only) or undefined
+  int64_t topk = 0;
+  bool norm_topk = false;
+  float rscale = 1.0f;
 };
 
 template <typename T>
@@ -304,6 +312,44 @@ class DecodePlan {
                 "MLP projections do not match");
   }
 
+  // The last layer's feed-forward is a sigmoid-routed MoE (bfloat16 activations only): gate = router linear id,
+  // gu / dn = per-expert linear ids, ebias float32 [E] or empty, top-k, normalization, routed scale.
+  void add_moe(at::Tensor norm, int64_t gate, std::vector<int64_t> gu, std::vector<int64_t> dn, at::Tensor ebias,
+               int64_t topk, bool norm_topk, double scale) {
+    TORCH_CHECK(!layers_.empty(), "add_moe follows add_conv / add_attn");
+    TORCH_CHECK(bf16_, "the fused MoE step runs bfloat16 activations only");
+    Layer& L = layers_.back();
+    const int64_t E = static_cast<int64_t>(gu.size());
+    TORCH_CHECK(E > 0 && dn.size() == gu.size() && topk > 0 && topk <= E && lins_.at(gate).N == E &&
+                    lins_.at(gate).K == D_,
+                "MoE: router [E, D], E gate_up and E down linears, 0 < top-k <= E");
+    L.moe = true;
+    L.ffn_norm = norm.contiguous();
+    L.gate = static_cast<int>(gate);
+    for (int64_t e = 0; e < E; ++e) {
+      const Lin &a = lins_.at(gu[e]), &b = lins_.at(dn[e]);
+      TORCH_CHECK(a.K == D_ && a.N == 2 * b.K && b.N == D_ && a.kind == lins_.at(gu[0]).kind &&
+                      a.gs == lins_.at(gu[0]).gs && b.kind == lins_.at(dn[0]).kind && b.gs == lins_.at(dn[0]).gs,
+                  "MoE experts must be [2I, D] / [D, I], all of one kind");
+      L.gu.push_back(static_cast<int>(gu[e]));
+      L.dn.push_back(static_cast<int>(dn[e]));
+    }
+    if (ebias.defined() && ebias.numel()) {
+      TORCH_CHECK(ebias.scalar_type() == at::kFloat && ebias.numel() == E, "expert bias: float32 [E]");
+      L.ebias = ebias.contiguous();
+    }
+    L.topk = topk;
+    L.norm_topk = norm_topk;
+    L.rscale = static_cast<float>(scale);
+    Imax_ = std::max(Imax_, lins_.at(dn[0]).K);
+    kmax_ = std::max(kmax_, topk);
+  }
+
+  void set_sigmoid_table(at::Tensor t) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == 65536 && t.is_contiguous(), "sigmoid table: float32 [65536]");
+    sigmoid_ = t;
+  }
+
   void set_silu_table(at::Tensor t) {
     TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == 65536 && t.is_contiguous(), "SiLU table: float32 [65536]");
     silu_ = t;
@@ -322,6 +368,8 @@ class DecodePlan {
                   const at::Tensor& conv_slots, const at::Tensor& snap_blocks, const at::Tensor& block_tables,
                   const at::Tensor& lens) {
     TORCH_CHECK(head_ >= 0 && !layers_.empty() && (!bf16_ || silu_.defined()), "DecodePlan is incomplete");
+    for (const Layer& L : layers_)
+      TORCH_CHECK(L.moe ? sigmoid_.defined() : L.w1 >= 0, "DecodePlan: a layer without its feed-forward");
     TORCH_CHECK(x.dim() == 2 && x.size(1) == D_ && x.is_contiguous() &&
                     x.scalar_type() == (bf16_ ? at::kBFloat16 : at::kFloat),
                 "x must be a contiguous [B, hidden] tensor in the activation dtype");
@@ -370,6 +418,11 @@ class DecodePlan {
   int64_t V_;
   int lanes_;
   at::Tensor silu_;  // bfloat16 activations: float32 [65536], SiLU of each bfloat16 bit pattern as torch rounds it
+  at::Tensor sigmoid_;  // the same for sigmoid (MoE routers)
+  int64_t Imax_ = 0, kmax_ = 0;
+  std::vector<int64_t> sel_;  // MoE: [B, k] chosen experts
+  std::vector<float> wsel_;   // [B, k] their weights (rounded as the general path's)
+  std::vector<float> gu_, ys_, rl_;  // [B k, 2I] expert gate_up outputs, [B k, D] down outputs, [B, E] router
   std::vector<Lin> lins_;
   std::vector<Layer> layers_;
   at::Tensor final_norm_;
@@ -461,13 +514,119 @@ class DecodePlan {
     });
   }
 
+  // this thread's share of y = a[m] @ W.T (one activation row, a 1-row tile: the same arithmetic as in `gemv`)
+  template <typename TA>
+  void gemv_row(const Lin& l, const Act& a, int64_t m, float* y, int t, int T) {
+    int64_t n0, n1;
+    split_rows(l.N, t, T, n0, n1);
+    if (n0 >= n1) return;
+    float* buf = scratch_[t].data();
+    float* Y = y - m * l.N;  // the kernels write row m0 at Y + m0 * N
+    if (l.kind == kBf16) bf16_rows<1>(a.xp.data(), l.K, a.Kp16, m, ptr<uint16_t>(l.w), nullptr, Y, l.N, n0, n1);
+    else if (l.kind == kInt8) int8_rows<1>(a.x8, m, ptr<int8_t>(l.w), ptr<TA>(l.s), Y, l.N, n0, n1);
+    else int4_rows<1>(a.x4, a16_, l.gs, m, ptr<uint8_t>(l.w), ptr<TA>(l.s), ptr<TA>(l.z), Y, l.N, n0, n1, buf);
+  }
+
+  // The MoE feed-forward of a layer (inside the parallel region; a_ holds the normalized rows, prepared for the
+  // router). Mirrors lfm2.MoE.route + QuantExperts.forward: one token combines its k experts in one float sum
+  // (its bfloat16 [1, k] @ [k, D] matmul), more tokens add each expert's weighted output in expert order (index_add).
+  template <typename TA>
+  void moe_ffn(const Layer& L, int64_t B, int t, int T, double& tg) {
+    const int64_t E = static_cast<int64_t>(L.gu.size()), k = L.topk, D = D_;
+    const Lin& l0 = lins_[L.gu[0]];
+    const int64_t I2 = l0.N, I = I2 / 2;
+    double mark = t == 0 ? now() : 0.0;
+    gemv<TA>(lins_[L.gate], a_, rl_.data(), t, T);
+#pragma omp barrier
+#pragma omp single
+    {  // routing: sigmoid scores (rounded), top-k on score + bias, weights from the scores
+      const float* sig = sigmoid_.data_ptr<float>();
+      const float* eb = L.ebias.defined() ? L.ebias.data_ptr<float>() : nullptr;
+      std::vector<float> sc(E), key(E);
+      std::vector<int64_t> order(E);
+      for (int64_t m = 0; m < B; ++m) {
+        for (int64_t e = 0; e < E; ++e) {
+          const float r = rnd<TA>(rl_[m * E + e]);
+          uint32_t bits;
+          std::memcpy(&bits, &r, 4);
+          sc[e] = sig[bits >> 16];
+          key[e] = eb ? sc[e] + eb[e] : sc[e];
+          order[e] = e;
+        }
+        std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) {
+          return key[a] > key[b] || (key[a] == key[b] && a < b);
+        });
+        float w[64], sum = 0.0f;
+        for (int64_t j = 0; j < k; ++j) {
+          sel_[m * k + j] = order[j];
+          w[j] = sc[order[j]];
+        }
+        if (L.norm_topk) {
+          sum = rnd<TA>(aten_sum_scalar(w, k, lanes_));
+          const float den = rnd<TA>(sum + 1e-6f);
+          for (int64_t j = 0; j < k; ++j) w[j] = rnd<TA>(w[j] / den);
+        }
+        for (int64_t j = 0; j < k; ++j) wsel_[m * k + j] = rnd<TA>(w[j] * L.rscale);
+      }
+      ensure<TA>(a_, l0);
+    }
+    for (int64_t p = 0; p < B * k; ++p) gemv_row<TA>(lins_[L.gu[sel_[p]]], a_, p / k, gu_.data() + p * I2, t, T);
+#pragma omp barrier
+#pragma omp single
+    {  // SiLU(g) * u per (token, expert)
+      a_ff_.reset(B * k, I);
+      const float* tab = silu_.data_ptr<float>();
+      for (int64_t p = 0; p < B * k; ++p) {
+        const float* g = gu_.data() + p * I2;
+        float* h = a_ff_.row(p);
+        for (int64_t i = 0; i < I; ++i) {
+          const float a = rnd<TA>(g[i]);
+          uint32_t bits;
+          std::memcpy(&bits, &a, 4);
+          h[i] = rnd<TA>(tab[bits >> 16] * rnd<TA>(g[I + i]));
+        }
+      }
+      ensure<TA>(a_ff_, lins_[L.dn[0]]);
+    }
+    for (int64_t p = 0; p < B * k; ++p) gemv_row<TA>(lins_[L.dn[sel_[p]]], a_ff_, p, ys_.data() + p * D, t, T);
+#pragma omp barrier
+    if (t == 0) tg += now() - mark;
+#pragma omp single
+    {
+      for (int64_t m = 0; m < B; ++m) {
+        float* y = y_.data() + m * D;
+        const float* w = wsel_.data() + m * k;
+        if (B == 1) {  // (w @ ys): float products of rounded values, summed in expert-slot order, rounded once
+          for (int64_t d = 0; d < D; ++d) {
+            float acc = 0.0f;
+            for (int64_t j = 0; j < k; ++j) acc += w[j] * rnd<TA>(ys_[(m * k + j) * D + d]);
+            y[d] = acc;
+          }
+        } else {  // each (rounded) weighted output added in ascending expert id, each add rounded
+          int64_t idx[64];
+          for (int64_t j = 0; j < k; ++j) idx[j] = j;
+          std::stable_sort(idx, idx + k, [&](int64_t a, int64_t b) { return sel_[m * k + a] < sel_[m * k + b]; });
+          for (int64_t d = 0; d < D; ++d) {
+            float acc = 0.0f;
+            for (int64_t j = 0; j < k; ++j)
+              acc = rnd<TA>(acc + rnd<TA>(rnd<TA>(ys_[(m * k + idx[j]) * D + d]) * w[idx[j]]));
+            y[d] = acc;
+          }
+        }
+      }
+      residual<TA>(x_.data(), y_.data(), B * D);
+    }
+  }
+
   template <typename TA>
   void run(const at::Tensor& xin, const at::Tensor& positions, const at::Tensor& slots, const at::Tensor& conv_slots,
            const at::Tensor& snap_blocks, const at::Tensor& block_tables, const at::Tensor& lens, at::Tensor& out) {
     const int64_t B = xin.size(0), D = D_;
     int64_t ff = 0, qkv = 0, HD = D;
+    int64_t E = 0;
     for (const Layer& L : layers_) {
-      ff = std::max(ff, lins_[L.w1].N);
+      if (L.moe) E = std::max(E, static_cast<int64_t>(L.gu.size()));
+      else ff = std::max(ff, lins_[L.w1].N);
       if (L.attn) {
         qkv = std::max(qkv, lins_[L.q].N + 2 * lins_[L.k].N);
         HD = std::max(HD, L.H * L.hd);
@@ -477,6 +636,13 @@ class DecodePlan {
     big_.resize(static_cast<size_t>(B * std::max({3 * D, ff, qkv})));
     g_.resize(static_cast<size_t>(B * ff));
     y_.resize(static_cast<size_t>(B * D));
+    if (E) {
+      sel_.resize(static_cast<size_t>(B * kmax_));
+      wsel_.resize(static_cast<size_t>(B * kmax_));
+      gu_.resize(static_cast<size_t>(B * kmax_ * 2 * Imax_));
+      ys_.resize(static_cast<size_t>(B * kmax_ * D));
+      rl_.resize(static_cast<size_t>(B * E));
+    }
     std::vector<TA> qa(static_cast<size_t>(B * HD)), oa(static_cast<size_t>(B * HD));
     const TA* xi = ptr<TA>(xin);
     for (int64_t i = 0; i < B * D; ++i) x_[i] = to_f(xi[i]);
@@ -690,8 +856,12 @@ class DecodePlan {
             residual<TA>(xr, yr, D);
             rms_row<TA>(xr, L.ffn_norm, a_.row(m), D);
           }
-          ensure<TA>(a_, lins_[L.w1]);
-          ensure<TA>(a_, lins_[L.w3]);
+          if (L.moe) ensure<TA>(a_, lins_[L.gate]);
+          else { ensure<TA>(a_, lins_[L.w1]); ensure<TA>(a_, lins_[L.w3]); }
+        }
+        if (L.moe) {
+          moe_ffn<TA>(L, B, t, T, tg);
+          continue;
         }
         const Lin &l1 = lins_[L.w1], &l3 = lins_[L.w3];
         gemv_begin();
@@ -768,6 +938,8 @@ void register_decode(py::module_& m) {
       .def("add_mlp", &DecodePlan::add_mlp)
       .def("set_head", &DecodePlan::set_head)
       .def("set_silu_table", &DecodePlan::set_silu_table)
+      .def("add_moe", &DecodePlan::add_moe)
+      .def("set_sigmoid_table", &DecodePlan::set_sigmoid_table)
       .def("step", &DecodePlan::step, py::call_guard<py::gil_scoped_release>())
       .def("timings", &DecodePlan::timings)
       .def("reset_timings", &DecodePlan::reset_timings);
