@@ -70,8 +70,11 @@ def check_against_full_forward(model, rec, atol=1e-4, rtol=1e-4) -> None:
 
 
 def paged_kernel_calls(monkeypatch) -> list[bool]:
-    """Record, for every call of lfm.kernels.paged_decode_attention, whether the kernel ran (not None)."""
+    """Record, for every call of lfm.kernels.paged_decode_attention, whether the kernel ran (not None). The general
+    step's path: the fused CPU decode step (which has its own attention inside) is turned off for the test."""
     from lfm import kernels
+
+    monkeypatch.setenv("LFM_FUSED_DECODE", "0")
 
     used: list[bool] = []
     paged = kernels.paged_decode_attention

@@ -18,6 +18,9 @@
 // activations float32 or bfloat16; KV cache float32 / bfloat16 / int8 (per-vector scales), paged. The caller
 // (lfm.engine.cpu_decode) builds a DecodePlan once per model and checks what it supports.
 
+#include <ATen/ops/add.h>
+#include <ATen/ops/topk.h>
+
 #include <chrono>
 
 #include "attention_kernels.h"
@@ -320,7 +323,7 @@ class DecodePlan {
     TORCH_CHECK(bf16_, "the fused MoE step runs bfloat16 activations only");
     Layer& L = layers_.back();
     const int64_t E = static_cast<int64_t>(gu.size());
-    TORCH_CHECK(E > 0 && dn.size() == gu.size() && topk > 0 && topk <= E && lins_.at(gate).N == E &&
+    TORCH_CHECK(E > 0 && dn.size() == gu.size() && topk > 0 && topk <= std::min<int64_t>(E, 64) && lins_.at(gate).N == E &&
                     lins_.at(gate).K == D_,
                 "MoE: router [E, D], E gate_up and E down linears, 0 < top-k <= E");
     L.moe = true;
@@ -540,26 +543,26 @@ class DecodePlan {
 #pragma omp barrier
 #pragma omp single
     {  // routing: sigmoid scores (rounded), top-k on score + bias, weights from the scores
+      // the selection itself is torch.topk, on the same tensor the general path builds: ties (frequent among
+      // bfloat16 scores) then resolve the same way (ATen runs inline inside this OpenMP region)
       const float* sig = sigmoid_.data_ptr<float>();
-      const float* eb = L.ebias.defined() ? L.ebias.data_ptr<float>() : nullptr;
-      std::vector<float> sc(E), key(E);
-      std::vector<int64_t> order(E);
+      at::Tensor sc_t = at::empty({B, E}, at::TensorOptions().dtype(at::kBFloat16));
+      BFloat16* scp = sc_t.data_ptr<BFloat16>();
+      for (int64_t i = 0; i < B * E; ++i) {
+        const float r = rnd<TA>(rl_[i]);
+        uint32_t bits;
+        std::memcpy(&bits, &r, 4);
+        scp[i] = BFloat16(sig[bits >> 16]);
+      }
+      at::Tensor idx_t = L.ebias.defined()
+          ? std::get<1>(at::topk(at::add(sc_t.to(at::kFloat), L.ebias), k))
+          : std::get<1>(at::topk(sc_t, k));
+      const int64_t* ip = idx_t.contiguous().data_ptr<int64_t>();
       for (int64_t m = 0; m < B; ++m) {
-        for (int64_t e = 0; e < E; ++e) {
-          const float r = rnd<TA>(rl_[m * E + e]);
-          uint32_t bits;
-          std::memcpy(&bits, &r, 4);
-          sc[e] = sig[bits >> 16];
-          key[e] = eb ? sc[e] + eb[e] : sc[e];
-          order[e] = e;
-        }
-        std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) {
-          return key[a] > key[b] || (key[a] == key[b] && a < b);
-        });
         float w[64], sum = 0.0f;
         for (int64_t j = 0; j < k; ++j) {
-          sel_[m * k + j] = order[j];
-          w[j] = sc[order[j]];
+          sel_[m * k + j] = ip[m * k + j];
+          w[j] = static_cast<float>(scp[m * E + sel_[m * k + j]]);
         }
         if (L.norm_topk) {
           sum = rnd<TA>(aten_sum_scalar(w, k, lanes_));
