@@ -275,6 +275,9 @@ def main() -> None:
     ap.add_argument("--skip-rss", action="store_true")
     ap.add_argument("--work", help="where the weights and GGUF files go (default: a temp dir, removed after)")
     ap.add_argument("--out", default=str(HERE / "results" / "edge_bench.json"))
+    ap.add_argument("--busy", type=int, default=0,
+                    help="run N CPU-spinning processes during the timed repeats: a phone / laptop running other apps "
+                         "(how each engine degrades on a busy CPU)")
     ap.add_argument("--_worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a._worker:
@@ -337,6 +340,7 @@ def main() -> None:
             res[e]["agree_with_lfm_f32"] = _agree(ref, c) if ref and c else None
             print(f"check {ENGINES[e][0]}: first {CHECK_TOKENS} greedy tokens equal to lfm float32's: "
                   f"{_agree(ref, c) if ref and c else 'n/a'}; batch-{a.batch} row 0 equal to batch 1: {rb}", flush=True)
+        hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(a.busy)]
         for i in range(a.repeats):
             t_rep = time.perf_counter()
             order = workers[i % len(workers):] + workers[:i % len(workers)]  # rotate: no engine always goes first
@@ -348,6 +352,8 @@ def main() -> None:
                 f"{e} {res[e]['decode_b1'][-1]:.1f}" for e in engines if res[e]["decode_b1"]) + " tok/s at batch 1",
                 file=sys.stderr, flush=True)
     finally:
+        for h in locals().get("hogs", []):
+            h.kill()
         for w in workers:
             w.close()
         if tmp is not None:
@@ -376,7 +382,8 @@ def report(a: argparse.Namespace, engines: list[str], res: dict, build_s: float,
           f"tokens at batch 1, {a.batch_gen_len} per row at batch {a.batch} (after {a.decode_prompt_len}-token "
           f"prompts); {a.repeats} repeats\n")
     print(f"torch {env['torch']}, transformers {env['transformers']}, llama-cpp-python {env['llama_cpp']}, "
-          f"threads {a.threads} (of {os.cpu_count()} cores), CPU {cpu} ({torch.backends.cpu.get_cpu_capability()})\n")
+          f"threads {a.threads} (of {os.cpu_count()} cores), CPU {cpu} ({torch.backends.cpu.get_cpu_capability()})"
+          + (f"; {a.busy} CPU-spinning process(es) ran during the timed repeats" if a.busy else "") + "\n")
     rss_h = "" if a.skip_rss else (" peak RSS MiB after batch 1: growth over `import torch` / absolute (RSS now) |"
                                    f" peak growth after batch {a.batch} |")
     print(f"| engine | prefill tok/s | decode tok/s, batch 1 | aggregate decode tok/s, batch {a.batch} |{rss_h}")

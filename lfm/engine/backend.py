@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from .. import kernels as _kernels
 from .cache import PagedCache
 
-MASK_BYTES = 64 << 20  # the largest float attention mask one prefill attention call may build (see prefill_attention)
+MASK_BYTES = 16 << 20  # the largest float attention mask one prefill attention call may build (see prefill_attention)
 
 
 @dataclass(slots=True)
@@ -98,18 +98,21 @@ class TorchBackend:
             o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kk[None], vv[None], is_causal=n > 1,
                                                enable_gqa=H != kk.shape[0])
             return o[0].transpose(0, 1)
-        # a chunk after cached positions needs a mask [queries, keys], which SDPA widens to float: at 32K keys a
-        # 2,048-query chunk would hold 256 MiB for it. Queries go in blocks whose mask stays under MASK_BYTES
-        # (bounded prefill memory at any context length; the keys are read once per block).
-        qb = max(16, min(n, MASK_BYTES // (4 * context_len)))
+        # A chunk after cached positions needs a mask [queries, keys]: at 32K keys a 2,048-query chunk's mask is
+        # 64 MiB as bool and more once SDPA widens it, and SDPA's GQA path expands K / V to every query head (2x the
+        # gathered K / V). So a KV head's G query heads go in as G x more queries of that head (no expansion), in
+        # blocks whose mask stays under MASK_BYTES: bounded prefill memory at any context length.
+        KV = kk.shape[0]
+        G = H // KV
+        qb = max(16, min(n, MASK_BYTES // (4 * G * context_len)))
         out = torch.empty_like(q)
         keys = torch.arange(context_len, device=q.device)
         for a in range(0, n, qb):
             e = min(n, a + qb)
-            mask = keys[None] <= torch.arange(start + a, start + e, device=q.device)[:, None]
-            o = F.scaled_dot_product_attention(q[a:e].transpose(0, 1)[None], kk[None], vv[None], attn_mask=mask,
-                                               enable_gqa=H != kk.shape[0])
-            out[a:e] = o[0].transpose(0, 1)
+            mask = keys[None] <= torch.arange(start + a, start + e, device=q.device)[:, None]  # [m, L]
+            qg = q[a:e].view(e - a, KV, G, hd).permute(1, 2, 0, 3).reshape(KV, G * (e - a), hd)
+            o = F.scaled_dot_product_attention(qg[None], kk[None], vv[None], attn_mask=mask.repeat(G, 1))
+            out[a:e] = o[0].view(KV, G, e - a, hd).permute(2, 0, 1, 3).reshape(e - a, H, hd)
         return out
 
     def decode_attention(self, layer: int, q: torch.Tensor) -> torch.Tensor:

@@ -23,19 +23,31 @@ TRIM_AFTER_PROMPT = 4096  # prompt tokens from which the end of a prefill return
 _libc = None
 
 
-def trim_heap() -> None:
-    """glibc's malloc_trim(0): free pages malloc keeps after big temporaries are released (no-op elsewhere)."""
+def _glibc():
     global _libc
     if _libc is None:
         try:
             import ctypes
 
             _libc = ctypes.CDLL("libc.so.6")
-            _libc.malloc_trim
+            _libc.malloc_trim, _libc.mallopt
         except (OSError, AttributeError):
             _libc = False
-    if _libc:
-        _libc.malloc_trim(0)
+    return _libc
+
+
+def trim_heap() -> None:
+    """glibc's malloc_trim(0): free pages malloc keeps after big temporaries are released (no-op elsewhere)."""
+    if lib := _glibc():
+        lib.malloc_trim(0)
+
+
+def fix_mmap_threshold(nbytes: int = 4 << 20) -> None:
+    """Allocations from `nbytes` up always get their own mapping, returned to the OS when freed. glibc raises this
+    threshold as big blocks are freed (up to 32 MiB), after which a long prefill's temporaries, a little larger at
+    every chunk as the context grows, come from the heap and stay there: 32K tokens of prefill left ~1 GiB behind."""
+    if lib := _glibc():
+        lib.mallopt(-3, nbytes)  # M_MMAP_THRESHOLD (setting it also turns glibc's dynamic adjustment off)
 
 
 @dataclass(slots=True)
@@ -67,6 +79,8 @@ class ModelRunner:
         self.backend: TorchBackend = make_backend(self.device, cache, c.num_attention_heads, c.head_size)
         # CPU: steps of single-token decodes run as one fused C++ call where the model allows (cpu_decode.py)
         self.fused: FusedDecode | None = FusedDecode.build(model, cache) if self.device.type == "cpu" else None
+        if self.device.type == "cpu":
+            fix_mmap_threshold()
 
     def prepare(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, StepBatch]:
         bs, L1, dev = self.cache.block_size, self.L1, self.device

@@ -493,12 +493,21 @@ class DecodePlan {
     a.has[l.kind] = true;
   }
 
-  // this thread's share of y = a @ W.T, rows of W split over the threads in multiples of 8
+  // y = a @ W.T, the rows of W in chunks of kChunk claimed by whichever thread is free (an OpenMP dynamic loop,
+  // no barrier at its end: the caller puts one after the GEMVs of a phase). Claimed, not pre-split: on a busy CPU a
+  // thread the OS descheduled just claims fewer chunks instead of making the others wait at the barrier. Each
+  // output row is still one thread's whole sum, so the result does not depend on who computed it.
+  static constexpr int64_t kChunk = 64;
+
   template <typename TA, typename TO>
-  void gemv(const Lin& l, const Act& a, TO* Y, int t, int T) {
-    int64_t n0, n1;
-    split_rows(l.N, t, T, n0, n1);
-    if (n0 >= n1) return;
+  void gemv(const Lin& l, const Act& a, TO* Y, int t, int /*T*/) {
+    const int64_t nch = (l.N + kChunk - 1) / kChunk;
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t c = 0; c < nch; ++c) gemv_rows<TA>(l, a, Y, c * kChunk, std::min(l.N, (c + 1) * kChunk), t);
+  }
+
+  template <typename TA, typename TO>
+  void gemv_rows(const Lin& l, const Act& a, TO* Y, int64_t n0, int64_t n1, int t) {
     float* buf = scratch_[t].data();
     const int64_t N = l.N, K = l.K;
     by_row_tiles(a.M, n0, n1, [&](int64_t m0, auto mt, int64_t r0, int64_t r1) {
@@ -519,15 +528,17 @@ class DecodePlan {
 
   // this thread's share of y = a[m] @ W.T (one activation row, a 1-row tile: the same arithmetic as in `gemv`)
   template <typename TA>
-  void gemv_row(const Lin& l, const Act& a, int64_t m, float* y, int t, int T) {
-    int64_t n0, n1;
-    split_rows(l.N, t, T, n0, n1);
-    if (n0 >= n1) return;
+  void gemv_row(const Lin& l, const Act& a, int64_t m, float* y, int t, int /*T*/) {
     float* buf = scratch_[t].data();
     float* Y = y - m * l.N;  // the kernels write row m0 at Y + m0 * N
-    if (l.kind == kBf16) bf16_rows<1>(a.xp.data(), l.K, a.Kp16, m, ptr<uint16_t>(l.w), nullptr, Y, l.N, n0, n1);
-    else if (l.kind == kInt8) int8_rows<1>(a.x8, m, ptr<int8_t>(l.w), ptr<TA>(l.s), Y, l.N, n0, n1);
-    else int4_rows<1>(a.x4, a16_, l.gs, m, ptr<uint8_t>(l.w), ptr<TA>(l.s), ptr<TA>(l.z), Y, l.N, n0, n1, buf);
+    const int64_t nch = (l.N + kChunk - 1) / kChunk;
+#pragma omp for schedule(dynamic, 1) nowait
+    for (int64_t c = 0; c < nch; ++c) {
+      const int64_t n0 = c * kChunk, n1 = std::min(l.N, n0 + kChunk);
+      if (l.kind == kBf16) bf16_rows<1>(a.xp.data(), l.K, a.Kp16, m, ptr<uint16_t>(l.w), nullptr, Y, l.N, n0, n1);
+      else if (l.kind == kInt8) int8_rows<1>(a.x8, m, ptr<int8_t>(l.w), ptr<TA>(l.s), Y, l.N, n0, n1);
+      else int4_rows<1>(a.x4, a16_, l.gs, m, ptr<uint8_t>(l.w), ptr<TA>(l.s), ptr<TA>(l.z), Y, l.N, n0, n1, buf);
+    }
   }
 
   // The MoE feed-forward of a layer (inside the parallel region; a_ holds the normalized rows, prepared for the
