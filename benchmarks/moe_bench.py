@@ -163,25 +163,17 @@ class LfmEngine:
 
         model = random_int4_model(a.preset, getattr(torch, dtype), seed=a.seed)
         self.llm, self.sp = LLM(model, enable_prefix_caching=False), SamplingParams
-        self.ends: list[float] = []  # the end of every engine step (one forward, general or fused, per token)
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from decode_bench import _Clock  # the end of every engine step (general or fused), one per token
+
         runner = self.llm.engine.runner
-        run = runner.run
-
-        def timed(*args, **kw):
-            out = run(*args, **kw)
-            self.ends.append(time.perf_counter())
-            return out
-
-        runner.run = timed
+        self.clock = _Clock(runner)
         self.info = {"kernels": lfm.kernels.available(), "fused_decode": runner.fused is not None}
 
     def run(self, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
         """(seconds to the end of the prefill forward, seconds from there to the end of the last forward, tokens)."""
-        self.ends.clear()
-        t0 = time.perf_counter()
-        toks = self.llm.generate([prompt], self.sp(temperature=0, max_tokens=n, ignore_eos=True))[0].token_ids
-        assert len(toks) == n == len(self.ends), (len(toks), n, len(self.ends))
-        return self.ends[0] - t0, self.ends[-1] - self.ends[0], toks
+        sp = self.sp(temperature=0, max_tokens=n, ignore_eos=True)
+        return self.clock.run(lambda: self.llm.generate([prompt], sp)[0].token_ids, n)
 
 
 class LlamaEngine:
