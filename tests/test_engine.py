@@ -321,3 +321,21 @@ def test_engine_on_cuda_equals_the_cpu_reference(name):
     gpu.generate([prompts[1][:33] + [5, 6]], GREEDY)  # a prefix hit (32 tokens)
     assert gpu.engine.block_manager.hit_tokens >= 32
     _check_against_full_forward(m, [(t, x.cpu()) for t, x in rec])
+
+
+@pytest.mark.parametrize("kv", ["auto", "int8"])
+def test_prefill_after_cached_positions_reads_keys_in_blocks(monkeypatch, one_thread, kv):
+    """A chunk after cached positions attends over the cached keys one block at a time, merged by log-sum-exp
+    (bounded memory at long context): with key blocks much smaller than the context, every prompt position and
+    every generated token still match the full forward (float32; int8 KV within its quantization)."""
+    from lfm.engine import backend
+
+    monkeypatch.setattr(backend, "KEY_BLOCK", 8)
+    m = random_model(CONFIGS["dense"])
+    llm = LLM(m, block_size=4, max_num_batched_tokens=16, kv_cache_dtype=kv)
+    rec = _capture(llm, all_rows=True)
+    ids = list(range(3, 60))
+    llm.generate([ids], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, prompt_logprobs=0))
+    assert len(rec) > 40
+    tol = 1e-4 if kv == "auto" else 3e-2
+    _check_against_full_forward(m, rec, atol=tol, rtol=tol)

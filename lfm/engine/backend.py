@@ -21,7 +21,17 @@ import torch.nn.functional as F
 from .. import kernels as _kernels
 from .cache import PagedCache
 
-MASK_BYTES = 16 << 20  # the largest float attention mask one prefill attention call may build (see prefill_attention)
+KEY_BLOCK = 4096  # cached keys per attention call of a prefill chunk (see prefill_attention): its memory bound
+
+
+def _merge(acc: tuple[torch.Tensor, torch.Tensor] | None, o: torch.Tensor, lse: torch.Tensor
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two attention results over disjoint key sets -> the result over both, from their log-sum-exps (float32)."""
+    if acc is None:
+        return o.float(), lse
+    ao, al = acc
+    new = torch.logaddexp(al, lse)
+    return ao * (al - new).exp()[..., None] + o.float() * (lse - new).exp()[..., None], new
 
 
 @dataclass(slots=True)
@@ -98,21 +108,45 @@ class TorchBackend:
             o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kk[None], vv[None], is_causal=n > 1,
                                                enable_gqa=H != kk.shape[0])
             return o[0].transpose(0, 1)
-        # A chunk after cached positions needs a mask [queries, keys]: at 32K keys a 2,048-query chunk's mask is
-        # 64 MiB as bool and more once SDPA widens it, and SDPA's GQA path expands K / V to every query head (2x the
-        # gathered K / V). So a KV head's G query heads go in as G x more queries of that head (no expansion), in
-        # blocks whose mask stays under MASK_BYTES: bounded prefill memory at any context length.
-        KV = kk.shape[0]
+        # After cached positions: the cached keys in blocks of KEY_BLOCK (every one visible to every query: no
+        # mask; a KV head's G query heads go in as G x more queries of that head, so K / V are not expanded), then
+        # the chunk's own keys causally; the partial results are merged by their log-sum-exp (flash attention's own
+        # bookkeeping). Memory is one key block and the chunk, at any context length: no whole-context K / V copy
+        # and no [queries, context] mask.
+        if q.device.type != "cpu":
+            return self._prefill_masked(layer, q, context_len, blocks)
+        KV = self.cache.k[layer].shape[1]
         G = H // KV
-        qb = max(16, min(n, MASK_BYTES // (4 * G * context_len)))
+        flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+        qg = q.reshape(n, KV, G, hd).permute(1, 2, 0, 3).reshape(1, KV, G * n, hd)
+        acc: tuple[torch.Tensor, torch.Tensor] | None = None
+        for k0 in range(0, start, KEY_BLOCK):
+            kb, vb = self.cache.read_kv(layer, blocks, min(start, k0 + KEY_BLOCK), q.dtype, start=k0)
+            acc = _merge(acc, *flash(qg, kb[None], vb[None], 0.0, False))
+        if self.cache.quantized:  # the chunk's keys as the cache holds them (int8), like every other read
+            kc, vc = self.cache.read_kv(layer, blocks, context_len, q.dtype, start=start)
+        else:
+            kc, vc = k.transpose(0, 1), v.transpose(0, 1)
+        if G > 1:
+            kc, vc = kc.repeat_interleave(G, dim=0), vc.repeat_interleave(G, dim=0)
+        o, lse = flash(q.transpose(0, 1)[None], kc[None], vc[None], 0.0, n > 1)  # [1, H, n, hd], top-left causal
+        o, lse = _merge(acc, o.reshape(1, KV, G * n, hd), lse.reshape(1, KV, G * n))
+        return o.to(q.dtype).view(KV, G, n, hd).permute(2, 0, 1, 3).reshape(n, H, hd)
+
+    def _prefill_masked(self, layer: int, q: torch.Tensor, context_len: int, blocks: torch.Tensor) -> torch.Tensor:
+        """The portable form (any device): the whole context's keys and a causal mask, in query blocks."""
+        n, H, hd = q.shape
+        start = context_len - n
+        kk, vv = self.cache.read_kv(layer, blocks, context_len, q.dtype)
+        qb = max(16, min(n, (16 << 20) // (4 * context_len)))
         out = torch.empty_like(q)
         keys = torch.arange(context_len, device=q.device)
         for a in range(0, n, qb):
             e = min(n, a + qb)
-            mask = keys[None] <= torch.arange(start + a, start + e, device=q.device)[:, None]  # [m, L]
-            qg = q[a:e].view(e - a, KV, G, hd).permute(1, 2, 0, 3).reshape(KV, G * (e - a), hd)
-            o = F.scaled_dot_product_attention(qg[None], kk[None], vv[None], attn_mask=mask.repeat(G, 1))
-            out[a:e] = o[0].view(KV, G, e - a, hd).permute(2, 0, 1, 3).reshape(e - a, H, hd)
+            mask = keys[None] <= torch.arange(start + a, start + e, device=q.device)[:, None]
+            o = F.scaled_dot_product_attention(q[a:e].transpose(0, 1)[None], kk[None], vv[None], attn_mask=mask,
+                                               enable_gqa=H != kk.shape[0])
+            out[a:e] = o[0].transpose(0, 1)
         return out
 
     def decode_attention(self, layer: int, q: torch.Tensor) -> torch.Tensor:

@@ -91,12 +91,15 @@ class PagedCache:
             self.k[layer][blk, :, off] = k.to(self.k[layer].dtype)
             self.v[layer][blk, :, off] = v.to(self.v[layer].dtype)
 
-    def read_kv(self, layer: int, blocks: torch.Tensor, length: int, dtype: torch.dtype
+    def read_kv(self, layer: int, blocks: torch.Tensor, length: int, dtype: torch.dtype, start: int = 0
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One sequence's keys and values at positions 0..length-1 as [kv_heads, length, head_dim] in `dtype`
-        (gathered from its blocks; int8 dequantized)."""
+        """One sequence's keys and values at positions start..length-1 as [kv_heads, length - start, head_dim] in
+        `dtype` (gathered from its blocks; int8 dequantized)."""
         out = []
         bs = self.block_size
+        first = start // bs
+        blocks = blocks[first:-(-length // bs)]
+        length, skip = length - first * bs, start - first * bs
         for buf, sc in ((self.k, self.k_scale), (self.v, self.v_scale)):
             pool = buf[layer]
             res = torch.empty(pool.shape[1], blocks.numel() * bs, pool.shape[-1], dtype=dtype, device=pool.device)
@@ -107,7 +110,7 @@ class PagedCache:
                 if sc:
                     x = x.float() * sc[layer][ids][..., None]
                 res[:, a * bs:(a + ids.numel()) * bs] = x.transpose(0, 1).reshape(x.shape[1], -1, x.shape[-1])
-            out.append(res[:, :length])
+            out.append(res[:, skip:length])
         return out[0], out[1]
 
 
