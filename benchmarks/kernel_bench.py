@@ -1,7 +1,7 @@
 """GEMV micro-benchmark: one decode token (M rows of activations, default 1) through the LFM2.5-350M weight shapes.
 
 For each shape: PyTorch float32 and bfloat16 `F.linear`, PyTorch's weight-only `_weight_int8pack_mm` and
-`_weight_int4pack_mm_for_cpu`, and lfm's AVX2 kernels (`lfm.kernels`, int8 and int4), median microseconds per call
+`_weight_int4pack_mm_for_cpu`, and lfm's AVX2 kernels (`lfm.kernels`, int8, int4 and bf16), median microseconds per call
 and the effective bandwidth (bytes of weights, scales and zeros read per call / time).
 
 The weights are cold, as in decode (a 350M model is several times the L3 cache): each call uses the next of enough
@@ -89,6 +89,10 @@ def variants(k: int, n: int, x: torch.Tensor, group: int) -> dict[str, tuple[int
         wc, sc = q8.weight.clone(), q8.scales.clone()
         return lambda: kernels.int8_linear(x, wc, sc)
 
+    def oursbf16() -> Callable[[], object]:
+        wc = w.to(torch.bfloat16)
+        return lambda: kernels.bf16_linear(xb, wc, None)
+
     def ours4() -> Callable[[], object]:
         qc, sc, zc = q4.qweight.clone(), q4.scales.clone(), q4.zeros.clone()
         return lambda: kernels.int4_linear(x, qc, sc, zc, group)
@@ -102,6 +106,7 @@ def variants(k: int, n: int, x: torch.Tensor, group: int) -> dict[str, tuple[int
     if kernels.available():
         out["ours int8"] = make(s8, ours8)
         out["ours int4"] = make(s4, ours4)
+        out["ours bf16"] = make(n * k * 2, oursbf16)
     return out
 
 

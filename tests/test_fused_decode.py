@@ -17,7 +17,6 @@ from lfm.model.quant import quantize_model
 from .conftest import CONFIGS, random_model
 from .engine_util import capture, check_against_full_forward
 
-pytest.importorskip("lfm.kernels")
 from lfm import kernels  # noqa: E402
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="lfm.kernels unavailable on this CPU")

@@ -84,5 +84,5 @@ def format_table(label: str, r: BenchResult, batch: int) -> str:
         out += ("\ndecode step (fused CPU step), ms per token: " + ", ".join(f"{k} {v:.2f}" for k, v in s.items())
                 + f" (weights GEMV {100 * s['gemv'] / max(sum(s.values()), 1e-9):.0f}% of the step)")
     else:
-        out += "\ndecode step: the general path (the fused CPU step does not apply to this model / device)"
+        out += "\ndecode step: the general path (the fused CPU step is off, LFM_FUSED_DECODE=0, or does not apply here)"
     return out

@@ -261,6 +261,31 @@ class DecodePlan {
     for (; i < n; ++i) dst[i] = rnd<TA>(to_f(wp[i]) * rnd<TA>(src[i] * r));
   }
 
+  // out = SiLU(g) * u over n values, rounded as the general path's `F.silu(g) * u` (bfloat16: torch's own SiLU of
+  // every bfloat16 value, tabulated; float32: computed)
+  template <typename TA>
+  void silu_mul(const float* g, const float* u, float* out, int64_t n) const {
+    int64_t i = 0;
+    if constexpr (std::is_same_v<TA, BFloat16>) {
+      const float* tab = silu_.data_ptr<float>();
+      for (; i + 8 <= n; i += 8) {
+        const __m256 a = rnd8_bf16(_mm256_loadu_ps(g + i));
+        const __m256 sa = _mm256_i32gather_ps(tab, _mm256_srli_epi32(_mm256_castps_si256(a), 16), 4);
+        _mm256_storeu_ps(out + i, rnd8_bf16(_mm256_mul_ps(sa, rnd8_bf16(_mm256_loadu_ps(u + i)))));
+      }
+      for (; i < n; ++i) {
+        const float a = rnd<TA>(g[i]);
+        uint32_t bits;
+        std::memcpy(&bits, &a, 4);
+        out[i] = rnd<TA>(tab[bits >> 16] * rnd<TA>(u[i]));
+      }
+    }
+    for (; i < n; ++i) {
+      const float a = rnd<TA>(g[i]);
+      out[i] = rnd<TA>(rnd<TA>(a / (1.0f + std::exp(-a))) * rnd<TA>(u[i]));
+    }
+  }
+
   // x = x + y, both rounded to TA as the general path's residual add
   template <typename TA>
   static void residual(float* x, const float* y, int64_t n) {
@@ -380,7 +405,7 @@ class DecodePlan {
           w[j] = static_cast<float>(scp[m * E + sel_[m * k + j]]);
         }
         if (L.norm_topk) {
-          sum = rnd<TA>(aten_sum_scalar(w, k, lanes_));
+          sum = rnd<TA>(aten_sum(w, k, lanes_));
           const float den = rnd<TA>(sum + 1e-6f);
           for (int64_t j = 0; j < k; ++j) w[j] = rnd<TA>(w[j] / den);
         }
@@ -393,17 +418,7 @@ class DecodePlan {
 #pragma omp single
     {  // SiLU(g) * u per (token, expert)
       a_ff_.reset(B * k, I);
-      const float* tab = silu_.data_ptr<float>();
-      for (int64_t p = 0; p < B * k; ++p) {
-        const float* g = gu_.data() + p * I2;
-        float* h = a_ff_.row(p);
-        for (int64_t i = 0; i < I; ++i) {
-          const float a = rnd<TA>(g[i]);
-          uint32_t bits;
-          std::memcpy(&bits, &a, 4);
-          h[i] = rnd<TA>(tab[bits >> 16] * rnd<TA>(g[I + i]));
-        }
-      }
+      for (int64_t p = 0; p < B * k; ++p) silu_mul<TA>(gu_.data() + p * I2, gu_.data() + p * I2 + I, a_ff_.row(p), I);
       ensure<TA>(a_ff_, lins_[L.dn[0]]);
     }
     for (int64_t p = 0; p < B * k; ++p) gemv_row<TA>(lins_[L.dn[sel_[p]]], a_ff_, p, ys_.data() + p * D, t, T);
@@ -691,26 +706,7 @@ class DecodePlan {
         {  // SiLU(w1 x) * w3 x
           const int64_t F = l1.N;
           a_ff_.reset(B, F);
-          int64_t i = 0;
-          if constexpr (std::is_same_v<TA, BFloat16>) {  // SiLU of every bfloat16 value: torch's own, tabulated
-            const float* tab = silu_.data_ptr<float>();
-            for (; i + 8 <= B * F; i += 8) {
-              const __m256 a = rnd8_bf16(_mm256_loadu_ps(big_.data() + i));
-              const __m256i idx = _mm256_srli_epi32(_mm256_castps_si256(a), 16);
-              const __m256 sa = _mm256_i32gather_ps(tab, idx, 4);
-              _mm256_storeu_ps(a_ff_.x.data() + i, rnd8_bf16(_mm256_mul_ps(sa, rnd8_bf16(_mm256_loadu_ps(g_.data() + i)))));
-            }
-            for (; i < B * F; ++i) {
-              const float a = rnd<TA>(big_[i]);
-              uint32_t bits;
-              std::memcpy(&bits, &a, 4);
-              a_ff_.x[i] = rnd<TA>(tab[bits >> 16] * rnd<TA>(g_[i]));
-            }
-          }
-          for (; i < B * F; ++i) {
-            const float a = rnd<TA>(big_[i]);
-            a_ff_.x[i] = rnd<TA>(rnd<TA>(a / (1.0f + std::exp(-a))) * rnd<TA>(g_[i]));
-          }
+          silu_mul<TA>(big_.data(), g_.data(), a_ff_.x.data(), B * F);
           ensure<TA>(a_ff_, lins_[L.w2]);
         }
         gemv_begin();

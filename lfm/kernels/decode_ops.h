@@ -71,7 +71,6 @@ inline float rnd(float v) {
 // added in order, a scalar tail, and the lanes left to right. W = the Vectorized<float> width ATen's sum kernel runs
 // with (lfm.engine.cpu_decode measures it against torch once). The RMSNorm statistics must have these bits: an ulp
 // of float32 there flips a bfloat16 rounding every few steps, and a greedy token some tens of tokens later.
-inline float aten_sum_scalar(const float* x, int64_t n, int W);
 
 // the same order with each W-lane vector as W / 8 AVX registers (lane-wise adds: the same bits)
 template <int R>
@@ -119,39 +118,14 @@ inline float aten_sum_vec(const float* x, int64_t n) {
 
 inline float aten_sum(const float* x, int64_t n, int W) {
   if (n >= W) return W == 8 ? aten_sum_vec<1>(x, n) : aten_sum_vec<2>(x, n);
-  return aten_sum_scalar(x, n, W);
-}
-
-inline float aten_sum_scalar(const float* x, int64_t n, int W) {
-  const int64_t V = n >= W ? W : 1, nv = n / V, size = nv / 4;
-  const int64_t cl = size <= 1 ? 0 : 64 - __builtin_clzll(static_cast<uint64_t>(size - 1));
-  const int64_t lp = std::max<int64_t>(4, cl / 4), step = int64_t(1) << lp, mask = step - 1;
-  float acc[4][4][16] = {};
-  auto add = [V](float* a, const float* b) { for (int64_t l = 0; l < V; ++l) a[l] += b[l]; };
-  int64_t i = 0;
-  while (i + step <= size) {
-    for (int64_t j = 0; j < step; ++j)
-      for (int k = 0; k < 4; ++k) add(acc[0][k], x + ((i + j) * 4 + k) * V);
-    i += step;
-    for (int lv = 1; lv < 4; ++lv) {
-      for (int k = 0; k < 4; ++k) {
-        add(acc[lv][k], acc[lv - 1][k]);
-        std::fill(acc[lv - 1][k], acc[lv - 1][k] + 16, 0.0f);
-      }
-      if (i & (mask << (lv * lp))) break;
-    }
-  }
-  for (; i < size; ++i)
-    for (int k = 0; k < 4; ++k) add(acc[0][k], x + (i * 4 + k) * V);
-  for (int lv = 1; lv < 4; ++lv)
-    for (int k = 0; k < 4; ++k) add(acc[0][k], acc[lv][k]);
-  for (int64_t e = size * 4; e < nv; ++e) add(acc[0][0], x + e * V);
-  for (int k = 1; k < 4; ++k) add(acc[0][0], acc[0][k]);
-  if (V == 1) return acc[0][0][0];
-  float fin = 0.0f;
-  for (int64_t e = nv * V; e < n; ++e) fin += x[e];
-  for (int64_t l = 0; l < V; ++l) fin += acc[0][0][l];
-  return fin;
+  // fewer values than one vector: ATen's same order on scalars (4 interleaved accumulators; under 16 groups of 4, so
+  // no levels), the tail into the first, then the four added in order
+  float acc[4] = {};
+  const int64_t size = n / 4;
+  for (int64_t i = 0; i < size; ++i)
+    for (int k = 0; k < 4; ++k) acc[k] += x[i * 4 + k];
+  for (int64_t e = size * 4; e < n; ++e) acc[0] += x[e];
+  return ((acc[0] + acc[1]) + acc[2]) + acc[3];
 }
 
 // 8 floats rounded to bfloat16 (nearest even, as c10::BFloat16(float): NaN stays NaN) and widened back
