@@ -125,6 +125,7 @@ def test_fused_moe_step_equals_general_step(monkeypatch, one_thread, cfg, quant)
     llm, tb, rb = _run(monkeypatch, m, True, block_size=4)
     assert tb == ta
     _compare(ra, rb, torch.bfloat16)
+    assert all(torch.equal(ra[k], rb[k]) for k in ra)  # bit for bit (index_add's float sum of k > 2 experts too)
     assert llm.engine.runner.fused.timings()["steps"] >= 19
     for fused in (False, True):  # one sequence alone: the batch-1 combine
         monkeypatch.setenv("LFM_FUSED_DECODE", "1" if fused else "0")
@@ -172,3 +173,25 @@ def test_demo_model_greedy_128_tokens(monkeypatch, one_thread):
                            SamplingParams(temperature=0, max_tokens=128, ignore_eos=True))
             toks.append(out[0].token_ids)
         assert toks[0] == toks[1], quant
+
+
+@pytest.mark.skipif(not kernels.amx(), reason="no AMX-INT8 here (or LFM_KERNELS_NO_AMX): the row kernels only")
+@pytest.mark.parametrize("group", [32, 64])
+def test_amx_batches_equal_the_general_step_bit_for_bit(monkeypatch, group):
+    """From kernels.AMX_MIN_ROWS sequences the int4 projections run on AMX tiles, in the fused step and in the general
+    path alike (one kernel, each row's value independent of the batch): logits equal bit for bit, greedy tokens
+    equal, and an int4 model keeps the fused step up to its 64 rows (no switch to dequantized weights there)."""
+    m = _model("dense", torch.bfloat16, 4, group)
+    prompts = [[1 + i, 5, 9 + 2 * i] + [7] * (i % 5) for i in range(kernels.AMX_MIN_ROWS + 3)]
+    outs = {}
+    for fused in (False, True):
+        monkeypatch.setenv("LFM_FUSED_DECODE", "1" if fused else "0")
+        llm = LLM(m, block_size=4)
+        rec = capture(llm)
+        res = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+        outs[fused] = ([o.token_ids for o in res], {tuple(t): x for t, x in rec})
+    assert llm.engine.runner.fused.max_rows == 64
+    assert llm.engine.runner.fused.timings()["steps"] >= 7
+    assert outs[True][0] == outs[False][0]
+    a, b = outs[False][1], outs[True][1]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

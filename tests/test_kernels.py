@@ -364,11 +364,12 @@ def test_big_bf16_batches_take_the_dequantized_path_where_bf16_is_native(on, mon
     real = kernels.dequant_linear
     monkeypatch.setattr(kernels, "dequant_linear", lambda *a: used.append(real(*a) is not None) or real(*a))
     monkeypatch.setattr(kernels, "_native_bf16", True)  # the path itself runs on any CPU (oneDNN or emulated)
-    for rows in (1, kernels.DEQUANT_ROWS - 1, kernels.DEQUANT_ROWS, 64):
+    amx = kind != "int8" and kernels.amx()  # int4 on AMX: the kernel up to AMX_DEQUANT_ROWS rows
+    for rows in (1, kernels.DEQUANT_ROWS - 1, kernels.DEQUANT_ROWS, 64, kernels.AMX_DEQUANT_ROWS):
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
         y = q(x)
         assert rel_err(y, x.float() @ w.T) < 2e-2
-    assert used == [False, False, True, True]
+    assert used == ([False, False, False, False, True] if amx else [False, False, True, True, True])
     monkeypatch.setattr(kernels, "_native_bf16", False)  # without native bfloat16: always the kernels
     assert kernels.dequant_linear(torch.zeros(64, k, dtype=torch.bfloat16), *(
         (q.weight, q.scales) if kind == "int8" else (q.qweight, q.scales, q.zeros, q.group_size))) is None

@@ -27,6 +27,7 @@ from .cache import PagedCache
 # rows (sequences) per fused step: beyond it the kernels' per-row cost grows and the general path (which on CPUs
 # with native bfloat16 switches to dequantized weights + oneDNN at kernels.DEQUANT_ROWS rows) is as good
 MAX_ROWS = 64
+assert MAX_ROWS < _kernels.AMX_EXPERT_MIN_ROWS <= _kernels.AMX_DEQUANT_ROWS  # see kernels.AMX_EXPERT_MIN_ROWS
 
 
 def _linear(plan, m: nn.Module, dtype: torch.dtype) -> int | None:
@@ -153,7 +154,12 @@ class FusedDecode:
         snap = cache.conv_snap if cache.conv_snap is not None else torch.empty(0, dtype=dtype)
         plan = ext.DecodePlan(c.hidden_size, c.norm_eps, dtype == torch.bfloat16, _kernels.INT4_ACT_BITS == 16,
                               inv_freq, cache.conv, snap, c.vocab_size, sum_lanes())
-        lin = lambda m: _linear(plan, m, dtype)  # noqa: E731
+        kinds: set[str] = set()
+
+        def lin(m: nn.Module) -> int | None:
+            kinds.add(type(m).__name__)
+            return _linear(plan, m, dtype)
+
         with torch.no_grad():
             for i, layer in enumerate(model.model.layers):
                 if not isinstance(layer.feed_forward, (MLP, MoE)):
@@ -193,7 +199,10 @@ class FusedDecode:
                 plan.set_silu_table(torch.nn.functional.silu(allv).float().contiguous())
                 plan.set_sigmoid_table(allv.sigmoid().float().contiguous())
         rows = MAX_ROWS
-        if dtype == torch.bfloat16 and _kernels.native_bf16():
+        amx = dtype == torch.bfloat16 and _kernels.amx()
+        if amx:  # int4 projections of AMX_MIN_ROWS+ rows: the AMX kernel, as in the general path
+            plan.set_amx_min_rows(_kernels.AMX_MIN_ROWS)
+        if dtype == torch.bfloat16 and _kernels.native_bf16() and not (amx and kinds == {"Int4Linear"}):
             rows = _kernels.DEQUANT_ROWS - 1  # from there the general path's dequantized bf16 matmuls win
         return cls(plan, model, cache, rows)
 

@@ -21,6 +21,16 @@ INT4_ACT_BITS = 8  # activation precision of the int4 kernel for bfloat16 / floa
 # rows of activations (tokens) up to which the kernels are used: measured faster than PyTorch's weight-only ops at
 # every M tried (1 to 1024, bfloat16, one thread: ~2x at M = 32..256, 1.5-2x at 1024); 2048 = LLM's prefill chunk
 MAX_ROWS = 2048
+# int4 weights x int8 activations (bfloat16 / float16 inputs, INT4_ACT_BITS = 8) run on AMX tiles from this many rows
+# where the CPU has AMX-INT8: `python benchmarks/kernel_bench.py --amx` on a 2-vCPU Xeon, 1024 -> 4608, 2 threads:
+# 4 rows about even with the VNNI row kernel, 8 rows 2.5x, 16 rows 3.9x, 64 rows 5x (and batch-invariant: a row's
+# result does not depend on the other rows)
+AMX_MIN_ROWS = 6
+# MoE experts: the fused decode step (at most 64 rows) computes each (token, expert) with the row kernel, so expert
+# matmuls of up to 64 rows keep it too (the general path and the fused step then agree bit for bit)
+AMX_EXPERT_MIN_ROWS = 65
+# from this many rows the dequantized bfloat16 copy + oneDNN beats the AMX int4 kernel (prefill-sized batches)
+AMX_DEQUANT_ROWS = 128
 
 _lock = threading.Lock()
 _native_bf16 = False  # set at the first extension() call (reading /proc/cpuinfo once)
@@ -75,7 +85,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> 
 
 
 def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                group_size: int) -> torch.Tensor | None:
+                group_size: int, amx_min_rows: int = AMX_MIN_ROWS) -> torch.Tensor | None:
     """x @ W.T with W[n, k] = (q - 8) * scale + zero per group (portable nibble layout), or None where the kernel does
     not apply. float32 activations are multiplied in float (PyTorch's precision); bfloat16 / float16 ones as int8
     (INT4_ACT_BITS: an error of the order of bfloat16's own rounding, and half the instructions of int16)."""
@@ -84,7 +94,13 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     ext = _ext if _tried else extension()
     if ext is None:
         return None
-    return ext.int4_linear(x, qweight, scales, zeros, group_size, MAX_ROWS, INT4_ACT_BITS)
+    return ext.int4_linear(x, qweight, scales, zeros, group_size, MAX_ROWS, INT4_ACT_BITS, amx_min_rows)
+
+
+def amx() -> bool:
+    """Whether int4 layers with bfloat16 / float16 activations use the AMX kernel for batches (AMX_MIN_ROWS)."""
+    ext = extension()
+    return ext is not None and INT4_ACT_BITS == 8 and bool(ext.amx_int8())
 
 
 def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -121,6 +137,8 @@ def dequant_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, 
     if (not _enabled or x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.numel() < DEQUANT_ROWS * x.shape[-1]
             or (torch.is_grad_enabled() and x.requires_grad) or not _native_bf16):
         return None
+    if zeros is not None and x.numel() < AMX_DEQUANT_ROWS * x.shape[-1] and amx():
+        return None  # int4 batches below AMX_DEQUANT_ROWS: the AMX kernel
     ext = _ext if _tried else extension()
     if ext is None:
         return None

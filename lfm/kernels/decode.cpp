@@ -157,6 +157,10 @@ class DecodePlan {
     sigmoid_ = t;
   }
 
+  // int4 linears with bfloat16 activations take the AMX kernel from this many rows (int4_linear's amx_min_rows:
+  // the same rule as the general path, so both give the same bits)
+  void set_amx_min_rows(int64_t n) { amx_min_ = n; }
+
   void set_silu_table(at::Tensor t) {
     TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == 65536 && t.is_contiguous(), "SiLU table: float32 [65536]");
     silu_ = t;
@@ -239,6 +243,8 @@ class DecodePlan {
   Act a_, a_ff_, a_o_;
   std::vector<float> x_, big_, g_, y_;
   std::vector<std::vector<float>> scratch_;
+  std::vector<std::vector<uint8_t>> amx_scratch_;
+  int64_t amx_min_ = kNoAmx;
   std::vector<std::vector<float>> attn_buf_;
   double t_gemv_ = 0, t_attn_ = 0, t_other_ = 0;
   int64_t steps_ = 0;
@@ -308,6 +314,8 @@ class DecodePlan {
     } else {
       if (bf16_) {
         prep_x4(a.x.data(), M, K, l.gs, a16_, a.x4);
+        a.amx = use_amx(a.x4, M, amx_min_);
+        if (a.amx) prep_amx(a.x4, M, l.gs, a.xa);
       } else {
         const int64_t G = K / l.gs;
         a.xsum.resize(static_cast<size_t>(M * G));
@@ -339,6 +347,9 @@ class DecodePlan {
   void gemv_rows(const Lin& l, const Act& a, TO* Y, int64_t n0, int64_t n1, int t) {
     float* buf = scratch_[t].data();
     const int64_t N = l.N, K = l.K;
+    if (l.kind == kInt4 && bf16_ && a.amx)  // n0: a multiple of kChunk, so of 16
+      return int4a8_amx(a.xa, a.M, K, l.gs, ptr<uint8_t>(l.w), ptr<TA>(l.s), ptr<TA>(l.z), Y, N, n0, n1,
+                        amx_scratch_[t].data());
     by_row_tiles(a.M, n0, n1, [&](int64_t m0, auto mt, int64_t r0, int64_t r1) {
       constexpr int MT = decltype(mt)::value;
       if (l.kind == kBf16) {
@@ -435,14 +446,15 @@ class DecodePlan {
             for (int64_t j = 0; j < k; ++j) acc += w[j] * rnd<TA>(ys_[(m * k + j) * D + d]);
             y[d] = acc;
           }
-        } else {  // each (rounded) weighted output added in ascending expert id, each add rounded
+        } else {  // each (rounded) weighted output added in ascending expert id: index_add on bfloat16 sums
+          // in float and rounds once (measured against torch; with k > 2 the order and the rounding both matter)
           int64_t idx[64];
           for (int64_t j = 0; j < k; ++j) idx[j] = j;
           std::stable_sort(idx, idx + k, [&](int64_t a, int64_t b) { return sel_[m * k + a] < sel_[m * k + b]; });
           for (int64_t d = 0; d < D; ++d) {
             float acc = 0.0f;
             for (int64_t j = 0; j < k; ++j)
-              acc = rnd<TA>(acc + rnd<TA>(rnd<TA>(ys_[(m * k + idx[j]) * D + d]) * w[idx[j]]));
+              acc += rnd<TA>(rnd<TA>(ys_[(m * k + idx[j]) * D + d]) * w[idx[j]]);
             y[d] = acc;
           }
         }
@@ -484,6 +496,10 @@ class DecodePlan {
     scratch_.resize(nt);
     attn_buf_.resize(nt);
     for (auto& s : scratch_) s.resize(static_cast<size_t>(4 * round_up(Kmax_ / 16 + 16, 8)));
+    if (amx_min_ <= B) {
+      amx_scratch_.resize(nt);
+      for (auto& s : amx_scratch_) s.resize(static_cast<size_t>(amx_scratch_bytes(Kmax_)));
+    }
     const int64_t* pos = positions.data_ptr<int64_t>();
     const int64_t* slot = slots.data_ptr<int64_t>();
     const int64_t* cslot = conv_slots.data_ptr<int64_t>();
@@ -752,6 +768,7 @@ void register_decode(py::module_& m) {
       .def("add_mlp", &DecodePlan::add_mlp)
       .def("set_head", &DecodePlan::set_head)
       .def("set_silu_table", &DecodePlan::set_silu_table)
+      .def("set_amx_min_rows", &DecodePlan::set_amx_min_rows)
       .def("add_moe", &DecodePlan::add_moe)
       .def("set_sigmoid_table", &DecodePlan::set_sigmoid_table)
       .def("step", &DecodePlan::step, py::call_guard<py::gil_scoped_release>())

@@ -26,6 +26,8 @@ struct Act {
   bool has[3] = {false, false, false};
   int64_t gs4 = 0;
   XQ4 x4;                   // int4, bfloat16 activations
+  XAmx xa;                  // the same, as AMX tiles (when `amx`: rows >= the plan's amx_min_rows)
+  bool amx = false;
   XQ8 x8;                   // int8, bfloat16 activations
   std::vector<float> xsum;  // int4, float32 activations: [M, K / gs]
   std::vector<float> xp;    // bfloat16 weights: [M, Kp16], 16-blocks in even / odd order

@@ -59,7 +59,8 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
 // q packed two per byte (k even: low nibble), qweight [N, K / 2] uint8; act_bits: how the activations are multiplied:
 // 32 in float (float32 x only), 16 / 8 quantized to int16 / int8
 at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                     const at::Tensor& zeros, int64_t group, at::ScalarType out_dtype, int64_t act_bits) {
+                     const at::Tensor& zeros, int64_t group, at::ScalarType out_dtype, int64_t act_bits,
+                     int64_t amx_min_rows) {
   check_x(x);
   TORCH_CHECK(group == 32 || group == 64 || group == 128 || group == 256, "group size must be 32, 64, 128 or 256");
   TORCH_CHECK(act_bits == 8 || act_bits == 16 || (act_bits == 32 && x.scalar_type() == at::kFloat),
@@ -105,7 +106,7 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& qweight, const at::T
     by_float_type(out_dtype, "out_dtype", [&](auto to) {
       using TO = decltype(to);
       int4_dispatch(X, M, group, qweight.data_ptr<uint8_t>(), scales.data_ptr<TS>(), zeros.data_ptr<TS>(),
-                    y.data_ptr<TO>(), N);
+                    y.data_ptr<TO>(), N, amx_min_rows);
     });
   });
   if (M > kKeepRows) X = XQ4{};
@@ -177,7 +178,8 @@ py::object int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
 }
 
 py::object int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at::Tensor& scales,
-                       const at::Tensor& zeros, int64_t group, int64_t max_rows, int64_t int4_act_bits) {
+                       const at::Tensor& zeros, int64_t group, int64_t max_rows, int64_t int4_act_bits,
+                       int64_t amx_min_rows) {
   if (!qweight.defined() || !qweight.device().is_cpu() || qweight.dim() != 2 || !qweight.is_contiguous() ||
       qweight.scalar_type() != at::kByte || !float_cpu(scales) || !float_cpu(zeros) ||
       scales.scalar_type() != zeros.scalar_type() || (group != 32 && group != 64 && group != 128 && group != 256))
@@ -191,7 +193,8 @@ py::object int4_linear(const at::Tensor& x, const at::Tensor& qweight, const at:
   at::Tensor y;
   {
     py::gil_scoped_release nogil;
-    y = int4_gemv(x2, qweight, scales, zeros, group, scales.scalar_type(), bits).view(out_shape(x, qweight.size(0)));
+    y = int4_gemv(x2, qweight, scales, zeros, group, scales.scalar_type(), bits, amx_min_rows)
+            .view(out_shape(x, qweight.size(0)));
   }
   return py::cast(y);
 }
@@ -221,7 +224,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out_dtype"), py::arg("act_bits") = 16);
   m.def("int4_gemv", &int4_gemv, "y = x @ dequant(qweight, scales, zeros, group).T", py::arg("x"),
         py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("group"), py::arg("out_dtype"),
-        py::arg("act_bits") = 16);
+        py::arg("act_bits") = 16, py::arg("amx_min_rows") = kNoAmx);
+  m.def("amx_int8", &amx_int8, "whether int4 x int8 products can run on AMX here (CPU, kernel permission)");
   m.def("bf16_gemm", &bf16_gemm, "y = x @ w.T + bias, bfloat16 w widened to float32 in registers", py::arg("x"),
         py::arg("w"), py::arg("bias") = py::none());
   m.def("bf16_linear", &bf16_linear, "nn.Linear on bfloat16 weights, or None where the kernel does not apply",
@@ -240,5 +244,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("scale"), py::arg("max_rows"));
   m.def("int4_linear", &int4_linear, "Int4Linear's kernel, or None where it does not apply", py::arg("x"),
         py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("group"), py::arg("max_rows"),
-        py::arg("int4_act_bits"));
+        py::arg("int4_act_bits"), py::arg("amx_min_rows") = kNoAmx);
 }

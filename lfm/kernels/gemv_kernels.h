@@ -528,9 +528,35 @@ inline bool vnni512() {
   return ok;
 }
 
+#include "amx_kernels.h"
+
+// int8 activations on AMX from amx_min rows (where the CPU has it), else the row kernels
+inline bool use_amx(const XQ4& X, int64_t M, int64_t amx_min) { return !X.a16 && M >= amx_min && amx_int8(); }
+
+template <typename TS, typename TO>
+void int4_amx_dispatch(const XQ4& X, int64_t M, int64_t gs, const uint8_t* W, const TS* S, const TS* Z, TO* Y,
+                       int64_t N) {
+  static thread_local XAmx tls;
+  XAmx& A = tls;  // the calling thread's (inside the parallel region the name `tls` would be each thread's own)
+  prep_amx(X, M, gs, A);
+  const int nt = pick_threads(N * X.K / 2, N / 2);
+  const int64_t bytes = amx_scratch_bytes(X.K);
+  std::vector<uint8_t> scratch(static_cast<size_t>(bytes * nt + 64));
+  uint8_t* base = scratch.data() + (64 - reinterpret_cast<uintptr_t>(scratch.data()) % 64) % 64;
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    const int t = omp_get_thread_num(), T = omp_get_num_threads();
+    const int64_t blocks = (N + 15) / 16;
+    const int64_t n0 = std::min(N, blocks * t / T * 16), n1 = std::min(N, blocks * (t + 1) / T * 16);
+    if (n0 < n1) int4a8_amx(A, M, X.K, gs, W, S, Z, Y, N, n0, n1, base + bytes * t);
+  }
+  if (M > kKeepRows) A = XAmx{};
+}
+
 template <typename TS, typename TO>
 void int4_dispatch(const XQ4& X, int64_t M, int64_t gs, const uint8_t* W, const TS* S, const TS* Z, TO* Y,
-                   int64_t N) {
+                   int64_t N, int64_t amx_min) {
+  if (use_amx(X, M, amx_min)) return int4_amx_dispatch(X, M, gs, W, S, Z, Y, N);
   const int nt = pick_threads(N * X.K / 2, N);
   const int64_t stride = 4 * round_up(std::max(X.G, X.U) + 1, 8);  // per thread: up to 4 rows' comb, or sf
   std::vector<float> scratch(static_cast<size_t>(stride * nt));

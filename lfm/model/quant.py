@@ -205,7 +205,7 @@ class QuantStack(nn.Module):
         """x [M, K] @ W_e.T -> [M, N] in the scales' dtype (as Int4Linear / Int8Linear)."""
         if self.bits == 4:
             w, s, z = self._expert(e)
-            y = _kernels.int4_linear(x, w, s, z, self.group_size)
+            y = _kernels.int4_linear(x, w, s, z, self.group_size, _kernels.AMX_EXPERT_MIN_ROWS)
             if y is not None:
                 return y
             # no packed copy is kept for the torch op (it would double the experts' memory): dequantize this expert
