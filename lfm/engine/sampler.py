@@ -65,14 +65,22 @@ class Sampler:
         for s in seqs:
             s.sampling_state(logits.device)
         want_lp = [s.params.logprobs is not None for s in seqs]
-        if not any(want_lp) and all(s.generator is None and s.seen is None and s.counts is None and s.constraint is None
-                                    and not s.params.logit_bias for s in seqs):
-            # greedy with nothing to apply (the common decode): one pass; max propagates NaN, so a NaN row shows
+        if all(s.generator is None and s.seen is None and s.counts is None and s.constraint is None
+               and not s.params.logit_bias for s in seqs):
+            # greedy with nothing to apply (the common decode): one pass; max propagates NaN, so a NaN row shows.
+            # Log-probabilities (the raw distribution's) only for the rows that ask, with the same log_softmax.
             vals, out = logits.max(-1)  # ties: the first index, as argmax
             tokens = out.tolist()
             for i in torch.isnan(vals).nonzero().flatten().tolist():
                 tokens[i] = -1
-            return tokens, [None] * n
+            rows = [i for i in range(n) if want_lp[i] and tokens[i] >= 0]
+            if not rows:
+                return tokens, [None] * n
+            lp = torch.log_softmax(logits if len(rows) == n else logits[rows], -1)
+            records: list[TokenLogprob | None] = [None] * n
+            for j, i in enumerate(rows):
+                records[i] = logprob_record(lp[j], tokens[i], seqs[i].params.logprobs)
+            return tokens, records
         raw_lp = torch.log_softmax(logits, -1) if any(want_lp) else None
         logits = self._penalize(logits.clone(), seqs)
         forced = self._constrain(logits, seqs)

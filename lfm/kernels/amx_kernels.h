@@ -52,18 +52,23 @@ struct XAmx {
   std::vector<float> xsum;   // [MT][G][16]: exact float sum of x over each group
 };
 
-// from XQ4 (int8 activations, prepared by prep_x4 for this gs)
-inline void prep_amx(const XQ4& X, int64_t M, int64_t gs, XAmx& A) {
-  A.Ku = gs == 32 ? 32 : 64;
+// from XQ4 (int8 activations, prepared by prep_x4 for this gs): allocation, then rows [m0, m1) (any thread,
+// disjoint rows)
+inline void prep_amx_alloc(const XQ4& X, int64_t M, XAmx& A) {
+  A.Ku = X.gs == 32 ? 32 : 64;
   A.U = X.K / A.Ku;  // real units only (group 32's padding half chunk has no weights)
   A.G = X.G;
   A.MT = (M + 15) / 16;
-  const int64_t rows = A.Ku / 4, srow = X.U + 8;
-  A.b.assign(static_cast<size_t>(A.MT * A.U * rows * 64), 0);
+  const int64_t rows = A.Ku / 4;
+  A.b.assign(static_cast<size_t>(A.MT * A.U * rows * 64), 0);  // rows past M stay zero
   A.corr.assign(static_cast<size_t>(A.MT * A.U * 16), 0.0f);
   A.sx.assign(static_cast<size_t>(A.MT * A.U * 16), 0.0f);
   A.xsum.assign(static_cast<size_t>(A.MT * A.G * 16), 0.0f);
-  for (int64_t m = 0; m < M; ++m) {
+}
+
+inline void prep_amx_rows(const XQ4& X, int64_t m0, int64_t m1, XAmx& A) {
+  const int64_t rows = A.Ku / 4, srow = X.U + 8, half = A.Ku / 2;
+  for (int64_t m = m0; m < m1; ++m) {
     const int64_t mt = m / 16, mm = m % 16;
     const int8_t* q = X.q8.data() + m * X.Kp;
     for (int64_t u = 0; u < A.U; ++u) {
@@ -71,7 +76,6 @@ inline void prep_amx(const XQ4& X, int64_t M, int64_t gs, XAmx& A) {
       // chunk positions 16 l.., its odds at 32 + 16 l..)
       const int8_t* lo = A.Ku == 64 ? q + u * 64 : q + (u / 2) * 64 + 16 * (u % 2);
       const int8_t* hi = lo + 32;
-      const int64_t half = A.Ku / 2;
       int8_t* dst = A.b.data() + (mt * A.U + u) * rows * 64 + mm * 4;
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t p = 4 * r;
@@ -82,6 +86,11 @@ inline void prep_amx(const XQ4& X, int64_t M, int64_t gs, XAmx& A) {
     }
     for (int64_t g = 0; g < A.G; ++g) A.xsum[(mt * A.G + g) * 16 + mm] = X.sum[m * X.G + g];
   }
+}
+
+inline void prep_amx(const XQ4& X, int64_t M, XAmx& A) {
+  prep_amx_alloc(X, M, A);
+  prep_amx_rows(X, 0, M, A);
 }
 
 // one unit's products c [16 n][16 m] into the accumulators (a function of its own: lambdas do not inherit the

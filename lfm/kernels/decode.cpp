@@ -4,7 +4,7 @@
 // but the PyTorch step around the GEMV kernels is ~300 small ATen ops (norms, conv taps, RoPE, casts, residual
 // adds) plus an OpenMP fork/join per kernel: milliseconds per token. Here the whole step runs inside one OpenMP
 // parallel region over preallocated buffers: the GEMVs split their output rows over the threads, the small
-// element-wise work between them runs on one thread (`omp single`, microseconds), and the threads meet at barriers.
+// element-wise work between them is split by rows (`prep_pending`), and the threads meet at barriers.
 // Each input vector is converted / quantized once and shared by every projection that reads it (in_proj; q, k, v;
 // w1, w3), and the RMSNorm feeding it is computed in the same pass.
 //
@@ -301,33 +301,76 @@ class DecodePlan {
     for (; i < n; ++i) x[i] = rnd<TA>(x[i] + rnd<TA>(y[i]));
   }
 
-  template <typename TA>
-  void ensure(Act& a, const Lin& l) {
+  // Preparing an input for the kinds of weight that read it, rows split between the threads: inside an
+  // `omp single`, `begin` (a fresh input of M rows) or `again` (more kinds for the same input) and `want` per
+  // linear (sizes the buffers, queues the kind); then all threads call `prep_pending(fn)`, which runs fn(m) (the
+  // row's own values, e.g. its RMSNorm) and the queued preparations row by row (an omp for: a barrier at its end).
+  Act* pend_act_ = nullptr;
+  std::vector<const Lin*> pend_lins_;
+  std::vector<std::vector<float>> xf_;  // per thread: one row as float
+
+  void begin(Act& a, int64_t m, int64_t k) {
+    a.reset(m, k);
+    again(a);
+  }
+
+  void again(Act& a) {
+    pend_act_ = &a;
+    pend_lins_.clear();
+  }
+
+  void want(Act& a, const Lin& l) {
     if (a.has[l.kind] && (l.kind != kInt4 || a.gs4 == l.gs)) return;
     const int64_t M = a.M, K = a.K;
+    a.has[l.kind] = true;
     if (l.kind == kBf16) {
       a.Kp16 = round_up(K, 16);
       a.xp.resize(static_cast<size_t>(M * a.Kp16));
-      prep_x(a.x.data(), M, K, a.Kp16, a.xp.data());
     } else if (l.kind == kInt8) {
-      if (bf16_) prep_x8(a.x.data(), M, K, a.x8);
+      if (!bf16_) return;  // float32 activations: read as they are
+      prep_x8_alloc(M, K, a.x8);
     } else {
+      a.gs4 = l.gs;
       if (bf16_) {
-        prep_x4(a.x.data(), M, K, l.gs, a16_, a.x4);
+        prep_x4_alloc(M, K, l.gs, a16_, a.x4);
         a.amx = use_amx(a.x4, M, amx_min_);
-        if (a.amx) prep_amx(a.x4, M, l.gs, a.xa);
+        if (a.amx) prep_amx_alloc(a.x4, M, a.xa);
       } else {
-        const int64_t G = K / l.gs;
-        a.xsum.resize(static_cast<size_t>(M * G));
-        for (int64_t i = 0; i < M * G; ++i) {
-          __m256 s = _mm256_setzero_ps();
-          for (int64_t k = 0; k < l.gs; k += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(a.x.data() + i * l.gs + k));
-          a.xsum[i] = hsum(s);
+        a.xsum.resize(static_cast<size_t>(M * (K / l.gs)));
+      }
+    }
+    pend_lins_.push_back(&l);
+  }
+
+  template <typename F>
+  void prep_pending(F&& fn) {
+    Act& a = *pend_act_;
+    const int64_t K = a.K;
+    float* xf = xf_[omp_get_thread_num()].data();
+#pragma omp for schedule(static)
+    for (int64_t m = 0; m < a.M; ++m) {
+      fn(m);
+      for (const Lin* l : pend_lins_) {
+        if (l->kind == kBf16) {
+          prep_x(a.x.data() + m * K, 1, K, a.Kp16, a.xp.data() + m * a.Kp16);
+        } else if (l->kind == kInt8) {
+          prep_x8_rows(a.x.data(), m, m + 1, a.x8, xf);
+        } else if (bf16_) {
+          prep_x4_rows(a.x.data(), m, m + 1, a.x4, xf);
+          if (a.amx) prep_amx_rows(a.x4, m, m + 1, a.xa);
+        } else {
+          const int64_t gs = l->gs, G = K / gs;
+          for (int64_t g = 0; g < G; ++g) {
+            __m256 s = _mm256_setzero_ps();
+            for (int64_t k = 0; k < gs; k += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(a.x.data() + m * K + g * gs + k));
+            a.xsum[m * G + g] = hsum(s);
+          }
         }
       }
-      a.gs4 = l.gs;
     }
-    a.has[l.kind] = true;
+  }
+  void prep_pending() {
+    prep_pending([](int64_t) {});
   }
 
   // y = a @ W.T, the rows of W in chunks of kChunk claimed by whichever thread is free (an OpenMP dynamic loop,
@@ -422,16 +465,20 @@ class DecodePlan {
         }
         for (int64_t j = 0; j < k; ++j) wsel_[m * k + j] = rnd<TA>(w[j] * L.rscale);
       }
-      ensure<TA>(a_, l0);
+      again(a_);
+      want(a_, l0);
     }
+    prep_pending();
     for (int64_t p = 0; p < B * k; ++p) gemv_row<TA>(lins_[L.gu[sel_[p]]], a_, p / k, gu_.data() + p * I2, t, T);
 #pragma omp barrier
 #pragma omp single
-    {  // SiLU(g) * u per (token, expert)
-      a_ff_.reset(B * k, I);
-      for (int64_t p = 0; p < B * k; ++p) silu_mul<TA>(gu_.data() + p * I2, gu_.data() + p * I2 + I, a_ff_.row(p), I);
-      ensure<TA>(a_ff_, lins_[L.dn[0]]);
+    {
+      begin(a_ff_, B * k, I);
+      want(a_ff_, lins_[L.dn[0]]);
     }
+    prep_pending([&](int64_t p) {  // SiLU(g) * u per (token, expert)
+      silu_mul<TA>(gu_.data() + p * I2, gu_.data() + p * I2 + I, a_ff_.row(p), I);
+    });
     for (int64_t p = 0; p < B * k; ++p) gemv_row<TA>(lins_[L.dn[sel_[p]]], a_ff_, p, ys_.data() + p * D, t, T);
 #pragma omp barrier
     if (t == 0) tg += now() - mark;
@@ -496,6 +543,8 @@ class DecodePlan {
     scratch_.resize(nt);
     attn_buf_.resize(nt);
     for (auto& s : scratch_) s.resize(static_cast<size_t>(4 * round_up(Kmax_ / 16 + 16, 8)));
+    xf_.resize(nt);
+    for (auto& s : xf_) s.resize(static_cast<size_t>(round_up(Kmax_, 64)));
     if (amx_min_ <= B) {
       amx_scratch_.resize(nt);
       for (auto& s : amx_scratch_) s.resize(static_cast<size_t>(amx_scratch_bytes(Kmax_)));
@@ -523,11 +572,11 @@ class DecodePlan {
         const Layer& L = layers_[li];
 #pragma omp single
         {
-          a_.reset(B, D);
-          for (int64_t m = 0; m < B; ++m) rms_row<TA>(x_.data() + m * D, L.norm, a_.row(m), D);
-          if (L.attn) { ensure<TA>(a_, lins_[L.q]); ensure<TA>(a_, lins_[L.k]); ensure<TA>(a_, lins_[L.v]); }
-          else ensure<TA>(a_, lins_[L.in]);
+          begin(a_, B, D);
+          if (L.attn) { want(a_, lins_[L.q]); want(a_, lins_[L.k]); want(a_, lins_[L.v]); }
+          else want(a_, lins_[L.in]);
         }
+        prep_pending([&](int64_t m) { rms_row<TA>(x_.data() + m * D, L.norm, a_.row(m), D); });
         gemv_begin();
         if (!L.attn) {
           const Lin& in = lins_[L.in];
@@ -535,12 +584,14 @@ class DecodePlan {
 #pragma omp barrier
           gemv_end(tg);
 #pragma omp single
-          {  // B * x, the 3-tap conv from the slot's state (state shifted), C * conv
-            a_o_.reset(B, D);
-            const int64_t Lk = L1 + 1;
-            const TA* w = ptr<TA>(L.conv_w);
-            const TA* bias = L.conv_b.defined() ? ptr<TA>(L.conv_b) : nullptr;
-            for (int64_t m = 0; m < B; ++m) {
+          {
+            begin(a_o_, B, D);
+            want(a_o_, lins_[L.out]);
+          }
+          const int64_t Lk = L1 + 1;
+          const TA* w = ptr<TA>(L.conv_w);
+          const TA* bias = L.conv_b.defined() ? ptr<TA>(L.conv_b) : nullptr;
+          prep_pending([&](int64_t m) {  // B * x, the 3-tap conv from the slot's state (state shifted), C * conv
               const float* r = big_.data() + m * 3 * D;
               TA* st = convp + ((L.ci * nslots) + cslot[m]) * L1 * D;  // [L-1, D]
               float* o = a_o_.row(m);
@@ -576,9 +627,7 @@ class DecodePlan {
               }
               if (snapb[m] >= 0 && snapb[m] < nsnap && L1 > 0)
                 std::memcpy(snapp + ((L.ci * nsnap) + snapb[m]) * L1 * D, st, sizeof(TA) * L1 * D);
-            }
-            ensure<TA>(a_o_, lins_[L.out]);
-          }
+          });
         } else {
           const Lin &lq = lins_[L.q], &lk = lins_[L.k], &lv = lins_[L.v];
           const int64_t Nq = lq.N, Nk = lk.N, W3 = Nq + 2 * Nk;
@@ -686,28 +735,28 @@ class DecodePlan {
           (void)nblk;
 #pragma omp single
           {
-            a_o_.reset(B, H * hd);
-            for (int64_t m = 0; m < B; ++m)
-              for (int64_t i = 0; i < H * hd; ++i) a_o_.x[m * H * hd + i] = to_f(oa[m * HD + i]);
-            ensure<TA>(a_o_, lins_[L.out]);
+            begin(a_o_, B, H * hd);
+            want(a_o_, lins_[L.out]);
           }
+          prep_pending([&](int64_t m) {
+            for (int64_t i = 0; i < H * hd; ++i) a_o_.x[m * H * hd + i] = to_f(oa[m * HD + i]);
+          });
         }
         gemv_begin();
         gemv<TA>(lins_[L.out], a_o_, y_.data(), t, T);
 #pragma omp barrier
         gemv_end(tg);
 #pragma omp single
-        {  // residual, ffn norm, shared activations of w1 / w3
-          a_.reset(B, D);
-          for (int64_t m = 0; m < B; ++m) {
-            float* xr = x_.data() + m * D;
-            const float* yr = y_.data() + m * D;
-            residual<TA>(xr, yr, D);
-            rms_row<TA>(xr, L.ffn_norm, a_.row(m), D);
-          }
-          if (L.moe) ensure<TA>(a_, lins_[L.gate]);
-          else { ensure<TA>(a_, lins_[L.w1]); ensure<TA>(a_, lins_[L.w3]); }
+        {  // shared activations of w1 / w3 (or the router)
+          begin(a_, B, D);
+          if (L.moe) want(a_, lins_[L.gate]);
+          else { want(a_, lins_[L.w1]); want(a_, lins_[L.w3]); }
         }
+        prep_pending([&](int64_t m) {  // residual, ffn norm
+          float* xr = x_.data() + m * D;
+          residual<TA>(xr, y_.data() + m * D, D);
+          rms_row<TA>(xr, L.ffn_norm, a_.row(m), D);
+        });
         if (L.moe) {
           moe_ffn<TA>(L, B, t, T, tg);
           continue;
@@ -718,28 +767,28 @@ class DecodePlan {
         gemv<TA>(l3, a_, g_.data(), t, T);
 #pragma omp barrier
         gemv_end(tg);
+        const int64_t F = l1.N;
 #pragma omp single
-        {  // SiLU(w1 x) * w3 x
-          const int64_t F = l1.N;
-          a_ff_.reset(B, F);
-          silu_mul<TA>(big_.data(), g_.data(), a_ff_.x.data(), B * F);
-          ensure<TA>(a_ff_, lins_[L.w2]);
+        {
+          begin(a_ff_, B, F);
+          want(a_ff_, lins_[L.w2]);
         }
+        prep_pending([&](int64_t m) {  // SiLU(w1 x) * w3 x
+          silu_mul<TA>(big_.data() + m * F, g_.data() + m * F, a_ff_.row(m), F);
+        });
         gemv_begin();
         gemv<TA>(lins_[L.w2], a_ff_, y_.data(), t, T);
 #pragma omp barrier
         gemv_end(tg);
-#pragma omp single
-        {
-          residual<TA>(x_.data(), y_.data(), B * D);
-        }
+#pragma omp for schedule(static)
+        for (int64_t m = 0; m < B; ++m) residual<TA>(x_.data() + m * D, y_.data() + m * D, D);
       }
 #pragma omp single
       {
-        a_.reset(B, D);
-        for (int64_t m = 0; m < B; ++m) rms_row<TA>(x_.data() + m * D, final_norm_, a_.row(m), D);
-        ensure<TA>(a_, lins_[head_]);
+        begin(a_, B, D);
+        want(a_, lins_[head_]);
       }
+      prep_pending([&](int64_t m) { rms_row<TA>(x_.data() + m * D, final_norm_, a_.row(m), D); });
       gemv_begin();
       gemv<TA>(lins_[head_], a_, reinterpret_cast<TA*>(out.data_ptr()), t, T);
 #pragma omp barrier

@@ -42,16 +42,20 @@ struct XQ8 {          // quantized activations of M rows (reused between calls: 
   std::vector<float> xf;   // one row as float
 };
 
-template <typename TX>
-void prep_x8(const TX* x, int64_t M, int64_t K, XQ8& X) {
+// allocation (once per call) and rows [m0, m1) (any thread, disjoint rows), so the fused step can split rows
+inline void prep_x8_alloc(int64_t M, int64_t K, XQ8& X) {
   X.K = K;
   X.Kp = round_up(K, XB8);
   X.nb = X.Kp / XB8;
   X.q.resize(M * X.Kp);
   X.s.resize(M * X.nb);
   X.xf.resize(X.Kp);
-  float* xf = X.xf.data();
-  for (int64_t m = 0; m < M; ++m) {
+}
+
+template <typename TX>
+void prep_x8_rows(const TX* x, int64_t m0, int64_t m1, XQ8& X, float* xf) {
+  const int64_t K = X.K;
+  for (int64_t m = m0; m < m1; ++m) {
     to_float_row(x + m * K, xf, K, X.Kp);
     int16_t* q = X.q.data() + m * X.Kp;
     for (int64_t b = 0; b < X.nb; ++b) {
@@ -74,6 +78,12 @@ void prep_x8(const TX* x, int64_t M, int64_t K, XQ8& X) {
       }
     }
   }
+}
+
+template <typename TX>
+void prep_x8(const TX* x, int64_t M, int64_t K, XQ8& X) {
+  prep_x8_alloc(M, K, X);
+  prep_x8_rows(x, 0, M, X, X.xf.data());
 }
 
 template <int MT, typename TS, typename TO>
@@ -161,7 +171,7 @@ void int8_dispatch(const XQ8& X, int64_t M, const int8_t* W, const TS* scale, TO
 // int16 activations: one scale per 32 inputs (per lane), applied with the -8 offset in the chunk's float step.
 
 struct XQ4 {                 // quantized activations of M rows, in the kernel's order (reused between calls)
-  int64_t K, Kp, G, nc, U;   // Kp: K rounded up to 64 (zero padded); nc = Kp / 64 chunks; U: units (int8)
+  int64_t K, Kp, G, gs, nc, U;  // Kp: K rounded up to 64 (zero padded); nc = Kp / 64 chunks; U: units (int8)
   bool a16;                  // int16 activations (else int8)
   std::vector<int16_t> q16;  // [M, Kp]
   std::vector<int8_t> q8;    // [M, Kp]
@@ -177,21 +187,28 @@ struct XQ4 {                 // quantized activations of M rows, in the kernel's
 // int16: the nibbles are widened with unpacklo/unpackhi_epi8, which take bytes 0-7 / 8-15 of each lane; so the four
 //   16 x int16 vectors are [even inputs of 0-15 | of 32-47], [of 16-31 | of 48-63], then the same for odd inputs.
 //   Equivalently: inputs 16 h .. 16 h + 15 put their evens at 16 (h & 1) + 8 (h >> 1) and odds 32 further.
-template <typename TX>
-void prep_x4(const TX* x, int64_t M, int64_t K, int64_t gs, bool a16, XQ4& X) {
+inline void prep_x4_alloc(int64_t M, int64_t K, int64_t gs, bool a16, XQ4& X) {
   X.K = K;
   X.Kp = round_up(K, 64);
   X.G = K / gs;
+  X.gs = gs;
   X.nc = X.Kp / 64;
   X.U = gs == 32 ? X.nc * 2 : X.nc;
   X.a16 = a16;
   const int64_t srow = a16 ? X.nc * 8 : X.U + 8;
   (a16 ? X.q16.resize(M * X.Kp) : X.q8.resize(M * X.Kp));
-  X.s.assign(M * srow, 0.0f);
-  X.corr.assign(M * srow, 0.0f);
+  X.s.resize(M * srow);
+  X.corr.resize(M * srow);
   X.sum.resize(M * X.G);
   X.xf.resize(X.Kp);
-  float* xf = X.xf.data();
+}
+
+// rows [m0, m1) (any thread, disjoint rows; xf: Kp floats of the caller's)
+template <typename TX>
+void prep_x4_rows(const TX* x, int64_t m0, int64_t m1, XQ4& X, float* xf) {
+  const int64_t K = X.K, gs = X.gs;
+  const bool a16 = X.a16;
+  const int64_t srow = a16 ? X.nc * 8 : X.U + 8;
   const int64_t kb = K / 32;  // real 32-blocks (K is a multiple of the group size, so of 32)
   // within a 128-bit lane: 8 even bytes then 8 odd bytes / 4 even words then 4 odd words
   const __m256i even_odd8 = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
@@ -199,10 +216,12 @@ void prep_x4(const TX* x, int64_t M, int64_t K, int64_t gs, bool a16, XQ4& X) {
   const __m256i even_odd16 = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
                                               0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
   const __m256i dword_order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  for (int64_t m = 0; m < M; ++m) {
+  for (int64_t m = m0; m < m1; ++m) {
     to_float_row(x + m * K, xf, K, X.Kp);
     float* s = X.s.data() + m * srow;
     float* corr = X.corr.data() + m * srow;
+    std::fill(s, s + srow, 0.0f);
+    std::fill(corr, corr + srow, 0.0f);
     float* sum = X.sum.data() + m * X.G;
     std::fill(sum, sum + X.G, 0.0f);
     for (int64_t c = 0; c < X.nc; ++c) {
@@ -267,6 +286,12 @@ void prep_x4(const TX* x, int64_t M, int64_t K, int64_t gs, bool a16, XQ4& X) {
       }
     }
   }
+}
+
+template <typename TX>
+void prep_x4(const TX* x, int64_t M, int64_t K, int64_t gs, bool a16, XQ4& X) {
+  prep_x4_alloc(M, K, gs, a16, X);
+  prep_x4_rows(x, 0, M, X, X.xf.data());
 }
 
 // unpack 32 bytes of nibbles into the four int16 vectors that match the int16 activation order
@@ -538,7 +563,7 @@ void int4_amx_dispatch(const XQ4& X, int64_t M, int64_t gs, const uint8_t* W, co
                        int64_t N) {
   static thread_local XAmx tls;
   XAmx& A = tls;  // the calling thread's (inside the parallel region the name `tls` would be each thread's own)
-  prep_amx(X, M, gs, A);
+  prep_amx(X, M, A);
   const int nt = pick_threads(N * X.K / 2, N / 2);
   const int64_t bytes = amx_scratch_bytes(X.K);
   std::vector<uint8_t> scratch(static_cast<size_t>(bytes * nt + 64));
