@@ -31,10 +31,80 @@ RESULT_COLUMNS = ("output", "text", "prompt_tokens", "completion_tokens", "finis
 _INTERNAL = "__lfm_fields__"  # run_ray's rows: id, the row's fields as JSON text, the reading error
 
 
+class _Call:
+    """One `LfmPredictor` call's rows in the shared engine loop: their results, and an event set when all are in."""
+
+    def __init__(self, n: int) -> None:
+        import threading
+
+        self.n, self.results, self.done = n, {}, threading.Event()
+
+    def add(self, key: str, res: dict) -> None:
+        self.results[key] = res
+        if len(self.results) == self.n:
+            self.done.set()
+
+
+class _Feeder:
+    """The actor's one engine loop (a thread running `process_rows` over a `RowFeed`), shared by every batch the
+    actor is given at once: a batch's rows join the running engine as they arrive, and its call returns when they
+    are all done. So the engine stays full across batches (no drain at each batch's end), as the local job's does."""
+
+    def __init__(self, llm: Any, job: BatchJob) -> None:
+        import itertools
+        import threading
+
+        from .batch.runner import RowFeed
+
+        self.llm, self.job = llm, job
+        self.feed = RowFeed()
+        self.lock = threading.Lock()
+        self.calls: dict[str, _Call] = {}  # a row's private key -> its call
+        self.keys = itertools.count()
+        self.failed: str | None = None
+        threading.Thread(target=self._run, name="lfm-batch", daemon=True).start()
+
+    def _run(self) -> None:
+        from .batch.runner import process_rows
+
+        try:
+            for res in process_rows(self.llm, self.feed, self.job):
+                with self.lock:
+                    call = self.calls.pop(res["id"])
+                call.add(res["id"], res)
+        except BaseException as e:  # noqa: BLE001  every waiting call fails (Ray retries its task)
+            with self.lock:
+                self.failed = f"{type(e).__name__}: {e}"
+                for call in self.calls.values():
+                    call.done.set()
+
+    def run(self, rows: list[InputRow]) -> dict[str, dict]:
+        """Results of `rows` by their id. Ids may repeat across concurrent calls (a user's batch-local ids), so
+        each row travels under a private key."""
+        if not rows:
+            return {}
+        call = _Call(len(rows))
+        with self.lock:
+            if self.failed:
+                raise RuntimeError(f"the replica's engine loop failed: {self.failed}")
+            keyed = [(str(next(self.keys)), r) for r in rows]
+            for k, _ in keyed:
+                self.calls[k] = call
+        for k, r in keyed:
+            self.feed.put(InputRow(k, r.fields, r.error))
+        call.done.wait()
+        if len(call.results) < call.n:
+            raise RuntimeError(f"the replica's engine loop failed: {self.failed}")
+        return {r.id: {**call.results[k], "id": r.id} for k, r in keyed}
+
+
 class LfmPredictor:
     """One `lfm.LLM` per Ray actor; `__call__(batch)` -> the batch's columns plus `output` (JSON text), the raw
     `generated_text` (Ray Data LLM's name, so a `text` input column stays),
-    token counts, `finish_reason`, `error` and `logprobs` (JSON text; --classify only), as an Arrow table."""
+    token counts, `finish_reason`, `error` and `logprobs` (JSON text; --classify only), as an Arrow table.
+    Calls may run concurrently (`ActorPoolStrategy(max_concurrent_calls_per_actor=..,
+    enable_true_multi_threading=True)`): they share the actor's one engine, which then never drains between
+    batches."""
 
     def __init__(self, model: str | None = None, prompt: str | None = None, schema: dict | None = None,
                  classify: list[str] | None = None, job: BatchJob | None = None, id_column: str = "id",
@@ -49,10 +119,9 @@ class LfmPredictor:
                                    classify=classify)
         self.id_column = id_column
         self.llm = LLM(model, **llm_kwargs)
+        self.feeder = _Feeder(self.llm, self.job)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
-        from .batch.runner import process_rows
-
         if hasattr(batch, "to_pydict"):  # pyarrow.Table
             cols = batch.to_pydict()
         elif hasattr(batch, "to_dict") and hasattr(batch, "columns"):  # pandas.DataFrame
@@ -72,8 +141,7 @@ class LfmPredictor:
                 fields = {k: v[i] for k, v in cols.items()}
                 rid = str(fields[self.id_column]) if self.id_column in fields else str(i)
                 rows.append(InputRow(rid, fields))
-        by_id = {r["id"]: r for r in process_rows(self.llm, rows, self.job)}
-        return _table(rows, by_id, None if internal else cols)
+        return _table(rows, self.feeder.run(rows), None if internal else cols)
 
 
 def _table(rows: list[InputRow], by_id: dict[str, dict], cols: dict[str, list] | None):
@@ -127,9 +195,15 @@ def run_ray(rows: list[InputRow], job: BatchJob, sink: Sink, llm_kwargs: dict, a
         remote = {"num_cpus": cpus_per_replica}
         if gpus_per_replica:
             remote["num_gpus"] = gpus_per_replica
+        # enough batches in flight per replica to keep its engine full (max_num_seqs sequences, and the next ones
+        # queued); they run at once on the replica's one engine (_Feeder). Ray Data restarts failed actors and
+        # retries their tasks.
+        seqs = int(llm_kwargs.get("max_num_seqs") or 64)
+        calls = max(2, math.ceil(2 * seqs / job.chunk_size))
+        pool = ray.data.ActorPoolStrategy(size=replicas, max_tasks_in_flight_per_actor=calls,
+                                          max_concurrent_calls_per_actor=calls, enable_true_multi_threading=True)
         ds = ds.map_batches(LfmPredictor, fn_constructor_kwargs={"job": job, "threads": threads, **llm_kwargs},
-                            batch_size=job.chunk_size, compute=ray.data.ActorPoolStrategy(size=replicas),
-                            batch_format="pyarrow", **remote)  # Ray Data restarts actors and retries their tasks
+                            batch_size=job.chunk_size, compute=pool, batch_format="pyarrow", **remote)
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             out = []
             for r in batch.to_pylist():

@@ -252,3 +252,45 @@ def test_cli_errors_are_one_line(tmp_path):
     assert p.returncode == 2 and "no file matches" in p.stderr
     assert not (tmp_path / "o.jsonl").exists()
 
+
+
+def test_concurrent_predictor_calls_share_one_engine_and_give_the_same_rows(checkpoints):
+    """lfm.ray.LfmPredictor: Ray runs several batches at once in one actor (threads); they feed one engine loop
+    (RowFeed), so it never drains between batches. Each call gets exactly its own rows back, even when two calls use
+    the same (batch-local) ids, and the rows equal the plain local loop's (greedy, float32)."""
+    import threading
+
+    from lfm.batch.io import InputRow
+    from lfm.batch.runner import process_rows
+    from lfm.ray import LfmPredictor
+
+    before = torch.get_num_threads()
+    try:
+        pred = LfmPredictor(checkpoints["dense"], prompt="Extract: {text}", schema=SCHEMA, dtype="float32",
+                            max_num_seqs=4, threads=1)
+        pred.job.max_tokens = 24
+        reviews = _reviews(10)
+        want = {r["id"]: r for r in process_rows(pred.llm, [InputRow(str(i), t) for i, t in enumerate(reviews)],
+                                                 pred.job)}
+        assert sum(r["error"] is None for r in want.values()) >= 5  # most rows give a parsed object
+        batches = [reviews[:3], reviews[3:7], reviews[7:], reviews[:2]]  # ids are batch-local positions: repeat
+        got: list = [None] * len(batches)
+
+        def call(i: int) -> None:
+            got[i] = pred({"text": pa.array([t["text"] for t in batches[i]])}).to_pylist()
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(len(batches))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        offsets = [0, 3, 7, 0]
+        for b, rows, off in zip(batches, got, offsets):
+            assert [r["text"] for r in rows] == [t["text"] for t in b]  # the caller's own rows, in order
+            for j, r in enumerate(rows):
+                ref = want[str(off + j)]
+                assert r["generated_text"] == ref["text"] and r["error"] == ref["error"]
+                if r["error"] is None:
+                    assert json.loads(r["output"]) == ref["output"]
+    finally:
+        torch.set_num_threads(before)

@@ -77,22 +77,67 @@ def _error_row(row_id: str, error: str) -> dict[str, Any]:
             "finish_reason": None, "error": error, "logprobs": None}
 
 
-def process_rows(llm: LLM, rows: Iterable[InputRow], job: BatchJob) -> Iterator[dict[str, Any]]:
-    """One result per row (completion order). Rows that cannot be done come back at once with their error."""
+class RowFeed:
+    """Rows that arrive while the job runs (`lfm.ray.LfmPredictor`: several Ray batches feeding one engine, so it
+    stays full between batches). `put` from any thread; `close` ends `process_rows` once its rows are done."""
+
+    _END = object()
+
+    def __init__(self) -> None:
+        import queue
+
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self.done = False
+
+    def put(self, row: InputRow) -> None:
+        self._q.put(row)
+
+    def close(self) -> None:
+        self._q.put(self._END)
+
+    def next(self, block: bool) -> InputRow | None:
+        """The next row; None when none is there now (block=False) or after `close`."""
+        import queue
+
+        if self.done:
+            return None
+        try:
+            row = self._q.get(block)
+        except queue.Empty:
+            return None
+        if row is self._END:
+            self.done = True
+            return None
+        return row
+
+
+class _IterFeed:
+    def __init__(self, rows: Iterable[InputRow]) -> None:
+        self._it = iter(rows)
+        self.done = False
+
+    def next(self, block: bool) -> InputRow | None:
+        row = None if self.done else next(self._it, None)
+        self.done = row is None
+        return row
+
+
+def process_rows(llm: LLM, rows: Iterable[InputRow] | RowFeed, job: BatchJob) -> Iterator[dict[str, Any]]:
+    """One result per row (completion order). Rows that cannot be done come back at once with their error. `rows`
+    may be a `RowFeed`: then new rows are taken between engine steps, and waited for only when nothing runs."""
     eng = llm.engine
     window = max(2 * eng.config.max_num_seqs, 8)
     validator = _validator(job.schema)
     label_ids = {lab: llm._need_tokenizer().encode(lab, add_bos=False) for lab in job.classify or []}
     reqs: dict[str, _Group] = {}
-    pending = iter(rows)
-    exhausted = False
+    source = rows if isinstance(rows, RowFeed) else _IterFeed(rows)
     try:
         while True:
-            while not exhausted and len(reqs) < window:
-                row = next(pending, None)
+            while len(reqs) < window:
+                row = source.next(block=not reqs)  # block only when the engine has nothing to do
                 if row is None:
-                    exhausted = True
-                elif row.error is not None:
+                    break
+                if row.error is not None:
                     yield _error_row(row.id, row.error)
                 else:
                     try:
@@ -102,7 +147,9 @@ def process_rows(llm: LLM, rows: Iterable[InputRow], job: BatchJob) -> Iterator[
                     except Exception as e:  # noqa: BLE001  a chat template that fails on this row's messages
                         yield _error_row(row.id, f"cannot build the prompt: {type(e).__name__}: {e}")
             if not reqs:
-                return
+                if source.done:
+                    return
+                continue
             if not eng.has_unfinished_requests():
                 raise RuntimeError("the engine stopped with batch requests unfinished")
             for d in eng.step():
