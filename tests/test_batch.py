@@ -257,7 +257,8 @@ def test_cli_errors_are_one_line(tmp_path):
 def test_concurrent_predictor_calls_share_one_engine_and_give_the_same_rows(checkpoints):
     """lfm.ray.LfmPredictor: Ray runs several batches at once in one actor (threads); they feed one engine loop
     (RowFeed), so it never drains between batches. Each call gets exactly its own rows back, even when two calls use
-    the same (batch-local) ids, and the rows equal the plain local loop's (greedy, float32)."""
+    the same (batch-local) ids, and the rows equal the plain local loop's (greedy, float32; no schema here: the
+    routing is what is tested, the constrained outputs are in the tests above)."""
     import threading
 
     from lfm.batch.io import InputRow
@@ -266,13 +267,13 @@ def test_concurrent_predictor_calls_share_one_engine_and_give_the_same_rows(chec
 
     before = torch.get_num_threads()
     try:
-        pred = LfmPredictor(checkpoints["dense"], prompt="Extract: {text}", schema=SCHEMA, dtype="float32",
-                            max_num_seqs=4, threads=1)
-        pred.job.max_tokens = 24
+        pred = LfmPredictor(checkpoints["dense"], prompt="Extract: {text}", dtype="float32", max_num_seqs=4,
+                            threads=1)
+        pred.job.max_tokens = 12
         reviews = _reviews(10)
         want = {r["id"]: r for r in process_rows(pred.llm, [InputRow(str(i), t) for i, t in enumerate(reviews)],
                                                  pred.job)}
-        assert sum(r["error"] is None for r in want.values()) >= 5  # most rows give a parsed object
+        assert all(r["error"] is None and r["text"] for r in want.values())
         batches = [reviews[:3], reviews[3:7], reviews[7:], reviews[:2]]  # ids are batch-local positions: repeat
         got: list = [None] * len(batches)
 
@@ -289,8 +290,7 @@ def test_concurrent_predictor_calls_share_one_engine_and_give_the_same_rows(chec
             assert [r["text"] for r in rows] == [t["text"] for t in b]  # the caller's own rows, in order
             for j, r in enumerate(rows):
                 ref = want[str(off + j)]
-                assert r["generated_text"] == ref["text"] and r["error"] == ref["error"]
-                if r["error"] is None:
-                    assert json.loads(r["output"]) == ref["output"]
+                assert r["generated_text"] == ref["text"] and r["error"] is None
+                assert json.loads(r["output"]) == ref["output"]
     finally:
         torch.set_num_threads(before)
