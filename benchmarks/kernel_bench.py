@@ -9,6 +9,7 @@ copies of the weight to fill 3x the L3 (96 MiB). Activations are bfloat16 (the m
 
     python benchmarks/kernel_bench.py                 # 1 and 2 threads
     python benchmarks/kernel_bench.py --threads 1 --repeats 31 --group 64 --rows 1
+    python benchmarks/kernel_bench.py --threads 2 --rows 16   # a decode batch: int4 on AMX vs the row kernel
 """
 
 from __future__ import annotations
@@ -97,6 +98,10 @@ def variants(k: int, n: int, x: torch.Tensor, group: int) -> dict[str, tuple[int
         qc, sc, zc = q4.qweight.clone(), q4.scales.clone(), q4.zeros.clone()
         return lambda: kernels.int4_linear(x, qc, sc, zc, group)
 
+    def ours4rows() -> Callable[[], object]:  # the VNNI / AVX2 row kernel even where AMX would take the batch
+        qc, sc, zc = q4.qweight.clone(), q4.scales.clone(), q4.zeros.clone()
+        return lambda: kernels.int4_linear(x, qc, sc, zc, group, amx_min_rows=1 << 62)
+
     s8 = n * k + n * 2
     s4 = n * k // 2 + 2 * n * (k // group) * 2
     out["f32 torch"] = make(n * k * 4, f32)
@@ -106,6 +111,8 @@ def variants(k: int, n: int, x: torch.Tensor, group: int) -> dict[str, tuple[int
     if kernels.available():
         out["ours int8"] = make(s8, ours8)
         out["ours int4"] = make(s4, ours4)
+        if kernels.amx() and x.shape[0] >= kernels.AMX_MIN_ROWS:
+            out["ours int4 (row kernel, no AMX)"] = make(s4, ours4rows)
         out["ours bf16"] = make(n * k * 2, oursbf16)
     return out
 
