@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from typing import Any
@@ -29,6 +30,7 @@ __all__ = ["LfmPredictor", "run_ray", "build_app", "serve_ray"]
 
 RESULT_COLUMNS = ("output", "text", "prompt_tokens", "completion_tokens", "finish_reason", "error", "logprobs")
 _INTERNAL = "__lfm_fields__"  # run_ray's rows: id, the row's fields as JSON text, the reading error
+_ROW_ID = "__lfm_id__"  # the id each result row was processed under (a row without its id field: a fresh one)
 
 
 class _Call:
@@ -139,9 +141,25 @@ class LfmPredictor:
                                      err if isinstance(err, str) else None))
             else:
                 fields = {k: v[i] for k, v in cols.items()}
-                rid = str(fields[self.id_column]) if self.id_column in fields else str(i)
-                rows.append(InputRow(rid, fields))
+                if self.id_column in fields and not _absent(fields[self.id_column]):
+                    rows.append(InputRow(str(fields[self.id_column]), fields))
+                elif self.id_column in cols:  # a row without its id: carried with an error, never dropped
+                    rows.append(InputRow(_missing_id(fields), None, f"the row has no '{self.id_column}' value"))
+                else:  # a user's pipeline without ids: the batch position
+                    rows.append(InputRow(str(i), fields))
         return _table(rows, self.feeder.run(rows), None if internal else cols)
+
+
+def _absent(v: Any) -> bool:
+    """A missing value as Ray's readers give it: None, or NaN (pandas-based readers fill missing cells with NaN)."""
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _missing_id(fields: dict) -> str:
+    """The id of a row that lacks its id field: a hash of its present fields, so a resumed job recognizes it."""
+    text = json.dumps({k: v for k, v in fields.items() if not _absent(v)}, sort_keys=True, ensure_ascii=False,
+                      default=str)
+    return "#" + hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
 def _table(rows: list[InputRow], by_id: dict[str, dict], cols: dict[str, list] | None):
@@ -156,6 +174,8 @@ def _table(rows: list[InputRow], by_id: dict[str, dict], cols: dict[str, list] |
             vals = [None if v is None else json.dumps(v, ensure_ascii=False) for v in vals]
         name = "generated_text" if c == "text" and cols is not None else c  # as Ray Data LLM names it; keeps `text`
         data[name] = pa.array(vals, pa.int64() if c.endswith("_tokens") else pa.string())
+    if cols is not None:
+        data[_ROW_ID] = pa.array([r.id for r in rows], pa.string())
     return pa.table(data)
 
 
@@ -166,59 +186,135 @@ def _init(address: str | None) -> None:
         ray.init(address=address, include_dashboard=False, logging_level="warning", log_to_driver=False)
 
 
+def _pool(job: BatchJob, llm_kwargs: dict, replicas: int):
+    """Enough batches in flight per replica to keep its engine full (max_num_seqs sequences and the next ones
+    queued); they run at once on the replica's one engine (_Feeder). Ray Data restarts failed actors and retries
+    their tasks."""
+    import ray
+
+    seqs = int(llm_kwargs.get("max_num_seqs") or 64)
+    calls = max(2, math.ceil(2 * seqs / job.chunk_size))
+    return ray.data.ActorPoolStrategy(size=replicas, max_tasks_in_flight_per_actor=calls,
+                                      max_concurrent_calls_per_actor=calls, enable_true_multi_threading=True)
+
+
+def _drain(ds, sink: Sink, bar) -> tuple[int, int, int]:
+    """The driver's side: each finished block written atomically through the sink. Returns (rows, errors, tokens)."""
+    written = errors = tokens = 0
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        out = []
+        for r in batch.to_pylist():
+            rid = r[_ROW_ID] if _ROW_ID in r else r["id"]
+            text = r["generated_text"] if "generated_text" in r else r["text"]
+            r = {"id": str(rid), **{c: r[c] for c in RESULT_COLUMNS if c != "text"}, "text": text}
+            for c in ("output", "logprobs"):
+                r[c] = None if r[c] is None else json.loads(r[c])
+            out.append({k: r[k] for k in ("id", *RESULT_COLUMNS)})
+        sink.write(out)
+        e = sum(r["error"] is not None for r in out)
+        t = sum(r["completion_tokens"] or 0 for r in out)
+        written, errors, tokens = written + len(out), errors + e, tokens + t
+        bar.update(len(out), t, e)
+    return written, errors, tokens
+
+
 def run_ray(rows: list[InputRow], job: BatchJob, sink: Sink, llm_kwargs: dict, address: str | None = None,
             replicas: int = 1, gpus_per_replica: float = 0.0, cpus_per_replica: float = 1.0,
             threads: int | None = None, progress: bool = True) -> BatchStats:
-    """`lfm batch --ray`: read -> map_batches(LfmPredictor, concurrency=replicas) -> the driver writes each block."""
+    """`lfm batch --ray` on rows the driver read: from_items -> map_batches(LfmPredictor) -> the driver writes."""
     import time
 
     import ray
 
     from .batch.progress import Progress
 
-    try:
-        _init(address)
-    except ConnectionError as e:
-        raise ValueError(f"cannot reach the Ray cluster at {address}: {e}") from None
+    _connect(address)
     done = sink.done_ids()
     todo = [r for r in rows if r.id not in done]
     bar = Progress(len(rows), len(rows) - len(todo), progress)
     t0 = time.perf_counter()
     written = errors = tokens = 0
     if todo:
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
         items = [{"id": r.id, _INTERNAL: None if r.fields is None else json.dumps(r.fields, ensure_ascii=False,
                                                                                  default=str),
                   "error": r.error} for r in todo]
         ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / job.chunk_size)))
-        remote = {"num_cpus": cpus_per_replica}
-        if gpus_per_replica:
-            remote["num_gpus"] = gpus_per_replica
-        # enough batches in flight per replica to keep its engine full (max_num_seqs sequences, and the next ones
-        # queued); they run at once on the replica's one engine (_Feeder). Ray Data restarts failed actors and
-        # retries their tasks.
-        seqs = int(llm_kwargs.get("max_num_seqs") or 64)
-        calls = max(2, math.ceil(2 * seqs / job.chunk_size))
-        pool = ray.data.ActorPoolStrategy(size=replicas, max_tasks_in_flight_per_actor=calls,
-                                          max_concurrent_calls_per_actor=calls, enable_true_multi_threading=True)
         ds = ds.map_batches(LfmPredictor, fn_constructor_kwargs={"job": job, "threads": threads, **llm_kwargs},
-                            batch_size=job.chunk_size, compute=pool, batch_format="pyarrow", **remote)
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            out = []
-            for r in batch.to_pylist():
-                r = {"id": r["id"], **{c: r[c] for c in RESULT_COLUMNS}}
-                for c in ("output", "logprobs"):
-                    r[c] = None if r[c] is None else json.loads(r[c])
-                out.append(r)
-            sink.write(out)
-            written += len(out)
-            e = sum(r["error"] is not None for r in out)
-            t = sum(r["completion_tokens"] or 0 for r in out)
-            errors, tokens = errors + e, tokens + t
-            bar.update(len(out), t, e)
+                            batch_size=job.chunk_size, compute=_pool(job, llm_kwargs, replicas), batch_format="pyarrow",
+                            **_resources(cpus_per_replica, gpus_per_replica))
+        written, errors, tokens = _drain(ds, sink, bar)
     bar.close()
     return BatchStats(len(rows), len(rows) - len(todo), written, errors, time.perf_counter() - t0, tokens)
+
+
+def read_sources(sources: list[str]):
+    """URIs (s3://, gs://, file://, ...) as one Ray Data dataset, read on the cluster by Ray's own readers, chosen
+    by the file suffix: .jsonl / .ndjson (read_json), .csv / .tsv (read_csv), .parquet (read_parquet), .txt
+    (read_text: a `text` column)."""
+    import pyarrow.csv as pacsv
+    import ray
+
+    from .batch.io import SUFFIXES, InputError
+
+    parts = []
+    for src in sources:
+        kind = SUFFIXES.get("." + src.rsplit(".", 1)[-1].lower()) if "." in src.rsplit("/", 1)[-1] else None
+        if kind in ("jsonl",):
+            parts.append(ray.data.read_json(src, lines=True))
+        elif kind in ("csv", "tsv"):
+            parts.append(ray.data.read_csv(src, parse_options=pacsv.ParseOptions(delimiter="\t" if kind == "tsv"
+                                                                                  else ",")))
+        elif kind == "parquet":
+            parts.append(ray.data.read_parquet(src))
+        elif kind == "text":
+            parts.append(ray.data.read_text(src))
+        else:
+            raise InputError(f"{src}: Ray Data reads .jsonl / .ndjson, .csv / .tsv, .parquet and .txt URIs")
+    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
+
+
+def run_ray_sources(sources: list[str], id_field: str, job: BatchJob, sink: Sink, llm_kwargs: dict,
+                    address: str | None = None, replicas: int = 1, gpus_per_replica: float = 0.0,
+                    cpus_per_replica: float = 1.0, threads: int | None = None, progress: bool = True) -> BatchStats:
+    """`lfm batch URI... --ray --id-field F`: read (Ray Data's readers, on the cluster) -> filter out the ids already
+    written (resume) -> map_batches(LfmPredictor) -> the driver writes each finished block atomically. A row
+    without the id field comes back with an error; nothing is dropped."""
+    import time
+
+    from .batch.progress import Progress
+
+    _connect(address)
+    done = sink.done_ids()
+    ds = read_sources(sources)
+    if id_field not in ds.columns():
+        from .batch.io import InputError
+
+        raise InputError(f"the inputs have no '{id_field}' column (columns: {', '.join(ds.columns())})")
+    if done:
+        ds = ds.filter(lambda r: (_missing_id(r) if _absent(r[id_field]) else str(r[id_field])) not in done)
+    bar = Progress(0, len(done), progress)  # a streamed read: the total is not known up front
+    t0 = time.perf_counter()
+    ds = ds.map_batches(LfmPredictor, fn_constructor_kwargs={"job": job, "threads": threads, "id_column": id_field,
+                                                            **llm_kwargs},
+                        batch_size=job.chunk_size, compute=_pool(job, llm_kwargs, replicas), batch_format="pyarrow",
+                        **_resources(cpus_per_replica, gpus_per_replica))
+    written, errors, tokens = _drain(ds, sink, bar)
+    bar.close()
+    return BatchStats(written + len(done), len(done), written, errors, time.perf_counter() - t0, tokens)
+
+
+def _resources(cpus: float, gpus: float) -> dict:
+    return {"num_cpus": cpus, **({"num_gpus": gpus} if gpus else {})}
+
+
+def _connect(address: str | None) -> None:
+    import ray
+
+    try:
+        _init(address)
+    except ConnectionError as e:
+        raise ValueError(f"cannot reach the Ray cluster at {address}: {e}") from None
+    ray.data.DataContext.get_current().enable_progress_bars = False
 
 
 # ------------------------------------------------------------------------------------------------ Ray Serve

@@ -132,3 +132,32 @@ def test_ray_serve_two_replicas_answer_the_openai_client(cluster, model):
         assert chunks and chunks[-1].choices[0].finish_reason in ("stop", "length")
     finally:
         serve.shutdown()
+
+
+def test_uris_are_read_by_ray_data_and_resume_by_id(cluster, model, tmp_path):
+    """`lfm batch file:///... --ray --id-field id`: a URI is read on the cluster by Ray Data's own reader (as an
+    s3:// one would be), the rows equal the local path's (greedy, float32), a second run skips the ids already
+    written, and a row without its id comes back with an error (rows in = rows out)."""
+    from lfm.batch.io import InputError
+    from lfm.ray import run_ray_sources
+
+    rows = _reviews(5) + [{"text": "no id on this row"}]
+    src = tmp_path / "rows.jsonl"
+    _write_jsonl(src, rows)
+    job, kw = _job(), {"model": model, "dtype": "float32", "max_num_seqs": 4}
+    local = tmp_path / "local.jsonl"
+    run_batch(lfm.LLM(**kw), read_rows([str(src)], "id")[:5], job, open_sink(str(local)), progress=False)
+    out = tmp_path / "ray.jsonl"
+    st = run_ray_sources([src.as_uri()], "id", job, open_sink(str(out)), kw, address=cluster, threads=1,
+                         progress=False)
+    got = {r["id"]: r for r in read_results(str(out))}
+    assert st.written == 6 and len(got) == 6
+    bad = [r for r in got.values() if r["id"].startswith("#")]
+    assert len(bad) == 1 and "no 'id' value" in bad[0]["error"]
+    for r in read_results(str(local)):
+        assert got[r["id"]]["text"] == r["text"] and got[r["id"]]["output"] == r["output"]
+    st2 = run_ray_sources([src.as_uri()], "id", job, open_sink(str(out)), kw, address=cluster, threads=1,
+                          progress=False)
+    assert st2.skipped == 6 and st2.written == 0  # every row once: the id-less one is known by its fields' hash
+    with pytest.raises(InputError, match="--ray"):
+        read_rows([src.as_uri()])

@@ -100,7 +100,24 @@ def cmd_batch(a: argparse.Namespace) -> None:
     from .io import read_rows
     from .sink import open_sink
 
+    from .io import InputError, is_remote
+
     job = job_from_args(a)
+    if any(is_remote(src) for src in a.inputs):  # s3:// and friends: Ray Data's readers, on the cluster
+        if not a.ray or not a.id_field:
+            raise InputError("URIs (s3://, gs://, file://, ...) are read by Ray Data's readers: run with --ray and "
+                             "--id-field (the ids that resuming skips)")
+        if not all(is_remote(src) for src in a.inputs):
+            raise InputError("give either URIs or local paths, not both")
+        from ..ray import run_ray_sources
+
+        sink = open_sink(a.output, a.output_format)
+        stats = run_ray_sources(a.inputs, a.id_field, job, sink, llm_kwargs(a), address=a.ray_address,
+                                replicas=a.replicas, gpus_per_replica=a.gpus_per_replica,
+                                cpus_per_replica=a.cpus_per_replica, threads=a.threads, progress=a.progress)
+        print(f"{stats.total} rows: {stats.skipped} already done, {stats.written} written ({stats.errors} with an "
+              f"error) in {stats.seconds:.1f} s -> {a.output}", file=sys.stderr)
+        return
     rows = read_rows(a.inputs, a.id_field)
     sink = open_sink(a.output, a.output_format)
     if a.ray:

@@ -31,6 +31,12 @@ class InputRow:
     error: str | None = None
 
 
+def is_remote(src: str) -> bool:
+    """A URI with a scheme (s3://, gs://, abfs://, hdfs://, https://, file://): read by Ray Data (`lfm batch --ray`),
+    not by this module."""
+    return "://" in src and not src.startswith("hf:")
+
+
 def expand(sources: list[str]) -> list[str]:
     """Files (sorted within a glob or directory) and `hf:` dataset ids, in the order given."""
     out: list[str] = []
@@ -38,6 +44,8 @@ def expand(sources: list[str]) -> list[str]:
         if src.startswith("hf:"):
             out.append(src)
             continue
+        if is_remote(src):
+            raise InputError(f"{src}: a URI is read by Ray Data: run with --ray and --id-field")
         p = Path(src)
         if p.is_dir():
             files = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES)

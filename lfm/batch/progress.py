@@ -37,9 +37,11 @@ class Progress:
         dt = max(time.monotonic() - self.t0, 1e-9)
         new = self.done - self.start_done
         rps = new / dt
+        err = f"  {self.errors} errors" if self.errors else ""
+        if not self.total:  # a streamed input (Ray Data readers): no total, no ETA
+            return f"{self.done} rows  {rps:.2f} rows/s  {self.tokens / dt:.1f} tok/s  elapsed {_hms(dt)}{err}"
         eta = (self.total - self.done) / rps if rps > 0 else float("inf")
         pct = 100.0 * self.done / max(self.total, 1)
-        err = f"  {self.errors} errors" if self.errors else ""
         eta_s = _hms(eta) if eta != float("inf") else "?"
         return (f"{self.done}/{self.total} rows ({pct:.0f}%)  {rps:.2f} rows/s  {self.tokens / dt:.1f} tok/s  "
                 f"elapsed {_hms(dt)}  ETA {eta_s}{err}")
