@@ -1,5 +1,5 @@
 // int4 weights x int8 activations on Intel AMX (TMUL): the batched-decode and prefill kernel where the CPU has it.
-// Included by gemv_kernels.h after XQ4 (whose int8 activations and scales it reads).
+// Reads XQ4 (int4_prep.h): the int8 activations and their scales.
 //
 // Why: the AVX-512 VNNI kernel spends ~10 instructions per 128 inputs per activation row, so 16 rows cost ~13x one
 // row and a batch of decodes gains little over sequential ones. One AMX tile multiply does a 16 x 64 by 64 x 16
@@ -19,6 +19,8 @@
 #include <cpuid.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+
+#include "int4_prep.h"
 
 namespace {
 
