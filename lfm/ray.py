@@ -281,25 +281,36 @@ def run_ray_sources(sources: list[str], id_field: str, job: BatchJob, sink: Sink
     without the id field comes back with an error; nothing is dropped."""
     import time
 
+    import ray
+
     from .batch.progress import Progress
 
     _connect(address)
     done = sink.done_ids()
-    ds = read_sources(sources)
-    if id_field not in ds.columns():
-        from .batch.io import InputError
-
-        raise InputError(f"the inputs have no '{id_field}' column (columns: {', '.join(ds.columns())})")
-    if done:
-        ds = ds.filter(lambda r: (_missing_id(r) if _absent(r[id_field]) else str(r[id_field])) not in done)
     bar = Progress(0, len(done), progress)  # a streamed read: the total is not known up front
     t0 = time.perf_counter()
-    ds = ds.map_batches(LfmPredictor, fn_constructor_kwargs={"job": job, "threads": threads, "id_column": id_field,
-                                                            **llm_kwargs},
-                        batch_size=job.chunk_size, compute=_pool(job, llm_kwargs, replicas), batch_format="pyarrow",
-                        **_resources(cpus_per_replica, gpus_per_replica))
-    written, errors, tokens = _drain(ds, sink, bar)
-    bar.close()
+    try:
+        ds = read_sources(sources)
+        if id_field not in ds.columns():
+            from .batch.io import InputError
+
+            raise InputError(f"the inputs have no '{id_field}' column (columns: {', '.join(ds.columns())})")
+        if done:
+            ds = ds.filter(lambda r: (_missing_id(r) if _absent(r[id_field]) else str(r[id_field])) not in done)
+        ds = ds.map_batches(LfmPredictor, fn_constructor_kwargs={"job": job, "threads": threads,
+                                                                "id_column": id_field, **llm_kwargs},
+                            batch_size=job.chunk_size, compute=_pool(job, llm_kwargs, replicas),
+                            batch_format="pyarrow", **_resources(cpus_per_replica, gpus_per_replica))
+        written, errors, tokens = _drain(ds, sink, bar)
+    except ray.exceptions.RayError as e:  # e.g. a malformed line: Ray's readers fail the read, not the row
+        from .batch.io import InputError
+
+        cause = getattr(e, "cause", None) or e
+        last = [ln for ln in str(cause).splitlines() if ln.strip()] or [type(cause).__name__]
+        raise InputError(f"the Ray job failed (rows written so far are kept; fix the input and rerun to resume): "
+                         f"{type(cause).__name__}: {last[-1].strip()[:300]}") from None
+    finally:
+        bar.close()
     return BatchStats(written + len(done), len(done), written, errors, time.perf_counter() - t0, tokens)
 
 

@@ -161,3 +161,8 @@ def test_uris_are_read_by_ray_data_and_resume_by_id(cluster, model, tmp_path):
     assert st2.skipped == 6 and st2.written == 0  # every row once: the id-less one is known by its fields' hash
     with pytest.raises(InputError, match="--ray"):
         read_rows([src.as_uri()])
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"id": "b1", "text": "fine"}\n{"id": "b2", "text": \n')
+    with pytest.raises(InputError, match="the Ray job failed"):  # one line for the user, not Ray's traceback
+        run_ray_sources([broken.as_uri()], "id", job, open_sink(str(tmp_path / "b.jsonl")), kw, address=cluster,
+                        threads=1, progress=False)

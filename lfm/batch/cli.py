@@ -20,8 +20,9 @@ A killed job restarted with the same command does only the rows not yet in the o
 def add_parser(sub) -> argparse.ArgumentParser:
     s = sub.add_parser("batch", help="structured extraction / classification over files of rows (resumable; Ray)",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("inputs", nargs="+", help=".jsonl .json .csv .tsv .parquet .txt files, globs, directories, or "
-                   "hf:NAME[:SPLIT] (a Hugging Face dataset)")
+    s.add_argument("inputs", nargs="+", help=".jsonl .json .csv .tsv .parquet .txt files, globs, directories, "
+                   "hf:NAME[:SPLIT] (a Hugging Face dataset), or with --ray and --id-field URIs (s3://, gs://, "
+                   "file://...: .jsonl .csv .tsv .parquet .txt) read by Ray Data on the cluster")
     s.add_argument("-o", "--output", required=True, help="out.jsonl (one file, appended per chunk) or a directory "
                    "(atomic part files; also any path ending in .parquet)")
     s.add_argument("--output-format", choices=["jsonl", "parquet"], help="part-file format of a directory output "

@@ -22,9 +22,10 @@ INT4_ACT_BITS = 8  # activation precision of the int4 kernel for bfloat16 / floa
 # every M tried (1 to 1024, bfloat16, one thread: ~2x at M = 32..256, 1.5-2x at 1024); 2048 = LLM's prefill chunk
 MAX_ROWS = 2048
 # int4 weights x int8 activations (bfloat16 / float16 inputs, INT4_ACT_BITS = 8) run on AMX tiles from this many rows
-# where the CPU has AMX-INT8 (`python benchmarks/kernel_bench.py --rows 16 --threads 2`: "ours int4" vs its row
-# kernel). On a 2-vCPU Xeon, 1024 -> 4608, 2 threads: 4 rows about even with the VNNI row kernel, 8 rows 2.5x, 16
-# rows 3.9x, 64 rows 5x. Batch-invariant: a row's result does not depend on the other rows.
+# where the CPU has AMX-INT8 (`python benchmarks/kernel_bench.py --rows R --threads 2 --only w1`: "ours int4" vs its
+# row kernel). On a 2-vCPU Xeon, 1024 -> 4608, cold weights: 8 rows 419 vs 875 us, 16 rows 470 vs 1,520, 64 rows
+# 1,667 vs 7,385; 4 rows take the row kernel 421 us (about what AMX costs at any small batch), so AMX starts between.
+# Batch-invariant: a row's result does not depend on the other rows.
 AMX_MIN_ROWS = 6
 # MoE experts: the fused decode step (at most 64 rows) computes each (token, expert) with the row kernel, so expert
 # matmuls of up to 64 rows keep it too (the general path and the fused step then agree bit for bit)
