@@ -3,7 +3,8 @@
     python -m lfm.train.demo.build                       # -> lfm/assets/demo (the offline default model)
 
 corpus + tokenizer + chat data (`prepare_demo_data`), pretraining (`pretrain.toml`), chat SFT (`sft.toml`), RL with
-verifiable rewards (`grpo.toml`: GRPO on held-in tool-calling and instruction prompts, `grpo_data.py`), then a
+verifiable rewards (`grpo.toml`: GRPO on held-in tool-calling and instruction prompts, `grpo_data.py`; the step
+shipped is the checkpoint with the best greedy reward on a held-in validation split, never chosen on the eval), then a
 bfloat16 export with its config, tokenizer, metrics, loss plots, held-out perplexity, `lfm eval` scores on held-out
 prompts before and after the GRPO stage, and sample chats. A stage that finished is not rerun (its run directory
 holds the final checkpoint); an interrupted one resumes from its last checkpoint.
@@ -96,6 +97,38 @@ def _export(final: Path, out: Path) -> None:
     (out / "generation_config.json").write_text(json.dumps({**gen, **DEMO_SAMPLING}, indent=2) + "\n")
 
 
+def _validate(model_dir: Path, records: list[dict], max_tokens: int) -> float:
+    """Mean greedy reward of an exported model on held-in validation prompts, as the GRPO stage scores samples."""
+    from ...engine.llm import LLM
+    from ...engine.sampling import SamplingParams
+    from ...eval.scoring import Scorer
+    from .grpo_data import reward
+
+    llm = LLM(str(model_dir))
+    ids = [llm.encode_chat(r["messages"], r.get("tools")) for r in records]
+    sp = SamplingParams(temperature=0.0, max_tokens=max_tokens, skip_special_tokens=False)
+    outs = Scorer(llm, progress=False).run(ids, sp, "validate", chat=True)
+    return sum(reward(o.text.removesuffix("<|im_end|>"), r) for o, r in zip(outs, records)) / len(records)
+
+
+def _pick_grpo_step(rl, sft_export: Path, val_path: Path, work: Path) -> tuple[Path, dict[int, float]]:
+    """The GRPO checkpoint (or the SFT start, step 0) with the best validation reward; ties go to fewer steps."""
+    from .corpus import read_jsonl
+
+    records = list(read_jsonl(val_path))
+    scores = {0: _validate(sft_export, records, rl.grpo.max_tokens)}
+    best, best_dir = 0, sft_export
+    for ckpt in sorted((Path(rl.out_dir) / "checkpoints").glob("step_*")):
+        step = int(ckpt.name.removeprefix("step_"))
+        out = work / f"grpo-export-{step}"
+        _export(ckpt / "model", out)
+        scores[step] = _validate(out, records, rl.grpo.max_tokens)
+        print(f"      validation reward at step {step}: {scores[step]:.3f}", flush=True)
+        if scores[step] > scores[best]:
+            best, best_dir = step, out
+    return best_dir, scores
+
+
 def _run(cfg) -> Path:
     """Train a stage, resuming its run directory when it holds a checkpoint; a finished stage returns at once."""
     from ..loop import train
@@ -117,6 +150,8 @@ def build(out: Path, work: Path, pretrain_steps: int | None, sft_steps: int | No
     print(f"[1/5] data -> {data}", flush=True)
     stats = prepare_demo_data(data, max_chars=max_chars, progress=lambda line: print("      " + line, flush=True))
     stats["grpo"] = build_grpo_prompts(data / "corpus.jsonl", data / "grpo.jsonl")
+    stats["grpo_validation"] = build_grpo_prompts(data / "corpus.jsonl", data / "grpo.val.jsonl", n_tool=120,
+                                                  n_instruct=30, seed=2, exclude=data / "grpo.jsonl")
 
     pre = TrainConfig.from_toml(HERE / "pretrain.toml")
     pre.out_dir, pre.model.tokenizer = str(work / "pretrain"), str(data / "tokenizer")
@@ -145,13 +180,15 @@ def build(out: Path, work: Path, pretrain_steps: int | None, sft_steps: int | No
     rl.model.init = str(sft_final)
     print(f"[4/5] GRPO {rl.steps} steps x {rl.batch_size} prompts x {rl.grpo.group_size} samples", flush=True)
     t0 = time.perf_counter()
-    rl_final = _run(rl)
+    _run(rl)
+    _export(sft_final, work / "sft-export")
+    picked, val_scores = _pick_grpo_step(rl, work / "sft-export", data / "grpo.val.jsonl", work)
     t_rl = time.perf_counter() - t0
 
     print(f"[5/5] export -> {out}, lfm eval before/after GRPO", flush=True)
-    _export(sft_final, work / "sft-export")
     before = _lfm_eval(work / "sft-export", work / "eval-before-grpo")
-    _export(rl_final, out)
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(picked, out)
     after = _lfm_eval(out, work / "eval-after-grpo")
     for name, cfg in (("pretrain", pre), ("sft", sft), ("grpo", rl)):
         shutil.copy(Path(cfg.out_dir) / "metrics.jsonl", out / f"{name}-metrics.jsonl")
@@ -171,6 +208,8 @@ def build(out: Path, work: Path, pretrain_steps: int | None, sft_steps: int | No
         "pretrain_tokens_per_s": rate("pretrain"), "sft_tokens_per_s": rate("sft"),
         "pretrain_minutes": t_pre / 60, "sft_minutes": t_sft / 60, "grpo_minutes": t_rl / 60,
         "eval_before_grpo": before, "eval_after_grpo": after, "grpo": _grpo_summary(out / "grpo-metrics.jsonl"),
+        "grpo_validation_reward": {str(k): v for k, v in val_scores.items()},
+        "grpo_step_shipped": max(val_scores, key=lambda k: (val_scores[k], -k)),
         "total_minutes": (time.perf_counter() - t_start) / 60, "threads": torch.get_num_threads(),
         "python": sys.version.split()[0], "torch": torch.__version__,
         "data": {k: {kk: vv for kk, vv in v.items() if not isinstance(vv, (dict, list))} if isinstance(v, dict) else v

@@ -145,12 +145,15 @@ class _Drawer:
 
 
 def build_grpo_prompts(corpus_jsonl: str | Path, out_path: str | Path, n_tool: int = 400, n_instruct: int = 100,
-                       seed: int = 1, no_call_share: float = 0.12) -> dict:
+                       seed: int = 1, no_call_share: float = 0.12, exclude: str | Path | None = None) -> dict:
     """Write GRPO prompt records (jsonl); tool kinds are lookup_doc/get_signature/list_functions/no-call, the calls
-    split evenly, no-call prompts `no_call_share` of the tool prompts. Returns counts per kind."""
+    split evenly, no-call prompts `no_call_share` of the tool prompts. Prompts of `lfm eval`'s built-in tasks never
+    appear, nor (for a validation split) those of the prompt file `exclude`. Returns counts per kind."""
     rng = random.Random(seed)
     drawer = _Drawer(_Index(list(read_jsonl(corpus_jsonl))), rng)
     held_out = eval_prompts()
+    if exclude is not None:
+        held_out |= {_norm(user_text(r)) for r in read_jsonl(exclude)}
     kinds = ["no_call"] * round(n_tool * no_call_share)
     kinds += [("doc", "sig", "list")[i % 3] for i in range(n_tool - len(kinds))] + ["instruct"] * n_instruct
     rng.shuffle(kinds)
@@ -164,7 +167,7 @@ def build_grpo_prompts(corpus_jsonl: str | Path, out_path: str | Path, n_tool: i
                 if _norm(user_text(rec)) not in held_out:
                     break
             else:
-                raise ValueError(f"cannot draw a {kind} prompt outside the evaluation set")
+                raise ValueError(f"cannot draw a {kind} prompt outside the excluded prompts")
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
             counts[kind] += 1
     return {"prompts": sum(counts.values()), "kinds": dict(sorted(counts.items())), "path": str(out)}
