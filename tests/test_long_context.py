@@ -178,3 +178,47 @@ def test_chunked_prefill_of_a_batch_of_different_lengths_equals_unchunked():
         for i, (p, n) in enumerate(zip(prompts, lens)):
             for t in range(n):
                 torch.testing.assert_close(parts[tuple(p[:t + 1])], padded[i, T - n + t], atol=2e-5, rtol=1e-5)
+
+
+def test_long_prompts_prefill_in_chunks_sized_by_a_byte_budget():
+    """Prompts longer than long_prefill_tokens are prefilled in chunks whose activations fit a byte budget (the
+    issue's bounded memory at 32K), shorter ones by the token budget; the logits are those of the uncapped run."""
+    from lfm.engine.scheduler import long_prefill_chunk
+    from lfm.model.presets import preset
+
+    c = preset("LFM2.5-350M")  # bfloat16: 2 x (2 x 4,608 + 4 x 1,024) bytes a token -> 944 tokens in 24 MiB
+    assert c.ff_dim == 4608 and long_prefill_chunk(c, 2, 24 << 20, 16, 2048) == 944
+    assert long_prefill_chunk(c, 2, 1 << 40, 16, 2048) == 2048  # never above the step's token budget
+    assert long_prefill_chunk(c, 2, 1, 16, 2048) == 16  # at least one block
+    moe = LfmConfig.from_dict(CONFIGS["moe"])  # experts: top-k x moe_intermediate_size wide per token
+    per = 4 * (2 * max(moe.ff_dim, moe.num_experts_per_tok * moe.moe_intermediate_size) + 4 * moe.hidden_size)
+    assert long_prefill_chunk(moe, 4, 100 * per, 8, 4096) == 96
+    assert LLM(random_model(CONFIGS["dense"])).engine.scheduler.long_prefill[0] == 8192  # on by default
+
+    model = random_model(CONFIGS["dense"])
+    x = torch.randint(14, 512, (300,), generator=torch.Generator().manual_seed(5)).tolist()
+    short = x[:90]
+    runs = {}
+    for cap in (None, (100, 40)):
+        llm = LLM(model, max_num_batched_tokens=256, block_size=8)
+        llm.engine.scheduler.long_prefill = cap
+        chunks: list[tuple[int, int]] = []
+        run = llm.engine.runner.run
+
+        def watched(scheduled, run=run, chunks=chunks):
+            chunks.extend((it.seq.num_prompt_tokens, it.num_tokens) for it in scheduled
+                          if it.seq.num_computed_tokens < it.seq.num_prompt_tokens)
+            return run(scheduled)
+
+        llm.engine.runner.run = watched
+        rec = capture(llm, all_rows=True)
+        outs = llm.generate([x, short], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True,
+                                                       prompt_logprobs=0))
+        runs[cap] = ([o.token_ids for o in outs], by_tokens(rec), chunks)
+    (tok0, log0, ch0), (tok1, log1, ch1) = runs[None], runs[(100, 40)]
+    assert [n for p, n in ch1 if p == 300] == [40] * 7 + [20]  # the long prompt: chunks of the cap
+    assert [n for p, n in ch1 if p == 90] == [90]  # a short one: the token budget's
+    assert max(n for p, n in ch0 if p == 300) > 40
+    assert tok0 == tok1 and log0.keys() == log1.keys()
+    for k in log0:
+        torch.testing.assert_close(log1[k], log0[k], atol=2e-5, rtol=1e-5)

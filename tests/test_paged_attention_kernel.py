@@ -114,8 +114,22 @@ def test_float16_query(on, cdtype):
     assert out.dtype == torch.float16 and rel_err(out, reference(*args, 0.125)) <= 1e-2
 
 
-def test_threads_give_the_same_bits(on):
-    args = paged_batch(LENS * 3, 16, 8, 64, 16, torch.bfloat16, torch.bfloat16, seed=11)
+@pytest.mark.parametrize("heads,kv", [(16, 8), (32, 8), (8, 8), (12, 4), (40, 8)], ids=lambda v: str(v))
+def test_int8_cache_long_context_16bit_queries(on, heads, kv):
+    """The edge decode at long context: int8 blocks, bfloat16 queries, thousands of keys (on CPUs with AVX-512 VNNI
+    the integer-dot path for G = H / KV <= 4, else the float path). Within bfloat16's output rounding of the float64
+    reference, block sizes that split 8-key groups included."""
+    for bs in (16, 5):
+        args = paged_batch([5003, 3, 130], heads, kv, 64, bs, torch.bfloat16, torch.int8, seed=heads + kv + bs)
+        out = kernels.paged_decode_attention(*args, 0.125)
+        want = reference(*args, 0.125)
+        for b in range(3):
+            assert rel_err(out[b], want[b]) <= 5e-3, (bs, b, rel_err(out[b], want[b]))
+
+
+@pytest.mark.parametrize("cdtype", [torch.bfloat16, torch.int8], ids=str)
+def test_threads_give_the_same_bits(on, cdtype):
+    args = paged_batch(LENS * 3, 16, 8, 64, 16, torch.bfloat16, cdtype, seed=11)
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from .. import kernels as _kernels
 from .cache import PagedCache
 
-KEY_BLOCK = 4096  # cached keys per attention call of a prefill chunk (see prefill_attention): its memory bound
+KEY_BLOCK = 2048  # cached keys per attention call of a prefill chunk (see prefill_attention): its memory bound
+CONV_ROWS = 256  # rows per slice of the short conv's float32 arithmetic (prefill chunks; a decode step is one slice)
 
 
 def _merge(acc: tuple[torch.Tensor, torch.Tensor] | None, o: torch.Tensor, lse: torch.Tensor
@@ -31,7 +32,8 @@ def _merge(acc: tuple[torch.Tensor, torch.Tensor] | None, o: torch.Tensor, lse: 
         return o.float(), lse
     ao, al = acc
     new = torch.logaddexp(al, lse)
-    return ao * (al - new).exp()[..., None] + o.float() * (lse - new).exp()[..., None], new
+    # in place: the same products and sum (same bits) with two fewer [heads, queries, head_dim] float32 temporaries
+    return ao.mul_((al - new).exp()[..., None]).add_(o.float().mul_((lse - new).exp()[..., None])), new
 
 
 @dataclass(slots=True)
@@ -100,11 +102,11 @@ class TorchBackend:
         """One sequence's chunk: q [n, H, hd] at positions context_len - n .. context_len - 1."""
         n, H, hd = q.shape
         start = context_len - n
-        if start == 0 and not self.cache.quantized:  # nothing cached: the new keys are all there is
-            kk, vv = k.transpose(0, 1), v.transpose(0, 1)
-        else:
-            kk, vv = self.cache.read_kv(layer, blocks, context_len, q.dtype)
-        if start == 0:
+        if start == 0:  # nothing cached: the chunk's keys are all there is (as the cache holds them, when int8)
+            if self.cache.quantized:
+                kk, vv = self.cache.read_kv(layer, blocks, context_len, q.dtype)
+            else:
+                kk, vv = k.transpose(0, 1), v.transpose(0, 1)
             o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kk[None], vv[None], is_causal=n > 1,
                                                enable_gqa=H != kk.shape[0])
             return o[0].transpose(0, 1)
@@ -179,16 +181,21 @@ class TorchBackend:
         b, c = self.batch, self.cache
         conv = c.conv[c.conv_index[layer]]  # [slots, L-1, D]
         rows = torch.cat([conv[b.conv_slots].flatten(0, 1), bx.to(conv.dtype)])
-        f, w = rows.float(), weight.float()
-        z = f[b.conv_taps[:, 0]] * w[:, 0]
-        for j in range(1, w.shape[1]):
-            z = z + f[b.conv_taps[:, j]] * w[:, j]
-        if bias is not None:
-            z = z + bias.float()
+        w = weight.float()
+        bf = bias.float() if bias is not None else None
+        out = torch.empty_like(bx)
+        for a in range(0, bx.shape[0], CONV_ROWS):  # in row slices: float32 temporaries of CONV_ROWS rows at most
+            taps = b.conv_taps[a:a + CONV_ROWS]
+            z = rows[taps[:, 0]].float() * w[:, 0]
+            for j in range(1, w.shape[1]):
+                z = z + rows[taps[:, j]].float() * w[:, j]
+            if bf is not None:
+                z = z + bf
+            out[a:a + CONV_ROWS] = z
         conv[b.conv_slots] = rows[b.conv_state_rows]
         if b.snap_rows is not None:
             c.conv_snap[c.conv_index[layer]][b.snap_blocks] = rows[b.snap_rows]
-        return z.to(bx.dtype)
+        return out
 
 
 class CpuBackend(TorchBackend):

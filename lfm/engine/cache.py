@@ -21,7 +21,7 @@ import torch
 
 from ..model.config import LfmConfig
 
-READ_CHUNK_BYTES = 8 << 20  # read_kv's float32 temporaries per slice of blocks
+READ_CHUNK_BYTES = 2 << 20  # read_kv's float32 temporary per slice of blocks (part of a long prefill's peak RSS)
 
 
 @dataclass(slots=True)
@@ -108,8 +108,9 @@ class PagedCache:
                 ids = blocks[a:a + step]
                 x = pool[ids]  # [nb, KV, bs, hd]
                 if sc:
-                    x = x.float() * sc[layer][ids][..., None]
-                res[:, a * bs:(a + ids.numel()) * bs] = x.transpose(0, 1).reshape(x.shape[1], -1, x.shape[-1])
+                    x = x.float().mul_(sc[layer][ids][..., None])
+                dst = res[:, a * bs:(a + ids.numel()) * bs].view(res.shape[0], ids.numel(), bs, res.shape[-1])
+                dst.copy_(x.transpose(0, 1))  # no reshaped float32 copy: converted once, straight into place
             out.append(res[:, skip:length])
         return out[0], out[1]
 

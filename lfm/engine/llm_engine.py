@@ -21,7 +21,7 @@ from .grammar import GrammarBackend
 from .model_runner import ModelRunner, ScheduledSeq
 from .sampler import Sampler, logprob_record
 from .sampling import SamplingParams
-from .scheduler import Scheduler
+from .scheduler import Scheduler, long_prefill_chunk
 from .sequence import Sequence, TokenLogprob
 
 log = logging.getLogger("lfm.engine")
@@ -37,6 +37,10 @@ class EngineConfig:
     kv_cache_dtype: torch.dtype | None = None  # None: the model's dtype; torch.int8: quantized blocks
     max_model_len: int | None = None  # None: the model's, capped by what the cache can hold
     logprobs_mode: str = "raw_logprobs"  # vLLM's: or "processed_logprobs" (after temperature / filters; RL)
+    # prompts longer than long_prefill_tokens are prefilled in chunks whose activations fit long_prefill_chunk_bytes
+    # (scheduler.long_prefill_chunk): bounded memory at long context; 0 turns it off
+    long_prefill_tokens: int = 8192
+    long_prefill_chunk_bytes: int = 24 << 20
 
 
 @dataclass(slots=True)
@@ -75,7 +79,12 @@ class LLMEngine:
         self.cache = PagedCache.allocate(mc, num_blocks, bs, cfg.max_num_seqs, model.dtype, model.device,
                                          cfg.kv_cache_dtype, cfg.enable_prefix_caching)
         self.block_manager = BlockManager(num_blocks, bs, cfg.max_num_seqs, cfg.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        long = None
+        if cfg.long_prefill_tokens > 0:
+            elem = torch.empty((), dtype=model.dtype).element_size()
+            long = (cfg.long_prefill_tokens, long_prefill_chunk(mc, elem, cfg.long_prefill_chunk_bytes, bs,
+                                                               cfg.max_num_batched_tokens))
+        self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, long)
         self.runner = ModelRunner(model, self.cache)
         self.sampler = Sampler(grammar, processed_logprobs=cfg.logprobs_mode == "processed_logprobs")
         self.seqs: dict[str, Sequence] = {}

@@ -42,7 +42,7 @@ def trim_heap() -> None:
         lib.malloc_trim(0)
 
 
-def fix_mmap_threshold(nbytes: int = 4 << 20) -> None:
+def fix_mmap_threshold(nbytes: int = 256 << 10) -> None:
     """Allocations from `nbytes` up always get their own mapping, returned to the OS when freed. glibc raises this
     threshold as big blocks are freed (up to 32 MiB), after which a long prefill's temporaries, a little larger at
     every chunk as the context grows, come from the heap and stay there: 32K tokens of prefill left ~1 GiB behind."""

@@ -10,25 +10,46 @@ decode, everything again after a preemption. Each step has a token budget (`max_
 Blocks are taken as sequences grow. When a running sequence needs a block and none is free, the newest running
 sequence is preempted (its blocks and slot are freed, it goes back to the front of the waiting queue, and it will be
 recomputed from its tokens: its output is unchanged); nothing new is admitted in such a step.
+
+Long prompts (more than `long_prefill_tokens`) are prefilled in chunks sized by a byte budget for the step's
+activations (`long_prefill_chunk`), not by the token budget: at 32K tokens the KV cache already holds most of the
+memory, and a 2,048-token chunk's feed-forward activations would add ~100 MiB to the peak for nothing (attention
+dominates the time there, so smaller chunks cost little).
 """
 
 from __future__ import annotations
 
 from collections import deque
 
+from ..model.config import LfmConfig
 from .block_manager import BlockManager
 from .model_runner import ScheduledSeq
 from .sequence import Sequence, SequenceStatus
 
 
+def long_prefill_chunk(config: LfmConfig, elem_bytes: int, budget_bytes: int, block_size: int, most: int) -> int:
+    """Tokens per prefill chunk whose activations fit `budget_bytes`: per token ~2 feed-forward widths (the gate's
+    and the up projection's outputs live together) + 4 hidden vectors, of `elem_bytes` each; whole blocks, at least
+    one block, at most `most` tokens."""
+    width = config.ff_dim if not config.is_moe or config.num_dense_layers else 0
+    if config.is_moe:
+        width = max(width, config.num_experts_per_tok * config.moe_intermediate_size)
+    per_token = elem_bytes * (2 * width + 4 * config.hidden_size)
+    return max(block_size, min(most, budget_bytes // per_token // block_size * block_size))
+
+
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 long_prefill: tuple[int, int] | None = None) -> None:
+        """long_prefill: (long_prefill_tokens, chunk): prompts longer than the first are prefilled `chunk` tokens
+        at a time at most."""
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be at least 1")
         self.bm = block_manager
         # more running sequences than tokens per step would leave some without a decode slot every step
         self.max_num_seqs = min(max_num_seqs, block_manager.num_slots, max_num_batched_tokens)
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.long_prefill = long_prefill
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -49,7 +70,7 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted by an earlier one in this loop
-            n = min(len(seq) - seq.num_computed_tokens, budget)
+            n = min(len(seq) - seq.num_computed_tokens, budget, self._chunk(seq))
             while not bm.can_grow(seq, n):
                 victim = self.running[-1]  # the newest yields
                 self.preempt(victim)
@@ -68,7 +89,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             hit, hashes = bm.match_prefix(seq)
-            n = min(len(seq) - len(hit) * bm.block_size, budget)
+            n = min(len(seq) - len(hit) * bm.block_size, budget, self._chunk(seq))
             # keep one free block per running sequence, so admitting does not force an immediate preemption
             if not bm.can_admit(hit, n, reserve=len(self.running)):
                 break
@@ -79,6 +100,11 @@ class Scheduler:
             scheduled.append(self._take(seq, n))
             budget -= n
         return scheduled
+
+    def _chunk(self, seq: Sequence) -> int:
+        """The most tokens seq may compute in one step (its prefill chunk cap)."""
+        lp = self.long_prefill
+        return lp[1] if lp is not None and seq.num_prompt_tokens > lp[0] else self.max_num_batched_tokens
 
     def _take(self, seq: Sequence, n: int) -> ScheduledSeq:
         self.bm.grow(seq, n)

@@ -91,11 +91,53 @@ struct PagedKV {
   }
 };
 
+// Scores s [G, L] -> probabilities in place, per head (vector exp: a scalar expf per key cost more than the reads);
+// int8 values (vsc != nullptr): each value's scale folded into its probability
+inline void softmax_fold(float* s, int64_t L, int64_t G, const float* vsc) {
+  for (int64_t g = 0; g < G; ++g) {  // softmax per head (vector exp: a scalar expf per key cost more than the reads)
+    float* sg = s + g * L;
+    __m256 m8 = _mm256_set1_ps(-INFINITY);
+    int64_t l = 0;
+    for (; l + 8 <= L; l += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(sg + l));
+    float mx = hmax(m8);
+    for (; l < L; ++l) mx = std::max(mx, sg[l]);
+    const __m256 mv = _mm256_set1_ps(mx);
+    __m256 s8 = _mm256_setzero_ps();
+    for (l = 0; l + 8 <= L; l += 8) {
+      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + l), mv));
+      _mm256_storeu_ps(sg + l, e);
+      s8 = _mm256_add_ps(s8, e);
+    }
+    float sum = hsum(s8);
+    for (; l < L; ++l) {
+      sg[l] = std::exp(sg[l] - mx);
+      sum += sg[l];
+    }
+    const float inv = 1.0f / sum;
+    const __m256 iv = _mm256_set1_ps(vsc ? 1.0f : inv);
+    for (l = 0; l + 8 <= L; l += 8) {  // int8 values: fold each value's scale into its probability
+      __m256 p = _mm256_mul_ps(_mm256_loadu_ps(sg + l), iv);
+      if (vsc) p = _mm256_mul_ps(p, _mm256_mul_ps(_mm256_set1_ps(inv), _mm256_loadu_ps(vsc + l)));
+      _mm256_storeu_ps(sg + l, p);
+    }
+    for (; l < L; ++l) sg[l] = vsc ? sg[l] * inv * vsc[l] : sg[l] * inv;
+  }
+}
+
+}  // namespace
+
+#include "attention_i8.h"  // the int8-cache integer path (needs PagedKV and softmax_fold above)
+
+namespace {
+
 // G query heads q [G, D] against keys / values 0 .. L - 1 of one KV head; out [G, D] in q's dtype. int8 caches:
 // ksc / vsc [L] the keys' / values' scales (float caches: nullptr).
 template <typename TQ, typename TC, typename KVs>
 void attend(const TQ* q, const KVs& kv, const float* ksc, const float* vsc, int64_t L, int64_t G, int64_t D,
             float scale, TQ* out, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<TC, int8_t> && std::is_same_v<KVs, PagedKV<int8_t>> && !std::is_same_v<TQ, float>) {
+    if (attend_i8(q, kv, ksc, vsc, L, G, D, scale, out, buf)) return;
+  }
   buf.resize(static_cast<size_t>(G * (L + 2 * D)));
   float* s = buf.data();   // [G, L] scores, then probabilities
   float* qf = s + G * L;   // [G, D] output accumulator
@@ -127,34 +169,7 @@ void attend(const TQ* q, const KVs& kv, const float* ksc, const float* vsc, int6
       }
     }
   });
-  for (int64_t g = 0; g < G; ++g) {  // softmax per head (vector exp: a scalar expf per key cost more than the reads)
-    float* sg = s + g * L;
-    __m256 m8 = _mm256_set1_ps(-INFINITY);
-    int64_t l = 0;
-    for (; l + 8 <= L; l += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(sg + l));
-    float mx = hmax(m8);
-    for (; l < L; ++l) mx = std::max(mx, sg[l]);
-    const __m256 mv = _mm256_set1_ps(mx);
-    __m256 s8 = _mm256_setzero_ps();
-    for (l = 0; l + 8 <= L; l += 8) {
-      const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sg + l), mv));
-      _mm256_storeu_ps(sg + l, e);
-      s8 = _mm256_add_ps(s8, e);
-    }
-    float sum = hsum(s8);
-    for (; l < L; ++l) {
-      sg[l] = std::exp(sg[l] - mx);
-      sum += sg[l];
-    }
-    const float inv = 1.0f / sum;
-    const __m256 iv = _mm256_set1_ps(vsc ? 1.0f : inv);
-    for (l = 0; l + 8 <= L; l += 8) {  // int8 values: fold each value's scale into its probability
-      __m256 p = _mm256_mul_ps(_mm256_loadu_ps(sg + l), iv);
-      if (vsc) p = _mm256_mul_ps(p, _mm256_mul_ps(_mm256_set1_ps(inv), _mm256_loadu_ps(vsc + l)));
-      _mm256_storeu_ps(sg + l, p);
-    }
-    for (; l < L; ++l) sg[l] = vsc ? sg[l] * inv * vsc[l] : sg[l] * inv;
-  }
+  softmax_fold(s, L, G, vsc);
   std::fill(qf, qf + G * D, 0.0f);
   if (D == 64) {  // each head's 64 outputs in 8 registers, over blocks of keys that stay in L2 for the next head
     constexpr int64_t kBlock = 512;

@@ -35,7 +35,8 @@ import torch
 SOURCES = [Path(__file__).with_name(f) for f in ("gemv.cpp", "bf16.cpp", "attention.cpp", "dequant.cpp", "decode.cpp")]
 HEADERS = [Path(__file__).with_name(f)
            for f in ("common.h", "gemv_kernels.h", "int8_kernels.h", "int4_prep.h", "int4_kernels.h", "amx_kernels.h",
-                     "gemvf_kernels.h", "attention_kernels.h", "bf16_kernels.h", "decode_ops.h", "decode_plan.h")]
+                     "gemvf_kernels.h", "attention_kernels.h", "attention_i8.h", "bf16_kernels.h", "decode_ops.h",
+                     "decode_plan.h")]
 CFLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-ffp-contract=off"]  # no implicit FMAs: exact
 LDFLAGS = ["-fopenmp"]
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
