@@ -25,6 +25,10 @@ def test_build_runs_every_stage_and_resumes(tmp_path: Path) -> None:
     rows = [json.loads(x) for x in (out / "grpo-metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "reward_mean" in r] == [1]
     assert json.loads((work / "data" / "grpo.jsonl").read_text().splitlines()[0])["messages"]
+    # the shipped step: the best greedy validation reward (the SFT start is step 0), ties to fewer steps
+    val = {int(k): v for k, v in card["grpo_validation_reward"].items()}
+    assert sorted(val) == [0, 1] and all(0 <= v <= 1 for v in val.values())
+    assert card["grpo_step_shipped"] == (1 if val[1] > val[0] else 0)
 
     again = build(out, work, pretrain_steps=2, sft_steps=2, threads=1, max_chars=200_000, grpo_steps=1)
     metrics = [json.loads(x) for x in (out / "grpo-metrics.jsonl").read_text().splitlines()]

@@ -75,3 +75,16 @@ def test_reward_is_the_eval_score(prompts: tuple[list[dict], dict]) -> None:
     inst = next(r for r in rows if r["kind"] == "instruct" and len(r["instructions"]) == 2)
     assert reward("a b", inst) == 1.0  # under any word limit drawn (>= 12), no comma
     assert reward("a, b", inst) == 0.5
+
+
+def test_validation_split_is_disjoint_from_training_and_eval(prompts: tuple[list[dict], dict], tmp_path: Path) -> None:
+    """The build's validation prompts (which pick the GRPO step shipped) share no text with the training prompts
+    or `lfm eval`'s: the step is chosen on held-in data, and the eval stays held out."""
+    build_corpus(tmp_path / "corpus.jsonl", max_chars=250_000)
+    build_grpo_prompts(tmp_path / "corpus.jsonl", tmp_path / "train.jsonl", n_tool=300, n_instruct=80, seed=3)
+    stats = build_grpo_prompts(tmp_path / "corpus.jsonl", tmp_path / "val.jsonl", n_tool=120, n_instruct=30, seed=2,
+                               exclude=tmp_path / "train.jsonl")
+    val = [_norm(user_text(r)) for r in read_jsonl(tmp_path / "val.jsonl")]
+    train = {_norm(user_text(r)) for r in read_jsonl(tmp_path / "train.jsonl")}
+    assert stats["prompts"] == len(val) == 150
+    assert not set(val) & train and not set(val) & eval_prompts()
