@@ -222,3 +222,33 @@ def test_long_prompts_prefill_in_chunks_sized_by_a_byte_budget():
     assert tok0 == tok1 and log0.keys() == log1.keys()
     for k in log0:
         torch.testing.assert_close(log1[k], log0[k], atol=2e-5, rtol=1e-5)
+
+
+def test_long_prompt_prefill_runs_in_low_memory(monkeypatch):
+    """A long prompt's prefill steps run inside kernels.low_memory() (int4 layers take the AMX kernel instead of a
+    dequantized bfloat16 copy of their weight: no second copy of the weights at long context); other steps do not."""
+    from torch import nn
+
+    from lfm import kernels
+    from lfm.model.quant import Int4Linear
+
+    seen: list[bool] = []
+    real = kernels.low_memory
+    monkeypatch.setattr(kernels, "low_memory", lambda on=True: (seen.append(on), real(on))[1])
+    llm = LLM(random_model(CONFIGS["dense"]), max_num_batched_tokens=64, block_size=8)
+    llm.engine.runner.long_prompt_tokens = 100
+    llm.generate([list(range(20, 220))], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    assert seen[:4] == [True] * 4 and not any(seen[4:])  # 200 tokens: chunks of 64, 64, 64, 8; then decodes
+    seen.clear()
+    llm.generate([list(range(20, 80))], SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))
+    assert seen and not any(seen)
+    if not kernels.amx():
+        pytest.skip("no AMX here: low_memory() changes nothing on this CPU")
+    lin = Int4Linear.from_linear(nn.Linear(256, 512, bias=False).bfloat16(), 64)
+    x = torch.randn(300, 256).bfloat16()
+    args = (x, lin.qweight, lin.scales, lin.zeros, 64)
+    assert kernels.dequant_linear(*args) is not None  # 300 rows: a bf16 copy + the native matmul
+    with kernels.low_memory():
+        assert kernels.dequant_linear(*args) is None
+        y = lin(x)  # the AMX kernel
+    torch.testing.assert_close(y.float(), kernels.dequant_linear(*args).float(), atol=0.05, rtol=0.05)

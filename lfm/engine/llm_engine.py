@@ -86,6 +86,7 @@ class LLMEngine:
                                                                cfg.max_num_batched_tokens))
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, long)
         self.runner = ModelRunner(model, self.cache)
+        self.runner.long_prompt_tokens = long[0] if long is not None else None
         self.sampler = Sampler(grammar, processed_logprobs=cfg.logprobs_mode == "processed_logprobs")
         self.seqs: dict[str, Sequence] = {}
         self.steps = 0

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import kernels as _kernels
 from ..model.lfm2 import LfmForCausalLM
 from .backend import StepBatch, TorchBackend, make_backend
 from .cache import PagedCache
@@ -81,6 +82,7 @@ class ModelRunner:
         self.fused: FusedDecode | None = FusedDecode.build(model, cache) if self.device.type == "cpu" else None
         if self.device.type == "cpu":
             fix_mmap_threshold()
+        self.long_prompt_tokens: int | None = None  # set by the engine: prompts above it prefill in low_memory()
 
     def prepare(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, StepBatch]:
         bs, L1, dev = self.cache.block_size, self.L1, self.device
@@ -200,8 +202,13 @@ class ModelRunner:
                 sample_row[i] = len(keep)
                 keep.append(e - 1)
         self.backend.begin(batch)
-        try:
-            logits = self.model.forward_step(ids, self.backend, torch.tensor(keep, dtype=torch.long, device=self.device))
+        long = self.long_prompt_tokens is not None and self.device.type == "cpu" and any(
+            it.seq.num_prompt_tokens > self.long_prompt_tokens and it.seq.num_computed_tokens < it.seq.num_prompt_tokens
+            for it in scheduled)
+        try:  # a long prompt's prefill: no dequantized weight copies (bounded memory at long context)
+            with _kernels.low_memory(long):
+                logits = self.model.forward_step(ids, self.backend,
+                                                 torch.tensor(keep, dtype=torch.long, device=self.device))
         finally:
             self.backend.batch = None
         if self.device.type == "cpu" and any(it.samples and it.seq.num_prompt_tokens >= TRIM_AFTER_PROMPT

@@ -122,6 +122,20 @@ def bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 # the kernels run at every batch size.
 DEQUANT_ROWS = 16
 _scratch = threading.local()  # one reused bfloat16 buffer per thread (the largest weight dequantized so far)
+_low_memory = threading.local()
+
+
+@contextlib.contextmanager
+def low_memory(on: bool = True) -> Iterator[None]:
+    """Within it (this thread), int4 layers make no dequantized bfloat16 copy of their weight where the AMX kernel
+    can take the batch instead: what the engine asks for while it prefills a long prompt, where memory, not the
+    ~20% of linear-layer speed, is what runs out (the copy, its scratch buffer and oneDNN's held ~40 MiB at 32K)."""
+    prev = getattr(_low_memory, "on", False)
+    _low_memory.on = on
+    try:
+        yield
+    finally:
+        _low_memory.on = prev
 
 
 def native_bf16() -> bool:
@@ -138,8 +152,9 @@ def dequant_linear(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, 
     if (not _enabled or x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.numel() < DEQUANT_ROWS * x.shape[-1]
             or (torch.is_grad_enabled() and x.requires_grad) or not _native_bf16):
         return None
-    if zeros is not None and x.numel() < AMX_DEQUANT_ROWS * x.shape[-1] and amx():
-        return None  # int4 batches below AMX_DEQUANT_ROWS: the AMX kernel
+    if zeros is not None and (x.numel() < AMX_DEQUANT_ROWS * x.shape[-1] or getattr(_low_memory, "on", False)) \
+            and amx():
+        return None  # int4 batches below AMX_DEQUANT_ROWS (or any, in low_memory()): the AMX kernel
     ext = _ext if _tried else extension()
     if ext is None:
         return None

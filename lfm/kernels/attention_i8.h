@@ -6,9 +6,11 @@
 // Here each head's queries (q * softmax scale) become int16 with one float32 scale per head (amax / 32767: a
 // relative step of 3e-5, finer than the bfloat16 query it comes from), each key is widened once to int16 for all
 // G query heads of its group, and VPDPWSSD gives q . k exactly in int32 (|q| <= 32767, |k| <= 127: 64 products fit);
-// score = int32 sum * q scale * key scale. 8 keys' partial sums are reduced together by a transposing add tree.
-// Values stay float32 (each value widened once for all G heads, FMAs in key order, as `attend`): the output keeps
-// the float path's summation, so it does not depend on threads or batch.
+// score = int32 sum * q scale * key scale. 8 keys' partial sums are reduced together by a transposing add tree, and
+// each head's max is kept as the scores are made, so the softmax is one pass (e = exp(score - max) with a 16-lane
+// exp, summed, stored times the value's scale) and 1 / sum is applied to the 64 outputs at the end. Values stay
+// float32 (each value widened once for all G heads, FMAs in key order): the output does not depend on threads or
+// batch.
 //
 // Used by `attend` (both the general paged kernel and the fused decode step) for int8 caches with D = 64, G <= 4 and
 // bfloat16 / float16 queries on CPUs with AVX-512 BW + VNNI; float32 queries keep the float path (the reference
@@ -25,6 +27,9 @@ inline bool attend_i8_ok() {
                          std::getenv("LFM_KERNELS_NO_VNNI") == nullptr;
   return ok;
 }
+
+// paged blocks are prefetched this many blocks ahead (a block's keys take too little time to hide DRAM latency)
+int64_t kI8Ahead = 2;
 
 #define LFM_I8_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq")))
 
@@ -47,6 +52,23 @@ LFM_I8_TARGET __attribute__((always_inline)) inline __m256i reduce8x16(const __m
 LFM_I8_TARGET __attribute__((always_inline)) inline void widen_key(const int8_t* k, __m512i& lo, __m512i& hi) {
   lo = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(k)));
   hi = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(k + 32)));
+}
+
+// e^x for x <= 0, 16 lanes (exp8's polynomial; 2^n applied by VSCALEFPS)
+LFM_I8_TARGET __attribute__((always_inline)) inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
 }
 
 // G query heads q [G, 64] against keys / values 0 .. L - 1 of one KV head in an int8 paged cache (scales ksc / vsc
@@ -73,10 +95,22 @@ LFM_I8_TARGET void attend_i8_d64(const TQ* q, const PagedKV<int8_t>& kv, const f
   }
   const int64_t bs = kv.bs;
   const int64_t pf = std::min<int64_t>(bs * D, kBlockPrefetch);
+  __m256 mx8[G];  // each head's running max score (the softmax's shift, found while the scores are made)
+  float mx[G];
+  for (int g = 0; g < G; ++g) {
+    mx8[g] = _mm256_set1_ps(-INFINITY);
+    mx[g] = -INFINITY;
+  }
+  for (int64_t j = 1; j < kI8Ahead && j < kv.nblocks; ++j)  // the first blocks, before the walk's own prefetches
+    for (int64_t b = 0; b < pf; b += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(kv.k + static_cast<int64_t>(kv.table[j]) * kv.stride) + b, _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(kv.v + static_cast<int64_t>(kv.table[j]) * kv.stride) + b, _MM_HINT_T1);
+    }
   for (int64_t j = 0, l0 = 0; l0 < L; ++j, l0 += bs) {  // scores, block by block
     const int64_t m = std::min(bs, L - l0);
-    if (j + 1 < kv.nblocks) {
-      const char* next = reinterpret_cast<const char*>(kv.k + static_cast<int64_t>(kv.table[j + 1]) * kv.stride);
+    if (j + kI8Ahead < kv.nblocks) {
+      const char* next =
+          reinterpret_cast<const char*>(kv.k + static_cast<int64_t>(kv.table[j + kI8Ahead]) * kv.stride);
       for (int64_t b = 0; b < pf; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
     }
     const int8_t* kc = kv.k + static_cast<int64_t>(kv.table[j]) * kv.stride;
@@ -90,8 +124,9 @@ LFM_I8_TARGET void attend_i8_d64(const TQ* q, const PagedKV<int8_t>& kv, const f
         __m512i acc[8];
         for (int r = 0; r < 8; ++r)
           acc[r] = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), lo[r], ql), hi[r], qh);
-        const __m256 sc = _mm256_mul_ps(_mm256_cvtepi32_ps(reduce8x16(acc)), _mm256_set1_ps(qs[g]));
-        _mm256_storeu_ps(s + g * L + l0 + i, _mm256_mul_ps(sc, ks));
+        const __m256 sc = _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(reduce8x16(acc)), _mm256_set1_ps(qs[g])), ks);
+        mx8[g] = _mm256_max_ps(mx8[g], sc);
+        _mm256_storeu_ps(s + g * L + l0 + i, sc);
       }
     }
     for (; i < m; ++i) {
@@ -102,17 +137,38 @@ LFM_I8_TARGET void attend_i8_d64(const TQ* q, const PagedKV<int8_t>& kv, const f
         const int32_t dot = _mm512_reduce_add_epi32(
             _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(_mm512_setzero_si512(), lo, ql), hi, qh));
         s[g * L + l0 + i] = static_cast<float>(dot) * qs[g] * ksc[l0 + i];
+        mx[g] = std::max(mx[g], s[g * L + l0 + i]);
       }
     }
   }
-  softmax_fold(s, L, G, vsc);
+  float inv[G];  // one pass per head: e = exp(score - max) summed, e * value scale stored; 1 / sum at the end
+  for (int g = 0; g < G; ++g) {
+    float* sg = s + g * L;
+    const float m = std::max(mx[g], hmax(mx8[g]));
+    const __m512 mv = _mm512_set1_ps(m);
+    __m512 sum16 = _mm512_setzero_ps();
+    int64_t l = 0;
+    for (; l + 16 <= L; l += 16) {
+      const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(sg + l), mv));
+      sum16 = _mm512_add_ps(sum16, e);
+      _mm512_storeu_ps(sg + l, _mm512_mul_ps(e, _mm512_loadu_ps(vsc + l)));
+    }
+    float sum = _mm512_reduce_add_ps(sum16);
+    for (; l < L; ++l) {
+      const float e = std::exp(sg[l] - m);
+      sum += e;
+      sg[l] = e * vsc[l];
+    }
+    inv[g] = 1.0f / sum;
+  }
   __m512 acc[G][4];
   for (int g = 0; g < G; ++g)
     for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_setzero_ps();
   for (int64_t j = 0, l0 = 0; l0 < L; ++j, l0 += bs) {  // values, block by block, each widened once
     const int64_t m = std::min(bs, L - l0);
-    if (j + 1 < kv.nblocks) {
-      const char* next = reinterpret_cast<const char*>(kv.v + static_cast<int64_t>(kv.table[j + 1]) * kv.stride);
+    if (j + kI8Ahead < kv.nblocks) {
+      const char* next =
+          reinterpret_cast<const char*>(kv.v + static_cast<int64_t>(kv.table[j + kI8Ahead]) * kv.stride);
       for (int64_t b = 0; b < pf; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
     }
     const int8_t* vc = kv.v + static_cast<int64_t>(kv.table[j]) * kv.stride;
@@ -128,7 +184,7 @@ LFM_I8_TARGET void attend_i8_d64(const TQ* q, const PagedKV<int8_t>& kv, const f
     }
   }
   for (int g = 0; g < G; ++g)
-    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(qf + g * D + 16 * c, acc[g][c]);
+    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(qf + g * D + 16 * c, _mm512_mul_ps(acc[g][c], _mm512_set1_ps(inv[g])));
   for (int64_t i = 0; i < G * D; ++i) store_out(out + i, qf[i]);
 }
 
