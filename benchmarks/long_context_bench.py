@@ -430,6 +430,16 @@ def runtime_overhead_hwm(threads: int) -> int:
     return int(p.stdout.strip().splitlines()[-1]) if p.returncode == 0 and p.stdout.strip() else 0
 
 
+def dram_gb_s(threads: int) -> float:
+    """Read bandwidth from memory (not cache): the best of 3 passes over a 1 GiB buffer (larger than any L3 here),
+    in a child so that its gigabyte is nobody's peak RSS."""
+    code = ("import time, torch\ntorch.set_num_threads(%d)\nx = torch.ones(1 << 29, dtype=torch.int16)\nbest = 9.0\n"
+            "for _ in range(3):\n    t = time.perf_counter(); x.amax(); best = min(best, time.perf_counter() - t)\n"
+            "print((1 << 30) / best / 1e9)" % threads)
+    p = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    return float(p.stdout.strip()) if p.returncode == 0 and p.stdout.strip() else 0.0
+
+
 def bare_torch_hwm() -> int:
     code = ("import torch\nfor l in open('/proc/self/status'):\n    "
             "l.startswith('VmHWM:') and print(int(l.split()[1]) * 1024)")
@@ -561,6 +571,18 @@ def report_kv(a: argparse.Namespace, res: dict, r: dict, kv: str, env: dict) -> 
           f"beat ~{floor:.0f} ms/token = {floor / sm:.2f}x the short decode on this machine (memory-traffic floor)."
           + (f" Paged kernel vs torch fallback max |diff| {wi['kernel_max_abs_diff']:.1e}."
              if "kernel_max_abs_diff" in wi else ""))
+        if bw := res.get("dram_gb_s"):  # the real floor: at 32K the KV (and then the weights) stream from memory
+            kv_tok = per_tok_kv * long_["prompt_len"]
+            t_kv = kv_tok / bw / 1e6
+            t_all = (kv_tok + read_w) / bw / 1e6
+            p(f"\nmemory-traffic arithmetic with the bandwidth from memory ({bw:.1f} GB/s: 1 GiB read once, "
+              f"{a.threads} threads; the figure above is one layer's KV read again from cache): a token at "
+              f"{a.prompt_len:,} reads {kv_tok / MiB:,.0f} MiB of KV = {t_kv:.1f} ms at that rate, so even with every "
+              f"weight kept in cache it takes >= {sm:.1f} + {t_kv:.1f} = {sm + t_kv:.1f} ms = {(sm + t_kv) / sm:.2f}x "
+              f"the short decode; KV + weights ({(kv_tok + read_w) / MiB:,.0f} MiB, more than this machine's L3 "
+              f"holds beside other tenants) all from memory: >= {t_all:.1f} ms = {t_all / sm:.2f}x. "
+              f"{DECODE_FACTOR}x would need <= {(DECODE_FACTOR - 1) * sm * bw * 1e6 / MiB:,.0f} MiB of KV per token "
+              f"at this bandwidth.")
     if sweep:
         p(f"\nprefill chunk sweep: only the last chunk of a {a.prompt_len:,}-token prompt (the widest attention; "
           f"the sequence admitted at {a.prompt_len:,} - chunk computed tokens), fresh process each\n")
@@ -627,6 +649,7 @@ def main() -> None:
         res["build_s"] = build(work, a.preset, a.group_size, a.seed)
         res["bare_torch_hwm"] = bare_torch_hwm()
         res["runtime_overhead_hwm"] = runtime_overhead_hwm(a.threads)
+        res["dram_gb_s"] = dram_gb_s(a.threads)
         log(f"bare `import torch` peak RSS {res['bare_torch_hwm'] / MiB:.0f} MiB; import lfm + a tiny-model generate "
             f"{res['runtime_overhead_hwm'] / MiB:.0f} MiB")
         res["kv"] = {}

