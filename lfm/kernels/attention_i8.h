@@ -29,7 +29,15 @@ inline bool attend_i8_ok() {
 }
 
 // paged blocks are prefetched this many blocks ahead (a block's keys take too little time to hide DRAM latency)
-int64_t kI8Ahead = 2;
+constexpr int64_t kI8Ahead = 2;
+
+// the first `bytes` of block j of one side (keys or values) of the walk, towards the cache (nothing past the last)
+inline void prefetch_block(const int8_t* side, const PagedKV<int8_t>& kv, int64_t j, int64_t bytes, int hint) {
+  if (j >= kv.nblocks) return;
+  const char* p = reinterpret_cast<const char*>(side + static_cast<int64_t>(kv.table[j]) * kv.stride);
+  for (int64_t b = 0; b < bytes; b += 64)
+    hint == _MM_HINT_T0 ? _mm_prefetch(p + b, _MM_HINT_T0) : _mm_prefetch(p + b, _MM_HINT_T1);
+}
 
 #define LFM_I8_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx512dq")))
 
@@ -101,18 +109,13 @@ LFM_I8_TARGET void attend_i8_d64(const TQ* q, const PagedKV<int8_t>& kv, const f
     mx8[g] = _mm256_set1_ps(-INFINITY);
     mx[g] = -INFINITY;
   }
-  for (int64_t j = 1; j < kI8Ahead && j < kv.nblocks; ++j)  // the first blocks, before the walk's own prefetches
-    for (int64_t b = 0; b < pf; b += 64) {
-      _mm_prefetch(reinterpret_cast<const char*>(kv.k + static_cast<int64_t>(kv.table[j]) * kv.stride) + b, _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(kv.v + static_cast<int64_t>(kv.table[j]) * kv.stride) + b, _MM_HINT_T1);
-    }
+  for (int64_t j = 1; j < kI8Ahead; ++j) {  // the first blocks, before the walk's own prefetches
+    prefetch_block(kv.k, kv, j, pf, _MM_HINT_T0);
+    prefetch_block(kv.v, kv, j, pf, _MM_HINT_T1);
+  }
   for (int64_t j = 0, l0 = 0; l0 < L; ++j, l0 += bs) {  // scores, block by block
     const int64_t m = std::min(bs, L - l0);
-    if (j + kI8Ahead < kv.nblocks) {
-      const char* next =
-          reinterpret_cast<const char*>(kv.k + static_cast<int64_t>(kv.table[j + kI8Ahead]) * kv.stride);
-      for (int64_t b = 0; b < pf; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
-    }
+    prefetch_block(kv.k, kv, j + kI8Ahead, pf, _MM_HINT_T0);
     const int8_t* kc = kv.k + static_cast<int64_t>(kv.table[j]) * kv.stride;
     int64_t i = 0;
     for (; i + 8 <= m; i += 8) {
@@ -166,11 +169,7 @@ LFM_I8_TARGET void attend_i8_d64(const TQ* q, const PagedKV<int8_t>& kv, const f
     for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_setzero_ps();
   for (int64_t j = 0, l0 = 0; l0 < L; ++j, l0 += bs) {  // values, block by block, each widened once
     const int64_t m = std::min(bs, L - l0);
-    if (j + kI8Ahead < kv.nblocks) {
-      const char* next =
-          reinterpret_cast<const char*>(kv.v + static_cast<int64_t>(kv.table[j + kI8Ahead]) * kv.stride);
-      for (int64_t b = 0; b < pf; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
-    }
+    prefetch_block(kv.v, kv, j + kI8Ahead, pf, _MM_HINT_T0);
     const int8_t* vc = kv.v + static_cast<int64_t>(kv.table[j]) * kv.stride;
     for (int64_t i = 0; i < m; ++i) {
       __m512 v[4];
