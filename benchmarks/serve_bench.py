@@ -218,7 +218,7 @@ def start_server(a: argparse.Namespace, prefix_caching: bool = True) -> tuple[st
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, os.environ.get("LFM_BENCH_SERVER", __file__), "--_serve", "--port", str(port), "--preset", a.preset, "--dtype", a.dtype,
+    cmd = [sys.executable, __file__, "--_serve", "--port", str(port), "--preset", a.preset, "--dtype", a.dtype,
            "--threads", str(a.threads), "--concurrency", ",".join(map(str, a.concurrency)),
            "--conversations", str(a.conversations), "--max-num-batched-tokens", str(a.max_num_batched_tokens)]
     cmd += (["--model", a.model] if a.model else []) + (["--quantization", a.quantization] if a.quantization else [])
@@ -241,7 +241,6 @@ def stop_server(proc: subprocess.Popen) -> None:
 def throughput(a: argparse.Namespace) -> None:
     load = os.getloadavg()[0]
     url, proc = start_server(a, prefix_caching=not a.no_prefix_caching)
-    os.nice(int(os.environ.get("CLIENT_NICE", "0")))
     try:
         rng = random.Random(0)
         n = max([a.requests, *a.concurrency])

@@ -223,7 +223,8 @@ class FusedDecode:
         lens = torch.tensor([p + 1 for p in positions], dtype=torch.int32)
         logits = self.plan.step(x, torch.tensor(positions), torch.tensor(slots), torch.tensor(conv_slots),
                                 torch.tensor(snap_blocks), bt, lens)
-        return logits.float()
+        # a view of the plan's reused buffer: always hand back a tensor of our own
+        return logits.float() if logits.dtype != torch.float32 else logits.clone()
 
     def timings(self) -> dict[str, float]:
         """Seconds inside the fused steps so far: GEMVs (weights streamed), attention, the rest; and the step count."""

@@ -75,20 +75,28 @@ inline void prep_amx_alloc(const XQ4& X, int64_t M, XAmx& A) {
   A.xsum.assign(static_cast<size_t>(A.MT * A.G * 16), 0.0f);
 }
 
-inline void prep_amx_rows(const XQ4& X, int64_t m0, int64_t m1, XAmx& A) {
-  const int64_t rows = A.Ku / 4, srow = X.U + 8, half = A.Ku / 2;
+// The B tile of a unit holds, for each activation row m, its Ku int8 values as Ku / 4 dwords at a stride of 64 bytes:
+// a scatter of the unit's (contiguous) dwords. Ku = 64: the unit is 64 contiguous bytes (evens then odds); Ku = 32:
+// its evens and its odds are two 16-byte runs 32 bytes apart (group 32's lane layout).
+__attribute__((target("avx512f,avx512vl"))) inline void prep_amx_rows(const XQ4& X, int64_t m0, int64_t m1,
+                                                                      XAmx& A) {
+  const int64_t rows = A.Ku / 4, srow = X.U + 8;
+  const __m512i idx16 = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(16));
+  const __m256i idx8 = _mm512_castsi512_si256(idx16);
   for (int64_t m = m0; m < m1; ++m) {
     const int64_t mt = m / 16, mm = m % 16;
     const int8_t* q = X.q8.data() + m * X.Kp;
     for (int64_t u = 0; u < A.U; ++u) {
-      // the unit's activations in A-row order: evens then odds (group 32: lane l of chunk c keeps its evens at
-      // chunk positions 16 l.., its odds at 32 + 16 l..)
-      const int8_t* lo = A.Ku == 64 ? q + u * 64 : q + (u / 2) * 64 + 16 * (u % 2);
-      const int8_t* hi = lo + 32;
       int8_t* dst = A.b.data() + (mt * A.U + u) * rows * 64 + mm * 4;
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t p = 4 * r;
-        std::memcpy(dst + r * 64, p < half ? lo + p : hi + (p - half), 4);
+      if (A.Ku == 64) {
+        _mm512_i32scatter_epi32(dst, idx16, _mm512_loadu_si512(q + u * 64), 4);
+      } else {
+        const int8_t* lo = q + (u / 2) * 64 + 16 * (u % 2);
+        const __m256i v = _mm256_inserti128_si256(
+            _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo))),
+            _mm_loadu_si128(reinterpret_cast<const __m128i*>(lo + 32)), 1);
+        _mm256_i32scatter_epi32(dst, idx8, v, 4);
       }
       A.sx[(mt * A.U + u) * 16 + mm] = X.s[m * srow + u];
       A.sxc[(mt * A.U + u) * 16 + mm] = X.s[m * srow + u] * X.corr[m * srow + u];

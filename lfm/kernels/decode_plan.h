@@ -194,7 +194,11 @@ class DecodePlan {
       }
       break;  // every attention layer has the same pool geometry
     }
-    at::Tensor out = at::empty({B, V_}, x.options());
+    // logits into a buffer kept between steps (a view of it is returned; the caller copies it to float32 at once):
+    // a fresh [B, vocab] tensor each step is a new mapping whose pages fault in during the head GEMV
+    if (!out_.defined() || out_.size(0) < B || out_.scalar_type() != x.scalar_type())
+      out_ = at::empty({std::max<int64_t>(B, 16), V_}, x.options());
+    at::Tensor out = out_.narrow(0, 0, B);
     if (B == 0) return out;
     if (bf16_) run<BFloat16>(x, positions, slots, conv_slots, snap_blocks, block_tables, lens, out);
     else run<float>(x, positions, slots, conv_slots, snap_blocks, block_tables, lens, out);
@@ -225,6 +229,7 @@ class DecodePlan {
   int64_t Kmax_ = 0, Nmax_ = 0;
   // buffers, kept between steps
   Act a_, a_ff_, a_o_;
+  at::Tensor out_;  // logits [rows, vocab], reused
   std::vector<float> x_, big_, g_, y_;
   std::vector<std::vector<float>> scratch_;
   std::vector<std::vector<uint8_t>> amx_scratch_;
