@@ -76,7 +76,8 @@ inline void prep_amx_alloc(const XQ4& X, int64_t M, XAmx& A) {
 }
 
 // The B tile of a unit holds, for each activation row m, its Ku int8 values as Ku / 4 dwords at a stride of 64 bytes:
-// a scatter of the unit's (contiguous) dwords. Ku = 64: the unit is 64 contiguous bytes (evens then odds); Ku = 32:
+// a scatter of the unit's dwords (standalone, 16 rows x 4608 inputs: 33 us against 57 for dword copies in a loop and
+// 37 unrolled). Ku = 64: the unit is 64 contiguous bytes (evens then odds); Ku = 32:
 // its evens and its odds are two 16-byte runs 32 bytes apart (group 32's lane layout).
 __attribute__((target("avx512f,avx512vl"))) inline void prep_amx_rows(const XQ4& X, int64_t m0, int64_t m1,
                                                                       XAmx& A) {
