@@ -148,6 +148,19 @@ def test_declines_what_it_cannot_run(monkeypatch):
     assert LLM(_model("dense", torch.bfloat16, 4)).engine.runner.fused is None
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_step_logits_are_not_overwritten_by_the_next_step(monkeypatch, dtype):
+    # the plan writes every step's logits into one reused buffer: what a step returned must stay as it was
+    monkeypatch.setenv("LFM_FUSED_DECODE", "1")
+    llm = LLM(_model("dense", dtype, 4))
+    f = llm.engine.runner.fused
+    first = f.step([5, 6], [0, 0], [0, 16], [0, 1], [-1, -1], [[0], [1]])
+    kept = first.clone()
+    second = f.step([7, 8], [1, 1], [1, 17], [0, 1], [-1, -1], [[0], [1]])
+    assert not torch.equal(second, kept)  # the next step did write different logits
+    assert torch.equal(first, kept)
+
+
 def test_bad_step_inputs_raise_not_crash(monkeypatch):
     monkeypatch.setenv("LFM_FUSED_DECODE", "1")
     llm = LLM(_model("dense", torch.bfloat16, 4))
