@@ -398,3 +398,25 @@ def test_int4_vnni_path_gives_the_avx2_paths_bits(on):
                            env={**os.environ, **env})
         a, b = torch.load(f"{d}/vnni.pt"), torch.load(f"{d}/avx2.pt")
     assert len(a) == 12 and all(x is not None and torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_row_max_is_torch_max(ext):
+    # greedy sampling's argmax (Sampler): torch.max(x, -1)'s values and first indices, ties, NaN rows (NaN at the
+    # first NaN), all -inf, signed zeros, widths that are not a multiple of the vector length
+    g = torch.Generator().manual_seed(0)
+    for trial in range(200):
+        n, V = int(torch.randint(1, 20, (1,), generator=g)), int(torch.randint(1, 3000, (1,), generator=g))
+        x = torch.randint(-3, 4, (n, V), generator=g).float()  # many ties
+        if trial % 3 == 0:
+            x[torch.rand(n, V, generator=g) < 0.01] = float("nan")
+        if trial % 5 == 0:
+            x[: n // 2] = float("-inf")
+        if trial % 7 == 0:
+            x[:, : V // 2], x[:, V // 2:] = -0.0, 0.0
+        vals, idx = ext.row_max(x)
+        ref_vals, ref_idx = x.max(-1)
+        assert torch.equal(idx, ref_idx), (n, V, trial)
+        assert torch.equal(vals.isnan(), ref_vals.isnan())
+        assert torch.equal(vals[~vals.isnan()], ref_vals[~ref_vals.isnan()])
+    assert kernels.row_max(torch.zeros(2, 5)[:, ::2]) is None  # not contiguous: the caller uses torch.max
+    assert kernels.row_max(torch.zeros(2, 5, dtype=torch.bfloat16)) is None

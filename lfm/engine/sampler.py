@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import kernels as _kernels
 from .grammar import GrammarBackend, apply_bitmask
 from .sampling import SamplingParams
 from .sequence import Sequence, TokenLogprob
@@ -69,7 +70,8 @@ class Sampler:
                and not s.params.logit_bias for s in seqs):
             # greedy with nothing to apply (the common decode): one pass; max propagates NaN, so a NaN row shows.
             # Log-probabilities (the raw distribution's) only for the rows that ask, with the same log_softmax.
-            vals, out = logits.max(-1)  # ties: the first index, as argmax
+            fast = _kernels.row_max(logits) if logits.device.type == "cpu" else None
+            vals, out = fast if fast is not None else logits.max(-1)  # ties: the first index, as argmax
             tokens = out.tolist()
             for i in torch.isnan(vals).nonzero().flatten().tolist():
                 tokens[i] = -1

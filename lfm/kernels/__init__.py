@@ -98,6 +98,18 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
     return ext.int4_linear(x, qweight, scales, zeros, group_size, MAX_ROWS, INT4_ACT_BITS, amx_min_rows)
 
 
+def row_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """torch.max(x, -1) for a contiguous float32 [n, V] CPU tensor (values, first index of each row's maximum; NaN
+    propagates), or None where the kernel does not apply: greedy decoding's argmax, ~10x faster than ATen's."""
+    if not _enabled or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous() \
+            or x.shape[1] == 0:
+        return None
+    ext = _ext if _tried else extension()
+    if ext is None:
+        return None
+    return ext.row_max(x)
+
+
 def amx() -> bool:
     """Whether int4 layers with bfloat16 / float16 activations use the AMX kernel for batches (AMX_MIN_ROWS)."""
     ext = extension()

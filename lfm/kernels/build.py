@@ -32,7 +32,8 @@ from types import ModuleType
 
 import torch
 
-SOURCES = [Path(__file__).with_name(f) for f in ("gemv.cpp", "bf16.cpp", "attention.cpp", "dequant.cpp", "decode.cpp")]
+SOURCES = [Path(__file__).with_name(f) for f in ("gemv.cpp", "bf16.cpp", "attention.cpp", "dequant.cpp", "decode.cpp",
+                                                      "sample.cpp")]
 HEADERS = [Path(__file__).with_name(f)
            for f in ("common.h", "gemv_kernels.h", "int8_kernels.h", "int4_prep.h", "int4_kernels.h", "amx_kernels.h",
                      "gemvf_kernels.h", "attention_kernels.h", "attention_i8.h", "bf16_kernels.h", "decode_ops.h",

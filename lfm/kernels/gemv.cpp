@@ -216,9 +216,12 @@ py::object bf16_linear(const at::Tensor& x, const at::Tensor& w, const c10::opti
 }
 
 void register_decode(py::module_& m);  // decode.cpp
+std::tuple<at::Tensor, at::Tensor> row_max(const at::Tensor& x);  // sample.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_decode(m);
+  m.def("row_max", &row_max, "torch.max(x, -1) of a float32 [n, V] CPU tensor: (values, first indices)", py::arg("x"),
+        py::call_guard<py::gil_scoped_release>());
   m.doc() = "lfm AVX2 kernels: weight-only int8 / int4 GEMV, bfloat16-weight GEMM";
   m.def("int8_gemv", &int8_gemv, "y = x @ (q * scale[:, None]).T", py::arg("x"), py::arg("q"), py::arg("scale"),
         py::arg("out_dtype"), py::arg("act_bits") = 16);
