@@ -346,7 +346,6 @@ class DecodePlan {
           prep_x8_rows(a.x.data(), m, m + 1, a.x8, xf);
         } else if (bf16_) {
           prep_x4_rows(a.x.data(), m, m + 1, a.x4, xf);
-          if (a.amx) prep_amx_rows(a.x4, m, m + 1, a.xa);
         } else {
           const int64_t gs = l->gs, G = K / gs;
           for (int64_t g = 0; g < G; ++g) {
@@ -356,6 +355,13 @@ class DecodePlan {
           }
         }
       }
+    }  // implicit barrier: every row is quantized
+    bool tiles = false;  // an int4 input on AMX: its B tiles, built by units (see prep_amx_units)
+    for (const Lin* l : pend_lins_) tiles = tiles || (l->kind == kInt4 && bf16_ && a.amx);
+    if (tiles) {
+      constexpr int64_t kUnits = 8;  // units per task
+#pragma omp for schedule(static)
+      for (int64_t u = 0; u < a.xa.U; u += kUnits) prep_amx_units(a.x4, a.M, u, std::min(a.xa.U, u + kUnits), a.xa);
     }
   }
   void prep_pending() {
