@@ -107,11 +107,6 @@ __attribute__((target("avx512f,avx512vl"))) inline void prep_amx_units(const XQ4
   }
 }
 
-inline void prep_amx(const XQ4& X, int64_t M, XAmx& A) {
-  prep_amx_alloc(X, M, A);
-  prep_amx_units(X, M, 0, A.U, A);
-}
-
 // one unit's products c [16 n][16 m] into the accumulators: acc[n] += s[n, g] (sx c[n] + sx corr), the scales
 // read as floats from sc [16][Gp] (a function of its own: lambdas do not inherit the target attribute)
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"), always_inline)) inline void amx_unit(

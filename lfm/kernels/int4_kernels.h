@@ -273,8 +273,10 @@ void int4_amx_dispatch(const XQ4& X, int64_t M, int64_t gs, const uint8_t* W, co
                        int64_t N) {
   static thread_local XAmx tls;
   XAmx& A = tls;  // the calling thread's (inside the parallel region the name `tls` would be each thread's own)
-  prep_amx(X, M, A);
   const int nt = pick_threads(N * X.K / 2, N / 2);
+  prep_amx_alloc(X, M, A);
+#pragma omp parallel for num_threads(nt) schedule(static) if (nt > 1)
+  for (int64_t u = 0; u < A.U; u += 8) prep_amx_units(X, M, u, std::min(A.U, u + 8), A);  // by units (see there)
   const int64_t bytes = amx_scratch_bytes(X.K);
   std::vector<uint8_t> scratch(static_cast<size_t>(bytes * nt + 64));
   uint8_t* base = scratch.data() + (64 - reinterpret_cast<uintptr_t>(scratch.data()) % 64) % 64;
