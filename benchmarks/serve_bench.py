@@ -357,6 +357,8 @@ def main() -> None:
     p.add_argument("--_serve", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.repeats < 1:
+        p.error("--repeats must be at least 1")
     if a._serve:
         return serve(a)
     if a.multi_turn:

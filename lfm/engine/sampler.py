@@ -70,7 +70,7 @@ class Sampler:
                and not s.params.logit_bias for s in seqs):
             # greedy with nothing to apply (the common decode): one pass; max propagates NaN, so a NaN row shows.
             # Log-probabilities (the raw distribution's) only for the rows that ask, with the same log_softmax.
-            fast = _kernels.row_max(logits) if logits.device.type == "cpu" else None
+            fast = _kernels.row_max(logits)  # None off CPU or without the kernels
             vals, out = fast if fast is not None else logits.max(-1)  # ties: the first index, as argmax
             tokens = out.tolist()
             for i in torch.isnan(vals).nonzero().flatten().tolist():

@@ -100,7 +100,8 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
 
 def row_max(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """torch.max(x, -1) for a contiguous float32 [n, V] CPU tensor (values, first index of each row's maximum; NaN
-    propagates), or None where the kernel does not apply: greedy decoding's argmax, ~10x faster than ATen's."""
+    propagates), or None where the kernel does not apply: greedy decoding's argmax (16 x 65,536: 0.15 ms against
+    1.07 for ATen's)."""
     if not _enabled or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 2 or not x.is_contiguous() \
             or x.shape[1] == 0:
         return None

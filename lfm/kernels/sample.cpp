@@ -1,7 +1,7 @@
 // Greedy sampling's reduction: each row's maximum and the first index that holds it, as torch.max(x, -1) returns
 // them (ties: the first index; a row with a NaN: NaN, at its first NaN). torch's max-with-indices is not vectorized
 // on CPU: ~1 ms for 16 rows of a 65,536-token vocabulary on two threads, 3% of a 16-sequence decode step of the
-// 350M at int4; two AVX2 passes over each row (its maximum, then where it first occurs) take a tenth of that.
+// 350M at int4; two AVX2 passes over each row (its maximum, then where it first occurs) take 0.15 ms.
 
 #include "common.h"
 
