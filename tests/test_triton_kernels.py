@@ -69,9 +69,10 @@ def test_store_kv_equals_cache_write(dev, kv_dtype):
 @pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("group,bs,kv_dtype,split", [
     (1, 16, torch.float32, 16), (2, 32, torch.float32, 1), (4, 16, torch.float32, 2), (4, 16, torch.int8, 2),
-    (2, 16, torch.float16, 3)])
+    (2, 16, torch.float16, 3), (2, 16, torch.float32, None)])
 def test_paged_decode_attention_equals_torch_backend(dev, group, bs, kv_dtype, split):
-    """Odd context lengths, scattered blocks, several splits per sequence (split = blocks per split)."""
+    """Odd context lengths, scattered blocks, several splits per sequence (split = splits per launch: some
+    sequences have fewer blocks than splits), a block table wider than any sequence needs (as CUDA graphs keep it)."""
     g = torch.Generator().manual_seed(group * 100 + bs)
     KV, hd = 2, 24
     H = KV * group
@@ -80,7 +81,7 @@ def test_paged_decode_attention_equals_torch_backend(dev, group, bs, kv_dtype, s
     nb = sum(need) + 3
     cache = _cache(KV, hd, bs, nb, kv_dtype, dev)
     perm = torch.randperm(nb, generator=g).tolist()
-    tables = torch.zeros(len(lens), max(need), dtype=torch.int32)
+    tables = torch.zeros(len(lens), max(need) + 2, dtype=torch.int32)
     for i, n in enumerate(need):
         tables[i, :n] = torch.tensor(perm[:n])
         perm = perm[n:]
@@ -97,7 +98,7 @@ def test_paged_decode_attention_equals_torch_backend(dev, group, bs, kv_dtype, s
                          snap_blocks=None, conv_zero=None, conv_restore=None)
     want = be.decode_attention(0, q)
     got = paged_decode_attention(q, cache.k[0], cache.v[0], tables.to(dev), be.batch.decode_lens, be.scale,
-                                 cache.k_scale.get(0), cache.v_scale.get(0), blocks_per_split=split)
+                                 cache.k_scale.get(0), cache.v_scale.get(0), num_splits=split)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
 
 
@@ -242,6 +243,42 @@ def test_engine_with_triton_backend_equals_torch_backend(dev, kv):
         assert all(seen.values()), seen  # the paths named above were exercised
     assert outs[0] == outs[1]
     assert recs[0].keys() == recs[1].keys()
+    for key, lg in recs[0].items():
+        torch.testing.assert_close(recs[1][key], lg, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cfg", ["dense", "moe"])
+def test_static_decode_steps_with_triton_backend_equal_torch_backend(cfg):
+    """The CUDA-graph decode path's static buffers (cuda_graph.py, eager here: interpreted kernels on CPU, captured
+    graphs on CUDA) through TritonBackend: the bound query_start, padded rows into the scratch block and slot, the
+    grouped experts; same greedy tokens and logits as the plain TorchBackend engine."""
+    from .conftest import DENSE, MOE, random_model
+    from .engine_util import capture
+
+    from lfm import SamplingParams
+    from lfm.engine.triton_backend import TritonBackend
+
+    dev = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
+    if dev == "cuda" and cfg == "moe":
+        pytest.skip("float32 experts have no grouped GEMM on CUDA: test_cuda_graph.py checks bfloat16 MoE graphs")
+    model = random_model(dict(DENSE, num_hidden_layers=2, layer_types=["conv", "full_attention"]) if cfg == "dense"
+                         else dict(MOE, num_hidden_layers=2, layer_types=["conv", "full_attention"])).to(dev)
+    prompts = [list(range(40, 57)), [3, 4, 5], list(range(100, 109))]
+    sp = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    outs, recs = [], []
+    for cls in (TorchBackend, TritonBackend):
+        llm = _llm(model, cls, max_num_seqs=3)
+        if cls is TritonBackend:
+            r = llm.engine.runner
+            assert r.enable_decode_graphs(3, llm.engine.max_model_len, capture=dev == "cuda")
+            calls = []
+            run = r.graphs.run
+            r.graphs.run = lambda sch, run=run: calls.append(len(sch)) or run(sch)
+        rec = capture(llm)
+        outs.append([o.token_ids for o in llm.generate(prompts, sp)])
+        recs.append(dict((tuple(t), lg) for t, lg in rec))
+    assert 3 in calls and any(n < 3 for n in calls), calls  # full and padded (bucket 4 / 2) static steps
+    assert outs[0] == outs[1]
     for key, lg in recs[0].items():
         torch.testing.assert_close(recs[1][key], lg, atol=1e-4, rtol=1e-4)
 

@@ -68,9 +68,14 @@ class TorchBackend:
     def positions(self) -> torch.Tensor:
         return self.batch.positions
 
+    def bind(self, batch: StepBatch, query_start: torch.Tensor | None = None) -> None:
+        """Point the backend at the step's batch (the cache's bookkeeping already done). CUDA graphs bind static
+        batches once at capture; `query_start` is then a static device copy of batch.query_start."""
+        self.batch = batch
+
     def begin(self, batch: StepBatch) -> None:
         """Start a step: fresh sequences' conv slots are zeroed, prefix-cache hits restore their snapshot."""
-        self.batch = batch
+        self.bind(batch)
         c = self.cache
         if batch.conv_zero is not None:
             c.conv[:, batch.conv_zero] = 0

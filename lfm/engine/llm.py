@@ -40,10 +40,11 @@ class LLM:
                  tokenizer: str | Path | Tokenizer | None = None, max_model_len: int | None = None,
                  quantization: str | None = None, group_size: int = 64, kv_cache_dtype: str | None = None,
                  enable_prefix_caching: bool = True, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-                 kv_cache_memory: int = 4 << 30, block_size: int = 16) -> None:
+                 kv_cache_memory: int = 4 << 30, block_size: int = 16, enforce_eager: bool = False) -> None:
         """Engine settings as vLLM names them: max_num_seqs (sequences decoded together), max_num_batched_tokens
         (tokens per step: bounds prefill activations at any prompt length), kv_cache_memory (bytes of KV blocks;
-        on CPU touched only as used), block_size, enable_prefix_caching (on by default, as in vLLM)."""
+        on CPU touched only as used), block_size, enable_prefix_caching (on by default, as in vLLM), enforce_eager
+        (no CUDA graphs for decode steps on a GPU)."""
         self.path: Path | None = None
         if isinstance(model, LfmForCausalLM):
             self.model = model.eval()
@@ -74,7 +75,8 @@ class LLM:
         cfg = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                            kv_cache_memory=kv_cache_memory, block_size=block_size,
                            enable_prefix_caching=enable_prefix_caching,
-                           kv_cache_dtype=torch.int8 if kv_cache_dtype == "int8" else None, max_model_len=max_model_len)
+                           kv_cache_dtype=torch.int8 if kv_cache_dtype == "int8" else None, max_model_len=max_model_len,
+                           enforce_eager=enforce_eager)
         self.engine = LLMEngine(self.model, self.tokenizer, self.stop_ids(False), self.stop_ids(True), cfg)
         self._mailbox: dict[str, list] = {}  # deltas one open call stepped for another (interleaved streams)
         self._compiled: dict[str, Any] = {}  # structured-output specs by their canonical JSON (compiled once)

@@ -41,6 +41,7 @@ class EngineConfig:
     # (scheduler.long_prefill_chunk): bounded memory at long context; 0 turns it off
     long_prefill_tokens: int = 8192
     long_prefill_chunk_bytes: int = 24 << 20
+    enforce_eager: bool = False  # vLLM's name: True = no CUDA graphs for decode steps (CUDA only; CPU never captures)
 
 
 @dataclass(slots=True)
@@ -76,7 +77,9 @@ class LLMEngine:
         if self.max_model_len < want_len:
             log.warning("the KV cache memory holds %d tokens: max_model_len lowered from %d", self.max_model_len,
                         want_len)
-        self.cache = PagedCache.allocate(mc, num_blocks, bs, cfg.max_num_seqs, model.dtype, model.device,
+        # one block and one conv slot more than the block manager hands out: padding rows of a CUDA-graph decode
+        # step write there (cuda_graph.py), never into a sequence's cache
+        self.cache = PagedCache.allocate(mc, num_blocks + 1, bs, cfg.max_num_seqs + 1, model.dtype, model.device,
                                          cfg.kv_cache_dtype, cfg.enable_prefix_caching)
         self.block_manager = BlockManager(num_blocks, bs, cfg.max_num_seqs, cfg.enable_prefix_caching)
         long = None
@@ -87,6 +90,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.block_manager, cfg.max_num_seqs, cfg.max_num_batched_tokens, long)
         self.runner = ModelRunner(model, self.cache)
         self.runner.long_prompt_tokens = long[0] if long is not None else None
+        if model.device.type == "cuda" and not cfg.enforce_eager:
+            if not self.runner.enable_decode_graphs(cfg.max_num_seqs, self.max_model_len):
+                log.warning("decode steps run eagerly: this model's experts need the CUDA backend's grouped GEMM")
         self.sampler = Sampler(grammar, processed_logprobs=cfg.logprobs_mode == "processed_logprobs")
         self.seqs: dict[str, Sequence] = {}
         self.steps = 0

@@ -17,6 +17,7 @@ from ..model.lfm2 import LfmForCausalLM
 from .backend import StepBatch, TorchBackend, make_backend
 from .cache import PagedCache
 from .cpu_decode import FusedDecode
+from .cuda_graph import DecodeGraphs
 from .sequence import Sequence
 
 
@@ -83,6 +84,20 @@ class ModelRunner:
         if self.device.type == "cpu":
             fix_mmap_threshold()
         self.long_prompt_tokens: int | None = None  # set by the engine: prompts above it prefill in low_memory()
+        self.graphs: DecodeGraphs | None = None  # decode steps through static buffers / CUDA graphs (cuda_graph.py)
+
+    def enable_decode_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool = True) -> bool:
+        """Decode steps from CUDA graphs (capture=False: the same static-buffer path, eager; tests on CPU). Needs
+        the cache's scratch block and slot (LLMEngine allocates them). An MoE model qualifies only when the
+        backend groups its experts without a host sync (`moe_experts`). Returns whether the path is on."""
+        from ..model.lfm2 import MoE
+        from .grouped_moe import grouped_mm_supported
+
+        if any(isinstance(m, MoE) for m in self.model.modules()) and not (
+                hasattr(self.backend, "moe_experts") and grouped_mm_supported(self.model.dtype, self.device)):
+            return False
+        self.graphs = DecodeGraphs(self.model, self.backend, self.cache, max_num_seqs, max_model_len, capture)
+        return True
 
     def prepare(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, StepBatch]:
         bs, L1, dev = self.cache.block_size, self.L1, self.device
@@ -182,10 +197,12 @@ class ModelRunner:
         """Run one step. `scheduled` must list sequences with one new token first (the scheduler's order is kept
         by sorting here); the returned indices refer to the sorted order, which is also written back."""
         scheduled.sort(key=lambda it: it.num_tokens != 1)  # stable: decodes first
-        if self.fused is not None and self.fused.applies(len(scheduled)) and all(
-                it.num_tokens == 1 and not (it.seq.params.prompt_logprobs is not None
-                                            and it.seq.num_computed_tokens < it.seq.num_prompt_tokens)
-                for it in scheduled):
+        decode_only = all(it.num_tokens == 1 and not (it.seq.params.prompt_logprobs is not None
+                                                      and it.seq.num_computed_tokens < it.seq.num_prompt_tokens)
+                          for it in scheduled)
+        if decode_only and self.graphs is not None and len(scheduled) <= self.graphs.sizes[-1]:
+            return StepOutput(self.graphs.run(scheduled), {i: i for i in range(len(scheduled))}, {})
+        if decode_only and self.fused is not None and self.fused.applies(len(scheduled)):
             return self.run_fused(scheduled)
         ids, batch = self.prepare(scheduled)
         keep: list[int] = []

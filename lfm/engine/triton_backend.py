@@ -7,7 +7,7 @@ flash-attn / FlexAttention could be optional fast paths later). What changes:
 - The short conv is one varlen launch that reads and writes each sequence's conv slot, and `gated_short_conv`
   (used by `ShortConv.forward_step` when the backend offers it) also fuses `B*x` before and `C*` after the conv.
 - The model's optional hooks `add_rms_norm` (residual add + RMSNorm) and `qk_norm_rope` (per-head norm + RoPE) are
-  one kernel each.
+  one kernel each; `moe_experts` runs an MoE layer's experts as two grouped GEMMs (grouped_moe.py).
 `make_backend` picks it for CUDA devices when triton imports. On CPU tensors it works only under Triton's interpreter
 (`TRITON_INTERPRET=1` set before triton is imported), which is how tests check it end to end without a GPU.
 """
@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 
 from ..kernels.triton import paged_decode_attention, rms_norm, rope_qknorm, short_conv, store_kv
-from ..model.lfm2 import RMSNorm
+from ..model.lfm2 import Experts, RMSNorm
 from .backend import StepBatch, TorchBackend
+from .grouped_moe import grouped_experts, grouped_mm_supported
 
 
 class TritonBackend(TorchBackend):
@@ -33,9 +34,10 @@ class TritonBackend(TorchBackend):
         return paged_decode_attention(q, c.k[layer], c.v[layer], b.block_tables, b.decode_lens, self.scale,
                                       c.k_scale.get(layer), c.v_scale.get(layer))
 
-    def begin(self, batch: StepBatch) -> None:
-        super().begin(batch)  # query_start on the device once per step, shared by every conv layer
-        self._qs = torch.tensor(batch.query_start, dtype=torch.int32, device=batch.conv_slots.device)
+    def bind(self, batch: StepBatch, query_start: torch.Tensor | None = None) -> None:
+        super().bind(batch)  # query_start on the device once per step, shared by every conv layer
+        self._qs = query_start if query_start is not None else torch.tensor(
+            batch.query_start, dtype=torch.int32, device=batch.conv_slots.device)
 
     def _snapshot(self, layer: int, bx: torch.Tensor) -> None:
         """Prefix caching: the conv states at block ends inside this chunk, taken before the kernel moves the slots
@@ -67,6 +69,13 @@ class TritonBackend(TorchBackend):
         if residual is None:
             return rms_norm(h, norm.weight, norm.eps), h
         return rms_norm(h, norm.weight, norm.eps, residual)
+
+    def moe_experts(self, experts: Experts, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """An MoE layer's experts as two grouped GEMMs (grouped_moe.py) where torch supports them for these
+        weights, else `Experts.forward` (a per-expert loop; not capturable in a CUDA graph)."""
+        if isinstance(experts, Experts) and grouped_mm_supported(x.dtype, x.device):
+            return grouped_experts(experts, x, idx, weight)
+        return experts(x, idx, weight)
 
     def qk_norm_rope(self, x: torch.Tensor, norm: RMSNorm, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """rope(norm(x)) for x [N, heads, head_dim] (q or k), with the step's cos / sin [N, head_dim]."""

@@ -266,6 +266,15 @@ class MoE(nn.Module):
             self._account(x, idx)
         return self.experts(x, idx, w).view(shape)
 
+    def forward_step(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+        """The engine's call: x [N, D]. A backend may run the experts its own way (`moe_experts`: grouped GEMMs
+        on the GPU, no host sync); the routing is this module's either way."""
+        grouped = getattr(ctx, "moe_experts", None)
+        if grouped is None:
+            return self(x)
+        w, idx = self.route(x)
+        return grouped(self.experts, x, idx, w)
+
     def _account(self, x: torch.Tensor, idx: torch.Tensor) -> None:
         """Training bookkeeping: tokens per expert since the last bias update, and the optional auxiliary loss."""
         E = self.gate.weight.shape[0]
@@ -316,7 +325,8 @@ class Block(nn.Module):
             n = self.ffn_norm(x)
         else:
             n, x = add_norm(h, x, self.ffn_norm)
-        return x + self.feed_forward(n)
+        ff = self.feed_forward
+        return x + (ff.forward_step(n, ctx) if isinstance(ff, MoE) else ff(n))
 
 
 class LfmModel(nn.Module):

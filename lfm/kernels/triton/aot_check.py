@@ -38,7 +38,7 @@ def variants() -> list[tuple[object, dict[str, str], dict[str, object]]]:
                 out.append((pa._decode_split, dict(
                     q=a, k_cache=c, v_cache=c, k_scale=scale, v_scale=scale, block_tables="*i32",
                     context_lens="*i32", part_o="*fp32", part_m="*fp32", part_l="*fp32", scale="fp32", H="i32",
-                    KV="i32", head_dim="i32", table_stride="i32", num_splits="i32", blocks_per_split="i32"),
+                    KV="i32", head_dim="i32", table_stride="i32", num_splits="i32"),
                     dict(GROUP=group, BLOCK_G=group, BLOCK_SIZE=16, BLOCK_D=64, QUANT=quant)))
         out.append((pa._decode_merge, dict(part_o="*fp32", part_m="*fp32", part_l="*fp32", out=a, H="i32",
                                            head_dim="i32", num_splits="i32"), dict(BLOCK_SPLITS=4, BLOCK_D=64)))

@@ -1,0 +1,44 @@
+"""The experts of an MoE layer as two grouped GEMMs (`torch._grouped_mm`): no per-expert loop, no host sync.
+
+`Experts.forward` (lfm/model/lfm2.py) groups tokens by expert and runs one matmul per chosen expert, which needs the
+per-expert counts on the host: a device sync and up to 32 launches per layer, and a step that CUDA graphs cannot
+capture. Here the token rows are sorted by expert on the device, the group ends are a device cumsum, and
+`torch._grouped_mm` multiplies every group by its expert's matrix in one launch (gate/up), then again (down): the
+same math, graph-safe. CUDA runs it for bfloat16 on compute capability 9.0+ (H100 / H200); CPU has a reference
+implementation in PyTorch (any float dtype), which is how tests compare it with `Experts.forward` without a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..model.lfm2 import Experts
+
+
+def grouped_mm_supported(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether `grouped_experts` runs for these weights (else the caller keeps `Experts.forward`)."""
+    if not hasattr(torch, "_grouped_mm"):  # torch < 2.8
+        return False
+    if device.type == "cpu":
+        return dtype in (torch.float32, torch.bfloat16)
+    if device.type == "cuda":
+        return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device) >= (9, 0)
+    return False
+
+
+def grouped_experts(experts: Experts, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [N, D]; idx, weight [N, k] (the router's picks and their weights) -> [N, D], as `Experts.forward`."""
+    N, k = idx.shape
+    E = experts.gate_up_proj.shape[0]
+    flat = idx.reshape(-1)
+    order = flat.argsort(stable=True)  # rows grouped by expert, in token order within a group (as Experts.forward)
+    counts = torch.zeros(E, dtype=torch.int32, device=x.device).index_add_(
+        0, flat, torch.ones_like(flat, dtype=torch.int32))  # bincount would size its output on the host
+    offs = counts.cumsum(0, dtype=torch.int32)  # group e ends at offs[e]
+    tok = order // k
+    xs = x[tok]
+    gate, up = torch._grouped_mm(xs, experts.gate_up_proj.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+    ys = torch._grouped_mm(F.silu(gate) * up, experts.down_proj.transpose(-2, -1), offs=offs)
+    ys = ys * weight.reshape(-1)[order, None]
+    return x.new_zeros(x.shape).index_add(0, tok, ys.to(x.dtype))
