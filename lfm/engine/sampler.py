@@ -1,12 +1,13 @@
 """The one sampler: logits of the sequences that are due -> their next tokens, each with its own parameters.
 
 Rows are processed together on the logits' device; per-request state (a seeded generator, penalty counts, a grammar
-constraint) lives in each `Sequence`, so a request samples the same tokens whatever else shares the step, and a
-preempted one resumes exactly. Order (as transformers / vLLM): logit bias, presence / frequency penalties,
-repetition penalty, grammar mask, then temperature, top-k, top-p, min-p and one multinomial draw from the row's
-generator. Log-probabilities are those of the raw model distribution (as vLLM's default), or with
-`processed_logprobs` (vLLM's logprobs_mode="processed_logprobs") those of the distribution a sampled row was drawn
-from (after penalties, temperature, top-k / top-p / min-p): what an RL trainer's importance weights need.
+constraint) lives in each `Sequence`, so a seeded request samples the same tokens whatever else shares the step, and
+a preempted one resumes exactly. Order (as transformers / vLLM): logit bias, presence / frequency penalties,
+repetition penalty, grammar mask, then temperature, top-k, top-p, min-p and one draw per row (the exponential race,
+`exponential_draw`: a seeded request draws from its own generator). Log-probabilities are those of the raw model
+distribution (as vLLM's default), or with `processed_logprobs` (vLLM's logprobs_mode="processed_logprobs") those
+of the distribution a sampled row was drawn from (after penalties, temperature, top-k / top-p / min-p): what an RL
+trainer's importance weights need.
 """
 
 from __future__ import annotations
@@ -42,6 +43,18 @@ def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
         probs = logits.softmax(-1)
         logits = logits.masked_fill(probs < min_p * probs.max(-1, keepdim=True).values, neg)
     return logits
+
+
+def exponential_draw(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """One draw per row from probs [n, V]: argmax(probs / E) with E ~ Exp(1) per entry picks token t with probability
+    probs[t] (the exponential race; vLLM and gpt-fast sample this way), for every row at once, without the host
+    waiting per row. A request with a seed draws its E from its own generator, so it samples the same tokens
+    whatever shares the step; the others share one draw from the device's default generator."""
+    e = torch.empty_like(probs).exponential_()
+    for j, s in enumerate(seqs):
+        if s.params.seed is not None:
+            e[j].exponential_(generator=s.generator)
+    return probs.div_(e).argmax(-1)
 
 
 def logprob_record(lp: torch.Tensor, token: int, top: int) -> TokenLogprob:
@@ -91,18 +104,18 @@ class Sampler:
         bad = set(torch.isnan(logits).any(-1).nonzero().flatten().tolist())
         sampled = [i for i, s in enumerate(seqs) if s.generator is not None and i not in forced and i not in bad]
         lp_rows = {}
+        broken: list[bool] = []
         if sampled:
             sub = filter_logits(logits[sampled], [seqs[i].params for i in sampled])
             probs = sub.softmax(-1)
             if self.processed_logprobs and raw_lp is not None:
                 lp_rows = dict(zip(sampled, torch.log_softmax(sub, -1)))
-            broken = (~torch.isfinite(probs).all(-1)).tolist()
-            for j, i in enumerate(sampled):
-                if broken[j]:
-                    bad.add(i)
-                elif bool(torch.isfinite(sub[j]).any()):  # else every token masked: keep the argmax
-                    out[i] = torch.multinomial(probs[j], 1, generator=seqs[i].generator)[0]
-        tokens = out.tolist()
+            broken_t = ~torch.isfinite(probs).all(-1)
+            out[sampled] = exponential_draw(probs, [seqs[i] for i in sampled])
+        tokens = out.tolist()  # the step's one wait for the device (with the line below)
+        if sampled:
+            broken = broken_t.tolist()
+            bad.update(i for j, i in enumerate(sampled) if broken[j])
         for i, t in forced.items():
             tokens[i] = t
         for i in bad:
