@@ -148,3 +148,27 @@ def test_cuda_graph_replay_equals_eager(cfg):
     for t, lg in rec:
         w = want[tuple(t)]
         assert ((lg - w).abs().max() / w.abs().max()).item() < 3e-2
+
+
+@pytest.mark.parametrize("cfg", [DENSE, MOE])
+def test_fused_projections_keep_names_state_and_outputs(cfg):
+    """fuse_projections (what LLM does to a model it loads onto a GPU): the state dict keeps every name and value,
+    q/k/v and w1/w3 share one matrix each, and the engine's logits stay those of the unfused model."""
+    model = random_model(cfg)
+    fused = random_model(cfg)
+    before = {k: v.clone() for k, v in fused.state_dict().items()}
+    assert fused.fuse_projections() == 2 + cfg["num_hidden_layers"] - (3 if cfg is MOE else 0)
+    after = fused.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    att = fused.model.layers[1].self_attn
+    assert att.q_proj.weight.untyped_storage().data_ptr() == att.v_proj.weight.untyped_storage().data_ptr()
+    prompts = [list(range(10, 10 + n)) for n in (5, 17, 33)]
+    sp = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    recs = []
+    for m in (model, fused):
+        llm = LLM(m, block_size=16, max_num_seqs=4, max_num_batched_tokens=40)
+        recs.append(capture(llm))
+        llm.generate(prompts, sp)
+    assert [t for t, _ in recs[0]] == [t for t, _ in recs[1]]
+    for (_, a), (_, b) in zip(*recs):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)

@@ -57,6 +57,8 @@ class LLM:
                 raise ValueError(f"quantization must be 'int8' or 'int4', got {quantization!r}")
             quantize_model(self.model, bits, group_size)
             prepare_quantized(self.model)
+        if self.path is not None and quantization is None and self.model.device.type == "cuda":
+            self.model.fuse_projections()  # q/k/v and w1/w3 as one GEMM each (not for a caller's module: it may train)
         use_cpu_kernels(self.model)  # bfloat16 linears on lfm.kernels where faster (decode rows; every row without native bf16)
         if kv_cache_dtype not in (None, "auto", "int8"):
             raise ValueError(f"kv_cache_dtype must be 'auto' (the model's dtype) or 'int8', got {kv_cache_dtype!r}")

@@ -145,6 +145,16 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(self.nh * self.hd, d, bias=False)
         self.q_layernorm = RMSNorm(self.hd, c.norm_eps)
         self.k_layernorm = RMSNorm(self.hd, c.norm_eps)
+        self.qkv_weight: torch.Tensor | None = None  # fuse_projections(): [q; k; v] rows, the three views of it
+
+    def fuse(self) -> None:
+        """Inference: q, k and v from one GEMM. The three weights become views of one [q; k; v] matrix, so names,
+        the state dict and memory are unchanged."""
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).detach()
+        a, b = self.nh * self.hd, self.nkv * self.hd
+        for lin, part in ((self.q_proj, w[:a]), (self.k_proj, w[a:a + b]), (self.v_proj, w[a + b:])):
+            lin.weight = nn.Parameter(part, requires_grad=False)
+        self.qkv_weight = w
 
     def qkv(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Projections, per-head norms and RoPE: q [B, H, T, hd], k and v [B, KV, T, hd]."""
@@ -174,8 +184,12 @@ class Attention(nn.Module):
                      ctx: StepContext) -> torch.Tensor:
         """h [N, D], the new tokens of many sequences; keys and values of earlier tokens live in the engine's cache."""
         N = h.shape[0]
-        q, k = self.q_proj(h).view(N, self.nh, self.hd), self.k_proj(h).view(N, self.nkv, self.hd)
-        v = self.v_proj(h).view(N, self.nkv, self.hd)
+        if self.qkv_weight is not None:
+            q, k, v = F.linear(h, self.qkv_weight).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], -1)
+            q, k, v = q.view(N, self.nh, self.hd), k.view(N, self.nkv, self.hd), v.reshape(N, self.nkv, self.hd)
+        else:
+            q, k = self.q_proj(h).view(N, self.nh, self.hd), self.k_proj(h).view(N, self.nkv, self.hd)
+            v = self.v_proj(h).view(N, self.nkv, self.hd)
         fused = getattr(ctx, "qk_norm_rope", None)  # a backend may fuse the head norm and RoPE in one kernel
         if fused is not None:
             q, k = fused(q, self.q_layernorm, rope), fused(k, self.k_layernorm, rope)
@@ -192,10 +206,22 @@ class MLP(nn.Module):
         self.w1 = nn.Linear(d, ff, bias=False)
         self.w3 = nn.Linear(d, ff, bias=False)
         self.w2 = nn.Linear(ff, d, bias=False)
+        self.w13: torch.Tensor | None = None  # fuse(): [w1; w3] rows, w1 and w3 views of it
+
+    def fuse(self) -> None:
+        """Inference: gate and up projections from one GEMM (w1 and w3 become views of one [w1; w3] matrix)."""
+        w = torch.cat([self.w1.weight, self.w3.weight]).detach()
+        ff = self.w1.weight.shape[0]
+        self.w1.weight = nn.Parameter(w[:ff], requires_grad=False)
+        self.w3.weight = nn.Parameter(w[ff:], requires_grad=False)
+        self.w13 = w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
             return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is not None:
+            g, u = F.linear(x, self.w13).chunk(2, dim=-1)
+            return self.w2(F.silu(g) * u)
         h = F.silu(self.w1(x), inplace=True)  # inference: two [N, ff] activations live instead of four (same bits)
         return self.w2(h.mul_(self.w3(x)))
 
@@ -429,6 +455,23 @@ class LfmForCausalLM(nn.Module):
         if logits_indices is not None:
             x = x[logits_indices]
         return self.lm_head(self.model.embedding_norm(x))
+
+    @torch.no_grad()
+    def fuse_projections(self) -> int:
+        """Inference on a GPU: q/k/v and w1/w3 each from one GEMM (fewer, larger launches). Only plain float
+        linears are fused (quantized modules keep their own kernels). Returns how many modules were fused."""
+        n = 0
+        for mod in self.modules():
+            if isinstance(mod, Attention):
+                lins = (mod.q_proj, mod.k_proj, mod.v_proj)
+            elif isinstance(mod, MLP):
+                lins = (mod.w1, mod.w3)
+            else:
+                continue
+            if all(type(x) is nn.Linear and x.bias is None for x in lins):
+                mod.fuse()
+                n += 1
+        return n
 
     @staticmethod
     def _document_mask(position_ids: torch.Tensor) -> torch.Tensor:
