@@ -189,26 +189,32 @@ def cmd_bench(a: argparse.Namespace) -> None:
     import torch
 
     from .engine.bench import format_table, run_bench
-    from .engine.llm import LLM
+    from .engine.llm import LLM, check_device
     from .model.checkpoint import empty_model, model_path_exists, resolve_dtype
     from .model.presets import preset, preset_name
 
+    check_device(a.device)
     if a.threads:
         torch.set_num_threads(a.threads)
     if preset_name(a.model) is not None and not model_path_exists(a.model):  # a shape: random weights, in memory
         cfg = preset(a.model)
-        model = empty_model(cfg, resolve_dtype(a.dtype, cfg))
-        model.init_weights(0.02, generator=torch.Generator().manual_seed(0))
+        model = empty_model(cfg, resolve_dtype(a.dtype, cfg), a.device)
+        model.init_weights(0.02, generator=torch.Generator(a.device).manual_seed(0))
+        if a.device == "cuda":
+            model.fuse_projections()  # what LLM does to a checkpoint it loads onto a GPU
         llm = LLM(model, quantization=a.quantization, group_size=a.group_size, kv_cache_dtype=a.kv_cache_dtype,
-                  enable_prefix_caching=False)  # the same prompt is timed again and again: measure, not hit
+                  enable_prefix_caching=False, enforce_eager=a.enforce_eager)  # the same prompt again and again
     else:
-        llm = LLM(a.model, dtype=a.dtype, quantization=a.quantization, group_size=a.group_size,
-                  kv_cache_dtype=a.kv_cache_dtype, enable_prefix_caching=False)
+        llm = LLM(a.model, dtype=a.dtype, device=a.device, quantization=a.quantization, group_size=a.group_size,
+                  kv_cache_dtype=a.kv_cache_dtype, enable_prefix_caching=False, enforce_eager=a.enforce_eager)
     r = run_bench(llm, a.prompt_len, a.gen_len, a.batch, a.repeats)
     label = f"{a.model} {llm.model.dtype}".replace("torch.", "") + (f" {a.quantization}" if a.quantization else "") \
         + (" int8 KV" if a.kv_cache_dtype == "int8" else "")
     print(format_table(label, r, a.batch))
-    print(f"threads {torch.get_num_threads()}, prompt {a.prompt_len} tokens, {a.gen_len} generated, torch {torch.__version__}")
+    where = (f"{torch.cuda.get_device_name()}, peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, "
+             f"CUDA graphs {'off' if llm.engine.runner.graphs is None else 'on'}" if a.device == "cuda"
+             else f"threads {torch.get_num_threads()}")
+    print(f"{where}, prompt {a.prompt_len} tokens, {a.gen_len} generated, torch {torch.__version__}")
 
 
 def cmd_init(a: argparse.Namespace) -> None:
@@ -342,6 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     s.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     s.add_argument("--repeats", type=int, default=3, help="timed runs; the table shows their median")
+    s.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the model runs (cuda: bfloat16 by "
+                   "default, CUDA graphs for decode steps; serving throughput: benchmarks/gpu_throughput.py)")
+    s.add_argument("--enforce-eager", action="store_true", help="cuda: no CUDA graphs (to compare)")
     s.set_defaults(fn=cmd_bench)
 
     s = sub.add_parser("init", help="write a random-weight checkpoint of a preset shape (for trials without a download)")

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
@@ -64,6 +65,10 @@ def test_bad_input_is_one_line_not_a_traceback(tmp_path):
     assert p.returncode == 2 and "hf download" in p.stderr and "Traceback" not in p.stderr
     p = lfm("generate", str(tmp_path), "hi", "--max-tokens", "0", ok=False)
     assert p.returncode == 2 and "Traceback" not in p.stderr
+    if not torch.cuda.is_available():  # a GPU asked of a CPU-only torch: one line naming the way out
+        for args in (("bench", "tiny", "--device", "cuda"), ("generate", "tiny", "hi", "--device", "cuda")):
+            p = lfm(*args, ok=False)
+            assert p.returncode == 2 and "Traceback" not in p.stderr and "--device cpu" in p.stderr, p.stderr
 
 
 def test_cli_on_a_checkpoint_saved_by_transformers(tmp_path, tokenizer_dir):

@@ -32,6 +32,14 @@ Message = dict[str, Any]
 _ids = itertools.count()
 
 
+def check_device(device: str | torch.device) -> None:
+    """A clear error for a device this torch cannot use (instead of torch's assertion deep inside loading)."""
+    kind = torch.device(device).type
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but this torch sees no CUDA GPU (a CPU build of torch, or no "
+                         "driver): use --device cpu, or install a CUDA build of torch")
+
+
 class LLM:
     """An LFM2 model ready to generate: `LLM("LiquidAI/LFM2.5-350M")`, a local directory, an in-memory model, or
     `LLM()`: the built-in demo model (offline)."""
@@ -46,6 +54,7 @@ class LLM:
         on CPU touched only as used), block_size, enable_prefix_caching (on by default, as in vLLM), enforce_eager
         (no CUDA graphs for decode steps on a GPU)."""
         self.path: Path | None = None
+        check_device(device)
         if isinstance(model, LfmForCausalLM):
             self.model = model.eval()
         else:
@@ -55,6 +64,9 @@ class LLM:
             bits = {"int8": 8, "int4": 4}.get(quantization)
             if bits is None:
                 raise ValueError(f"quantization must be 'int8' or 'int4', got {quantization!r}")
+            if self.model.device.type != "cpu":
+                raise ValueError(f"{quantization} weight-only quantization runs on the CPU kernels; on "
+                                 f"{self.model.device.type} serve the model in bfloat16")
             quantize_model(self.model, bits, group_size)
             prepare_quantized(self.model)
         if self.path is not None and quantization is None and self.model.device.type == "cuda":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,12 +18,14 @@ from ..model.lfm2 import LfmForCausalLM
 from ..text import Tokenizer
 from .block_manager import BlockManager
 from .cache import PagedCache
-from .grammar import GrammarBackend
 from .model_runner import ModelRunner, ScheduledSeq
 from .sampler import Sampler, logprob_record
 from .sampling import SamplingParams
 from .scheduler import Scheduler, long_prefill_chunk
 from .sequence import Sequence, TokenLogprob
+
+if TYPE_CHECKING:  # xgrammar (the `serve` extra) loads only when a request asks for structured output
+    from .grammar import GrammarBackend
 
 log = logging.getLogger("lfm.engine")
 

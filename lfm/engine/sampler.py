@@ -12,12 +12,16 @@ trainer's importance weights need.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from .. import kernels as _kernels
-from .grammar import GrammarBackend, apply_bitmask
 from .sampling import SamplingParams
 from .sequence import Sequence, TokenLogprob
+
+if TYPE_CHECKING:  # xgrammar (the `serve` extra) loads only with a grammar backend
+    from .grammar import GrammarBackend
 
 
 def filter_logits(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -170,6 +174,8 @@ class Sampler:
                 if c.fill(bitmask, i):
                     masked.append(i)
         if masked:
+            from .grammar import apply_bitmask
+
             apply_bitmask(logits, bitmask, masked, g.control)
             for i in masked:
                 c = seqs[i].constraint

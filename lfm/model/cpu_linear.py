@@ -28,11 +28,10 @@ class Bf16Linear(nn.Linear):
 def use_cpu_kernels(model: nn.Module) -> int:
     """Turn every bfloat16 CPU `nn.Linear` of the model into a `Bf16Linear` (in place, state dict unchanged) where
     that is faster for some batch sizes (kernels available). Returns how many changed."""
-    if not _kernels.bf16_faster():
+    todo = [m for m in model.modules()
+            if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu"]
+    if not todo or not _kernels.bf16_faster():  # nothing to swap (a GPU model): the kernels are not even built
         return 0
-    n = 0
-    for m in model.modules():
-        if type(m) is nn.Linear and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu":
-            m.__class__ = Bf16Linear
-            n += 1
-    return n
+    for m in todo:
+        m.__class__ = Bf16Linear
+    return len(todo)
