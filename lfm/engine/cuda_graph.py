@@ -72,6 +72,7 @@ class DecodeGraphs:
         self.d_qs = torch.arange(B + 1, dtype=torch.int32, device=dev)
         self.rows = [_Row() for _ in range(B)]
         self.batches = {b: self._static_batch(b, L1) for b in self.sizes}
+        self.steps = self.replays = 0  # decode steps through this path, and how many replayed a captured graph
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         if capture:
@@ -163,7 +164,9 @@ class DecodeGraphs:
         self.d_long[:, :b].copy_(self.h_long[:, :b], non_blocking=True)
         self.d_lens[:b].copy_(self.h_lens[:b], non_blocking=True)
         self.d_tables[:b, :mb].copy_(self.h_tables[:b, :mb], non_blocking=True)
+        self.steps += 1
         if b in self.graphs:
+            self.replays += 1
             self.graphs[b].replay()
             out = self.outputs[b][:S]
         else:

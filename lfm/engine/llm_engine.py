@@ -75,7 +75,9 @@ class LLMEngine:
                                            cfg.enable_prefix_caching)
         want_len = cfg.max_model_len or mc.max_position_embeddings
         num_blocks = max(1, cfg.kv_cache_memory // max(1, per_block))
-        num_blocks = min(num_blocks, cfg.max_num_seqs * -(-want_len // bs) + 1)  # more could never be used
+        # more could never be used: every sequence at full length, + the one free block per running sequence the
+        # scheduler keeps in reserve when it admits (so max_num_seqs full-length sequences are admitted, not fewer)
+        num_blocks = min(num_blocks, cfg.max_num_seqs * (-(-want_len // bs) + 1) + 1)
         self.max_model_len = min(want_len, num_blocks * bs)
         if self.max_model_len < want_len:
             log.warning("the KV cache memory holds %d tokens: max_model_len lowered from %d", self.max_model_len,
