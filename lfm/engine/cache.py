@@ -79,6 +79,14 @@ class PagedCache:
             ts.append(self.conv_snap)
         return sum(t.numel() * t.element_size() for t in ts)
 
+    def start_conv(self, slot: int, restore: int) -> None:
+        """A sequence's first step: its conv slot zeroed (restore -1: nothing cached) or set to the snapshot of
+        block `restore` (a prefix-cache hit)."""
+        if restore == -1:
+            self.conv[:, slot] = 0
+        else:
+            self.conv[:, slot] = self.conv_snap[:, restore]
+
     def write_kv(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store k / v [N, kv_heads, head_dim] of N tokens at their slots (block * block_size + offset)."""
         blk, off = slot_mapping // self.block_size, slot_mapping % self.block_size

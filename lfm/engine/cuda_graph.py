@@ -153,10 +153,7 @@ class DecodeGraphs:
                 row.table, row.num_blocks = bt, len(bt)
             mb = max(mb, len(bt))
             if s.conv_restore is not None:  # a sequence's first step (one uncached prompt token left)
-                if s.conv_restore == -1:
-                    c.conv[:, s.conv_slot] = 0
-                else:
-                    c.conv[:, s.conv_slot] = c.conv_snap[:, s.conv_restore]
+                c.start_conv(s.conv_slot, s.conv_restore)
                 s.conv_restore = None
         lens[:S] = np.asarray(pos, dtype=np.int32) + 1
         self.h_long[:, :S] = torch.tensor([ids, pos, slots, conv_slots], dtype=torch.long)

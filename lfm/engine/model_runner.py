@@ -184,10 +184,7 @@ class ModelRunner:
             snaps.append(it.snapshots[-1][1] if it.snapshots else -1)  # the state after this token ends a block
             tables.append(s.block_table)
             if s.conv_restore is not None:  # a sequence's first step (one uncached prompt token left)
-                if s.conv_restore == -1:
-                    c.conv[:, s.conv_slot] = 0
-                else:
-                    c.conv[:, s.conv_slot] = c.conv_snap[:, s.conv_restore]
+                c.start_conv(s.conv_slot, s.conv_restore)
                 s.conv_restore = None
         logits = self.fused.step(ids, pos, slots, conv_slots, snaps, tables)
         return StepOutput(logits, {i: i for i in range(len(scheduled))}, {})
