@@ -192,6 +192,46 @@ def test_rope_qknorm_equals_model(dev, dtype):
     torch.testing.assert_close(got, want, atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("counts", [[5, 0, 70, 1], [0, 0, 0, 3], [64, 64]])
+def test_grouped_gemm_equals_per_group_matmul(dev, counts):
+    """Groups of odd sizes, empty groups (first, middle, several), a group spanning tiles, K and N not multiples of
+    the blocks; float32 (IEEE products) on CPU, and float32 + bfloat16 compiled on CUDA."""
+    from lfm.kernels.triton.grouped_gemm import grouped_gemm
+
+    g = torch.Generator().manual_seed(sum(counts))
+    E, N, K = len(counts), 72, 40
+    M = sum(counts)
+    x = torch.randn(M, K, generator=g).to(dev)
+    w = torch.randn(E, N, K, generator=g).to(dev)
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32).to(dev)
+    dtypes = [torch.float32] + ([torch.bfloat16] if dev == "cuda" else [])
+    for dt in dtypes:
+        got = grouped_gemm(x.to(dt), w.to(dt), offs)
+        start, want = 0, torch.empty(M, N, device=dev)
+        for e, n in enumerate(counts):
+            want[start:start + n] = x[start:start + n].to(dt).float() @ w[e].to(dt).float().T
+            start += n
+        tol = 1e-4 if dt == torch.float32 else 2e-2
+        torch.testing.assert_close(got.float(), want, atol=tol * 10, rtol=tol)
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_grouped_experts_through_the_triton_gemm_equal_the_per_expert_loop(dev):
+    """The CUDA backend's MoE path where torch._grouped_mm does not run: the router's picks through grouped_gemm =
+    Experts.forward (float32)."""
+    from .conftest import MOE, random_model
+
+    from lfm.engine.grouped_moe import grouped_experts
+    from lfm.kernels.triton.grouped_gemm import grouped_gemm
+
+    moe = random_model(MOE).model.layers[1].feed_forward.to(dev)
+    x = torch.randn(23, 64, generator=torch.Generator().manual_seed(2)).to(dev)
+    w, idx = moe.route(x)
+    torch.testing.assert_close(grouped_experts(moe.experts, x, idx, w, mm=grouped_gemm), moe.experts(x, idx, w),
+                               atol=1e-4, rtol=1e-4)
+
+
 def _llm(model, backend_cls, **kw):
     from lfm import LLM
 
@@ -251,7 +291,8 @@ def test_engine_with_triton_backend_equals_torch_backend(dev, kv):
 def test_static_decode_steps_with_triton_backend_equal_torch_backend(cfg):
     """The CUDA-graph decode path's static buffers (cuda_graph.py, eager here: interpreted kernels on CPU, captured
     graphs on CUDA) through TritonBackend: the bound query_start, padded rows into the scratch block and slot, the
-    grouped experts; same greedy tokens and logits as the plain TorchBackend engine."""
+    grouped experts (float32: torch's on CPU, the Triton grouped GEMM on CUDA); same greedy tokens and logits as the
+    plain TorchBackend engine."""
     from .conftest import DENSE, MOE, random_model
     from .engine_util import capture
 
@@ -259,8 +300,6 @@ def test_static_decode_steps_with_triton_backend_equal_torch_backend(cfg):
     from lfm.engine.triton_backend import TritonBackend
 
     dev = "cuda" if torch.cuda.is_available() and not INTERPRETED else "cpu"
-    if dev == "cuda" and cfg == "moe":
-        pytest.skip("float32 experts have no grouped GEMM on CUDA: test_cuda_graph.py checks bfloat16 MoE graphs")
     model = random_model(dict(DENSE, num_hidden_layers=2, layer_types=["conv", "full_attention"]) if cfg == "dense"
                          else dict(MOE, num_hidden_layers=2, layer_types=["conv", "full_attention"])).to(dev)
     prompts = [list(range(40, 57)), [3, 4, 5], list(range(100, 109))]
@@ -319,4 +358,4 @@ def test_kernels_compile_for_a_gpu_without_one():
     r = subprocess.run([sys.executable, "-m", "lfm.kernels.triton.aot_check", "--arch", "90"], env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("ok ") == 22, r.stdout  # 11 variants (see aot_check.variants) x bfloat16, float16
+    assert r.stdout.count("ok ") == 25, r.stdout  # 12 variants (see aot_check.variants) x bfloat16, float16 + 1

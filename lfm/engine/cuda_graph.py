@@ -151,7 +151,8 @@ class DecodeGraphs:
             if row.table is not bt or row.num_blocks != len(bt):
                 tables[i, :len(bt)] = bt
                 row.table, row.num_blocks = bt, len(bt)
-            mb = max(mb, len(bt))
+            if len(bt) > mb:
+                mb = len(bt)
             if s.conv_restore is not None:  # a sequence's first step (one uncached prompt token left)
                 c.start_conv(s.conv_slot, s.conv_restore)
                 s.conv_restore = None

@@ -4,11 +4,14 @@
 per-expert counts on the host: a device sync and up to 32 launches per layer, and a step that CUDA graphs cannot
 capture. Here the token rows are sorted by expert on the device, the group ends are a device cumsum, and
 `torch._grouped_mm` multiplies every group by its expert's matrix in one launch (gate/up), then again (down): the
-same math, graph-safe. CUDA runs it for bfloat16 on compute capability 9.0+ (H100 / H200); CPU has a reference
-implementation in PyTorch (any float dtype), which is how tests compare it with `Experts.forward` without a GPU.
+same math, graph-safe. CUDA runs it for bfloat16 on compute capability 9.0+ (H100 / H200); elsewhere the CUDA backend
+passes lfm.kernels.triton.grouped_gemm instead (any float dtype, any GPU Triton supports). CPU has a reference
+implementation of torch's in PyTorch, which is how tests compare both with `Experts.forward` without a GPU.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,8 +30,16 @@ def grouped_mm_supported(dtype: torch.dtype, device: torch.device) -> bool:
     return False
 
 
-def grouped_experts(experts: Experts, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [N, D]; idx, weight [N, k] (the router's picks and their weights) -> [N, D], as `Experts.forward`."""
+def torch_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """x [M, K] grouped by expert, w [E, N, K], offs [E] (cumulative group ends) -> [M, N]."""
+    return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+
+
+def grouped_experts(experts: Experts, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
+                    mm: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = torch_grouped_mm
+                    ) -> torch.Tensor:
+    """x [N, D]; idx, weight [N, k] (the router's picks and their weights) -> [N, D], as `Experts.forward`. `mm` is
+    the grouped GEMM: torch's, or lfm.kernels.triton.grouped_gemm where torch's does not run."""
     N, k = idx.shape
     E = experts.gate_up_proj.shape[0]
     flat = idx.reshape(-1)
@@ -38,7 +49,7 @@ def grouped_experts(experts: Experts, x: torch.Tensor, idx: torch.Tensor, weight
     offs = counts.cumsum(0, dtype=torch.int32)  # group e ends at offs[e]
     tok = order // k
     xs = x[tok]
-    gate, up = torch._grouped_mm(xs, experts.gate_up_proj.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
-    ys = torch._grouped_mm(F.silu(gate) * up, experts.down_proj.transpose(-2, -1), offs=offs)
+    gate, up = mm(xs, experts.gate_up_proj, offs).chunk(2, dim=-1)
+    ys = mm(F.silu(gate) * up, experts.down_proj, offs)
     ys = ys * weight.reshape(-1)[order, None]
     return x.new_zeros(x.shape).index_add(0, tok, ys.to(x.dtype))

@@ -150,16 +150,12 @@ class LLMEngine:
         self.scheduler.commit(scheduled)
         self.steps += 1
         out: list[RequestDelta] = []
-        due: list[tuple[Sequence, int]] = []
-        for i, it in enumerate(scheduled):
-            if i in result.prompt_rows:
-                self._prompt_logprobs(it, result.logits, *result.prompt_rows[i])
-            if i in result.sample_row:
-                due.append((it.seq, result.sample_row[i]))
-        if not due:
+        for i, (first, count) in result.prompt_rows.items():
+            self._prompt_logprobs(scheduled[i], result.logits, first, count)
+        if not result.sample_row:
             return out
-        seqs = [s for s, _ in due]
-        rows = [r for _, r in due]
+        seqs = [scheduled[i].seq for i in result.sample_row]  # the runner lists them in scheduled order
+        rows = list(result.sample_row.values())
         if rows == list(range(result.logits.shape[0])):  # every row, in order (decode steps): no gather copy
             logits = result.logits
         else:
@@ -169,13 +165,14 @@ class LLMEngine:
         except Exception as e:  # noqa: BLE001  these sequences cannot go on; the others are untouched
             log.exception("sampling failed")
             return out + [self._end(s, "error", f"sampling failed: {type(e).__name__}: {e}") for s in seqs]
+        token_bytes = self.sampler.token_bytes
         for s, t, rec in zip(seqs, tokens, records):
             if t < 0:
                 out.append(self._end(s, "error", "sampling failed: the logits or the sampling parameters produced "
                                                  "NaN / inf probabilities"))
                 continue
-            first = s.num_output_tokens == 0
-            text = s.append(t, self.sampler.token_bytes(s, t))
+            first = len(s.token_ids) == s.num_prompt_tokens
+            text = s.append(t, token_bytes(s, t) if s.constraint is not None else b"")
             if rec is not None:
                 s.output_logprobs.append(rec)
             d = RequestDelta(s.request_id, text, [t], [rec] if rec is not None else None, s.finish_reason,

@@ -67,7 +67,7 @@ class ScheduledSeq:
 @dataclass(slots=True)
 class StepOutput:
     logits: torch.Tensor  # [M, V] float32
-    sample_row: dict[int, int]  # index in the scheduled list -> its row of logits to sample from
+    sample_row: dict[int, int]  # index in the scheduled list -> its row of logits to sample from (in list order)
     prompt_rows: dict[int, tuple[int, int]]  # index -> (first row, count): logits at every new token (prompt logprobs)
 
 
@@ -89,12 +89,11 @@ class ModelRunner:
     def enable_decode_graphs(self, max_num_seqs: int, max_model_len: int, capture: bool = True) -> bool:
         """Decode steps from CUDA graphs (capture=False: the same static-buffer path, eager; tests on CPU). Needs
         the cache's scratch block and slot (LLMEngine allocates them). An MoE model qualifies only when the
-        backend groups its experts without a host sync (`moe_experts`). Returns whether the path is on."""
+        backend groups its experts without a host sync (`moe_experts`, as TritonBackend). Returns whether the
+        path is on."""
         from ..model.lfm2 import MoE
-        from .grouped_moe import grouped_mm_supported
 
-        if any(isinstance(m, MoE) for m in self.model.modules()) and not (
-                hasattr(self.backend, "moe_experts") and grouped_mm_supported(self.model.dtype, self.device)):
+        if any(isinstance(m, MoE) for m in self.model.modules()) and not hasattr(self.backend, "moe_experts"):
             return False
         self.graphs = DecodeGraphs(self.model, self.backend, self.cache, max_num_seqs, max_model_len, capture)
         return True

@@ -134,12 +134,14 @@ class Sequence:
                     self.text = self.text[:at]
                     self.finish_reason = "stop"
                     return self._release(final=True)
-        if self.num_output_tokens >= self.max_tokens:
+        if len(self.token_ids) - self.num_prompt_tokens >= self.max_tokens:
             self.finish_reason = "length"
             return self._release(final=True)
         return self._release(final=False)
 
     def _release(self, final: bool) -> str:
+        if self.detok is None:  # token ids only (no tokenizer): there is never text to hand out
+            return ""
         if final and self.detok is not None and self.finish_reason == "length":
             self.text += self.detok.flush()
         end = len(self.text) if final else max(self.sent, len(self.text) - self.hold)

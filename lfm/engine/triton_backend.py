@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.triton import paged_decode_attention, rms_norm, rope_qknorm, short_conv, store_kv
+from ..kernels.triton import grouped_gemm, paged_decode_attention, rms_norm, rope_qknorm, short_conv, store_kv
 from ..model.lfm2 import Experts, RMSNorm
 from .backend import StepBatch, TorchBackend
 from .grouped_moe import grouped_experts, grouped_mm_supported
@@ -71,11 +71,13 @@ class TritonBackend(TorchBackend):
         return rms_norm(h, norm.weight, norm.eps, residual)
 
     def moe_experts(self, experts: Experts, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """An MoE layer's experts as two grouped GEMMs (grouped_moe.py) where torch supports them for these
-        weights, else `Experts.forward` (a per-expert loop; not capturable in a CUDA graph)."""
-        if isinstance(experts, Experts) and grouped_mm_supported(x.dtype, x.device):
+        """An MoE layer's experts as two grouped GEMMs (grouped_moe.py): torch._grouped_mm where it runs for these
+        weights, else the Triton grouped GEMM; experts of another kind (quantized) keep their own forward."""
+        if not isinstance(experts, Experts):
+            return experts(x, idx, weight)
+        if grouped_mm_supported(x.dtype, x.device):
             return grouped_experts(experts, x, idx, weight)
-        return experts(x, idx, weight)
+        return grouped_experts(experts, x, idx, weight, mm=grouped_gemm)
 
     def qk_norm_rope(self, x: torch.Tensor, norm: RMSNorm, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """rope(norm(x)) for x [N, heads, head_dim] (q or k), with the step's cos / sin [N, head_dim]."""

@@ -24,8 +24,11 @@ def _mod(name: str):
 
 def variants() -> list[tuple[object, dict[str, str], dict[str, object]]]:
     """(kernel, argument types, constexprs) for each variant; the types follow the launchers' arguments."""
-    sk, pa, sc, rn, rq = (_mod(m) for m in ("store_kv", "paged_attention", "short_conv", "rmsnorm", "rope_qknorm"))
-    out = []
+    sk, pa, sc, rn, rq, gg = (_mod(m) for m in ("store_kv", "paged_attention", "short_conv", "rmsnorm", "rope_qknorm",
+                                                 "grouped_gemm"))
+    out = [(gg._grouped_gemm, dict(x="*fp32", w="*fp32", out="*fp32", offs="*i32", N="i32", K="i32", E="i32",
+                                   stride_we="i32", stride_wn="i32"),
+            dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, IEEE=True))]
     for act in ("bf16", "fp16"):
         a = "*" + act
         for cache in (act, "i8"):
@@ -48,6 +51,8 @@ def variants() -> list[tuple[object, dict[str, str], dict[str, object]]]:
                         dict(L=3, GATED=gated, HAS_BIAS=False, BLOCK_D=64)))
         out.append((rn._rmsnorm, dict(x=a, residual=a, w=a, out=a, sum_out=a, D="i32", eps="fp32"),
                     dict(HAS_RES=True, BLOCK_D=2048)))
+        out.append((gg._grouped_gemm, dict(x=a, w=a, out=a, offs="*i32", N="i32", K="i32", E="i32", stride_we="i32",
+                                           stride_wn="i32"), dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, IEEE=False)))
         out.append((rq._rope_qknorm, dict(x=a, w=a, cos=a, sin=a, out=a, heads="i32", head_dim="i32", half="i32",
                                           eps="fp32"), dict(BLOCK_H=32)))
     return out
