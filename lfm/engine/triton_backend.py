@@ -39,27 +39,40 @@ class TritonBackend(TorchBackend):
         self._qs = query_start if query_start is not None else torch.tensor(
             batch.query_start, dtype=torch.int32, device=batch.conv_slots.device)
 
-    def _snapshot(self, layer: int, bx: torch.Tensor) -> None:
+    def _snapshot(self, layer: int, bx: torch.Tensor | None = None, bcx: torch.Tensor | None = None) -> None:
         """Prefix caching: the conv states at block ends inside this chunk, taken before the kernel moves the slots
-        on (the same rows `TorchBackend.short_conv` gathers: the S old states, then the chunk's inputs)."""
+        on. Snapshot rows index [the S old states' rows, then the chunk's conv inputs] (as TorchBackend.short_conv
+        gathers them); the inputs B*x are formed for those rows only when the conv is fused (bcx = B, C, x)."""
         b, c = self.batch, self.cache
         conv = c.conv[c.conv_index[layer]]
-        rows = torch.cat([conv[b.conv_slots].flatten(0, 1), bx.to(conv.dtype)])
-        c.conv_snap[c.conv_index[layer]][b.snap_blocks] = rows[b.snap_rows]
+        K, L1 = b.snap_rows.shape
+        if L1 == 0:  # a kernel-1 conv keeps no state
+            return
+        flat = b.snap_rows.reshape(-1)
+        base = b.conv_slots.shape[0] * L1
+        at = (flat - base).clamp(min=0)
+        if bcx is not None:
+            D = bcx.shape[1] // 3
+            u = (bcx[at, :D] * bcx[at, 2 * D:]).to(conv.dtype)
+        else:
+            u = bx[at].to(conv.dtype)
+        if base:
+            states = conv[b.conv_slots].flatten(0, 1)
+            u = torch.where((flat >= base)[:, None], u, states[flat.clamp(max=base - 1)])
+        c.conv_snap[c.conv_index[layer]][b.snap_blocks] = u.view(K, L1, -1)
 
     def short_conv(self, layer: int, bx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         b, c = self.batch, self.cache
         if b.snap_rows is not None:
-            self._snapshot(layer, bx)
+            self._snapshot(layer, bx=bx)
         return short_conv(bx, weight, bias, c.conv[c.conv_index[layer]], self._qs, b.conv_slots)
 
     def gated_short_conv(self, layer: int, bcx: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
                          ) -> torch.Tensor:
         """bcx = in_proj output [N, 3D] (B, C, x) -> C * conv(B * x), the conv state updated: one launch."""
         b, c = self.batch, self.cache
-        if b.snap_rows is not None:  # snapshots need B*x materialised: take the unfused path for this step
-            bb, cc, xx = bcx.chunk(3, dim=-1)
-            return cc * self.short_conv(layer, bb * xx, weight, bias)
+        if b.snap_rows is not None:
+            self._snapshot(layer, bcx=bcx)
         return short_conv(bcx, weight, bias, c.conv[c.conv_index[layer]], self._qs, b.conv_slots, gated=True)
 
     # ---- hooks the model uses when present (lfm.model.lfm2: Block / Attention.forward_step) ------------------------
