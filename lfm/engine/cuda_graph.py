@@ -173,7 +173,8 @@ class DecodeGraphs:
         else:
             out = self._forward(b)[:S]
         logits = out.clone() if out.dtype == torch.float32 else out.float()  # the next replay reuses the buffer
-        for it in scheduled:  # this token ended a block: the slot now holds that block's conv state
-            if it.snapshots:
-                c.conv_snap[:, it.snapshots[-1][1]] = c.conv[:, it.seq.conv_slot]
+        snaps = [(it.seq.conv_slot, it.snapshots[-1][1]) for it in scheduled if it.snapshots]
+        if snaps:  # these tokens ended a block: their slots now hold those blocks' conv states (one gather)
+            slots_t, blocks_t = torch.tensor(snaps, device=c.conv.device).T
+            c.conv_snap[:, blocks_t] = c.conv[:, slots_t]
         return logits
