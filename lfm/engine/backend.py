@@ -58,6 +58,10 @@ class StepBatch:
 class TorchBackend:
     """Paged attention and the short conv in PyTorch ops (any device)."""
 
+    # whether CUDA graphs may capture its decode step: this one's decode attention gathers the whole block table
+    # (a graph's static table is max_model_len wide), so no
+    graph_capturable = False
+
     def __init__(self, cache: PagedCache, num_heads: int, head_dim: int) -> None:
         self.cache = cache
         self.num_heads, self.head_dim = num_heads, head_dim

@@ -93,6 +93,8 @@ class ModelRunner:
         path is on."""
         from ..model.lfm2 import MoE
 
+        if capture and not self.backend.graph_capturable:  # e.g. CUDA without triton: the portable backend
+            return False
         if any(isinstance(m, MoE) for m in self.model.modules()) and not hasattr(self.backend, "moe_experts"):
             return False
         self.graphs = DecodeGraphs(self.model, self.backend, self.cache, max_num_seqs, max_model_len, capture)

@@ -25,6 +25,8 @@ from .grouped_moe import grouped_experts, grouped_mm_supported
 class TritonBackend(TorchBackend):
     """Triton kernels for the cache-touching ops; `TorchBackend` for the rest (prefill attention, begin)."""
 
+    graph_capturable = True  # decode reads each sequence's own blocks only; no host sync anywhere in the step
+
     def write_kv(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         c = self.cache
         store_kv(k, v, c.k[layer], c.v[layer], self.batch.slot_mapping, c.k_scale.get(layer), c.v_scale.get(layer))
