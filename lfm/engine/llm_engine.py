@@ -41,7 +41,7 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's, capped by what the cache can hold
     logprobs_mode: str = "raw_logprobs"  # vLLM's: or "processed_logprobs" (after temperature / filters; RL)
     # prompts longer than long_prefill_tokens are prefilled in chunks whose activations fit long_prefill_chunk_bytes
-    # (scheduler.long_prefill_chunk): bounded memory at long context; 0 turns it off
+    # (scheduler.long_prefill_chunk): bounded memory at long context on CPU; 0 turns it off (never on a GPU)
     long_prefill_tokens: int = 8192
     long_prefill_chunk_bytes: int = 24 << 20
     enforce_eager: bool = False  # vLLM's name: True = no CUDA graphs for decode steps (CUDA only; CPU never captures)
@@ -88,7 +88,8 @@ class LLMEngine:
                                          cfg.kv_cache_dtype, cfg.enable_prefix_caching)
         self.block_manager = BlockManager(num_blocks, bs, cfg.max_num_seqs, cfg.enable_prefix_caching)
         long = None
-        if cfg.long_prefill_tokens > 0:
+        if cfg.long_prefill_tokens > 0 and model.device.type == "cpu":  # a GPU's activations are not the memory
+            # that grows with context (its KV pool is allocated up front): full-budget chunks prefill faster there
             elem = torch.empty((), dtype=model.dtype).element_size()
             long = (cfg.long_prefill_tokens, long_prefill_chunk(mc, elem, cfg.long_prefill_chunk_bytes, bs,
                                                                cfg.max_num_batched_tokens))
