@@ -70,7 +70,10 @@ class Rollouts:
         self.model, self.tok = model, tok
         cfg = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max(2048, max_model_len),
                            kv_cache_memory=kv_cache_memory, enable_prefix_caching=True,
-                           max_model_len=max_model_len, logprobs_mode="processed_logprobs")
+                           max_model_len=max_model_len, logprobs_mode="processed_logprobs",
+                           # no CUDA graphs: FSDP2 unshards into fresh memory for every rollout, and a captured graph
+                           # would keep reading the first rollout's weight addresses
+                           enforce_eager=True)
         with inference_view(model):
             self.engine = LLMEngine(model, tok, stop_ids(model, tok, False), stop_ids(model, tok, True), cfg)
         self._n = 0
