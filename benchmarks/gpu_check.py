@@ -86,9 +86,10 @@ def check(name: str, device: str, eager: bool, prompt_lens: list[int], gen: int)
             agree += int(logits.argmax() == want.argmax())
     rate = agree / max(1, len(rows))
     ok = bool(rows) and worst <= 5e-2 and rate >= 0.95
-    print(f"| {name} | {'eager' if graphs is None else f'{len(graphs.graphs)} CUDA graphs' if graphs.graphs else 'static, eager'} "
-          f"| {len(rows)} | {worst:.2e} | {100 * rate:.1f}% | {served:.0f} s + reference {time.perf_counter() - t0 - served:.0f} s "
-          f"| {'PASS' if ok else 'FAIL'} |", flush=True)
+    steps = "eager" if graphs is None else f"{len(graphs.graphs)} CUDA graphs" if graphs.graphs else "static, eager"
+    ref_s = time.perf_counter() - t0 - served
+    print(f"| {name} | {steps} | {len(rows)} | {worst:.2e} | {100 * rate:.1f}% | {served:.0f} s + reference "
+          f"{ref_s:.0f} s | {'PASS' if ok else 'FAIL'} |", flush=True)
     del model, ref
     gc.collect()
     return ok

@@ -145,16 +145,7 @@ class Attention(nn.Module):
         self.out_proj = nn.Linear(self.nh * self.hd, d, bias=False)
         self.q_layernorm = RMSNorm(self.hd, c.norm_eps)
         self.k_layernorm = RMSNorm(self.hd, c.norm_eps)
-        self.qkv_weight: torch.Tensor | None = None  # fuse_projections(): [q; k; v] rows, the three views of it
-
-    def fuse(self) -> None:
-        """Inference: q, k and v from one GEMM. The three weights become views of one [q; k; v] matrix, so names,
-        the state dict and memory are unchanged."""
-        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight]).detach()
-        a, b = self.nh * self.hd, self.nkv * self.hd
-        for lin, part in ((self.q_proj, w[:a]), (self.k_proj, w[a:a + b]), (self.v_proj, w[a + b:])):
-            lin.weight = nn.Parameter(part, requires_grad=False)
-        self.qkv_weight = w
+        self.qkv_weight: torch.Tensor | None = None  # fuse_projections(): [q; k; v], the three weights views of it
 
     def qkv(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """Projections, per-head norms and RoPE: q [B, H, T, hd], k and v [B, KV, T, hd]."""
@@ -206,15 +197,7 @@ class MLP(nn.Module):
         self.w1 = nn.Linear(d, ff, bias=False)
         self.w3 = nn.Linear(d, ff, bias=False)
         self.w2 = nn.Linear(ff, d, bias=False)
-        self.w13: torch.Tensor | None = None  # fuse(): [w1; w3] rows, w1 and w3 views of it
-
-    def fuse(self) -> None:
-        """Inference: gate and up projections from one GEMM (w1 and w3 become views of one [w1; w3] matrix)."""
-        w = torch.cat([self.w1.weight, self.w3.weight]).detach()
-        ff = self.w1.weight.shape[0]
-        self.w1.weight = nn.Parameter(w[:ff], requires_grad=False)
-        self.w3.weight = nn.Parameter(w[ff:], requires_grad=False)
-        self.w13 = w
+        self.w13: torch.Tensor | None = None  # fuse_projections(): [w1; w3], the two weights views of it
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled():
@@ -458,19 +441,25 @@ class LfmForCausalLM(nn.Module):
 
     @torch.no_grad()
     def fuse_projections(self) -> int:
-        """Inference on a GPU: q/k/v and w1/w3 each from one GEMM (fewer, larger launches). Only plain float
-        linears are fused (quantized modules keep their own kernels). Returns how many modules were fused."""
+        """Inference on a GPU: q/k/v and w1/w3 each from one GEMM (fewer, larger launches). The weights become views
+        of the one matrix, so names, the state dict and memory are unchanged. Only plain float linears are fused
+        (quantized modules keep their own kernels). Returns how many modules were fused."""
         n = 0
         for mod in self.modules():
-            if isinstance(mod, Attention):
-                lins = (mod.q_proj, mod.k_proj, mod.v_proj)
-            elif isinstance(mod, MLP):
-                lins = (mod.w1, mod.w3)
-            else:
+            lins = ((mod.q_proj, mod.k_proj, mod.v_proj) if isinstance(mod, Attention)
+                    else (mod.w1, mod.w3) if isinstance(mod, MLP) else ())
+            if not lins or not all(type(x) is nn.Linear and x.bias is None for x in lins):
                 continue
-            if all(type(x) is nn.Linear and x.bias is None for x in lins):
-                mod.fuse()
-                n += 1
+            w = torch.cat([x.weight for x in lins]).detach()
+            row = 0
+            for x in lins:
+                x.weight = nn.Parameter(w[row:row + x.weight.shape[0]], requires_grad=False)
+                row += x.weight.shape[0]
+            if isinstance(mod, Attention):
+                mod.qkv_weight = w
+            else:
+                mod.w13 = w
+            n += 1
         return n
 
     @staticmethod
