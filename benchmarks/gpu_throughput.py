@@ -88,19 +88,6 @@ class Row:
     notes: str = ""  # cut, failed requests, preemptions, KV capped, graph replays, errors
 
 
-def count_cuda_graphs() -> dict[str, int]:
-    """Counts of CUDA graph captures and replays from here on (torch.cuda.CUDAGraph's methods wrapped): the report
-    then says whether decode steps really ran as graphs, not only that graphs were allowed."""
-    counts = {"capture_begin": 0, "replay": 0}
-    for name in counts:
-        if (orig := getattr(torch.cuda.CUDAGraph, name, None)) is not None:
-            def wrapped(g, *args, _orig=orig, _name=name, **kw):
-                counts[_name] += 1
-                return _orig(g, *args, **kw)
-            setattr(torch.cuda.CUDAGraph, name, wrapped)
-    return counts
-
-
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -200,7 +187,7 @@ def build_llm(model, conc: int, plen: int, olen: int, a: argparse.Namespace, dev
 
 
 def measure(model, name: str, conc: int, n: int, plen: int, olen: int, limit_s: float, a: argparse.Namespace,
-            device: str, graphs: dict[str, int] | None) -> Row:
+            device: str) -> Row:
     """One table row: its own engine, an untimed warm-up on other prompts (staggered output lengths: decode batches
     of many sizes, so graphs and kernels for them exist), then the timed closed loop."""
     row, llm = Row(name, conc, n, plen, olen), None
@@ -212,7 +199,8 @@ def measure(model, name: str, conc: int, n: int, plen: int, olen: int, limit_s: 
                     device)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        replays0 = graphs["replay"] if graphs else 0
+        graphs = llm.engine.runner.graphs  # None when eager
+        replays0 = graphs.replays if graphs is not None else 0
         r = closed_loop(llm.engine, random_prompts(n, plen, vocab, a.seed + plen), [olen] * n, conc, device, limit_s)
         row.tok_s, row.cut = r["tokens"] / r["wall"], r["cut"]
         row.ttft_ms, row.itl_ms = (pct_ms(r["ttft"], 50), pct_ms(r["ttft"], 99)), pct_ms(r["itl"], 50)
@@ -221,8 +209,10 @@ def measure(model, name: str, conc: int, n: int, plen: int, olen: int, limit_s: 
         notes = ([note] if note else []) + ([f"{pre} preemptions"] if pre else [])
         notes += [f"cut at {r['wall']:.1f} s (tok/s over the part run)"] if r["cut"] else []
         notes += [f"{r['errors']} requests failed"] if r["errors"] else []
-        if graphs and not a.eager:
-            notes.append(f"CUDA graph replays {graphs['replay'] - replays0} in {r['steps']} steps")
+        if graphs is not None and graphs.graphs:
+            notes.append(f"CUDA graph replays {graphs.replays - replays0} in {r['steps']} steps")
+        elif device == "cuda" and not a.eager:
+            notes.append("decode steps ran eagerly (no graphs captured: see the engine's warning)")
         row.notes = "; ".join(notes)
     except Exception as e:  # noqa: BLE001  one failed row (out of memory, say) must not end the run
         traceback.print_exc()
@@ -356,7 +346,6 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(1)  # tiny matrices: more threads only add syncs
     names = [MODELS.get(m.strip()) or preset_name(m.strip()) or m.strip() for m in a.models.split(",") if m.strip()]
     concs = [int(c) for c in a.concurrency.split(",") if c.strip()]
-    graphs = count_cuda_graphs() if device == "cuda" else None
     triton_v = importlib.util.find_spec("triton") and __import__("triton").__version__ or "not installed"
     header = [f"# lfm serving throughput: random weights, {str(dtype)[6:]}, greedy, EOS ignored",
               f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'CPU (smoke run: figures mean nothing)'}"
@@ -398,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         mine = []
         for c, n, p, o, limit in specs:
             t0 = time.perf_counter()
-            r = measure(model, name, c, n, p, o, limit, a, device, graphs)
+            r = measure(model, name, c, n, p, o, limit, a, device)
             mine.append(r)
             rows.append(r)
             print(f"{name} C={c} {n} x {p}/{o}: {fmt(r.tok_s, ',.0f')} tok/s, TTFT p50 {fmt(r.ttft_ms[0], '.1f')} ms, "
@@ -418,8 +407,6 @@ def main(argv: list[str] | None = None) -> int:
                 same = (r.prompt_len, r.out_len) == (a.prompt_len, a.output_len)
                 r.ratio = r.tok_s / hf if hf and same and not math.isnan(r.tok_s) else None
         save(False)
-    if graphs is not None:
-        header.append(f"CUDA graphs seen: {graphs['capture_begin']} captured, {graphs['replay']} replays")
     print("\n" + save(True), end="", flush=True)
     return 0
 

@@ -72,7 +72,7 @@ class DecodeGraphs:
         self.d_qs = torch.arange(B + 1, dtype=torch.int32, device=dev)
         self.rows = [_Row() for _ in range(B)]
         self.batches = {b: self._static_batch(b, L1) for b in self.sizes}
-        self.steps = self.replays = 0  # decode steps through this path, and how many replayed a captured graph
+        self.steps = self.replays = 0  # decode steps through this path, and how many replayed a graph (benchmarks)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.logits: torch.Tensor | None = None  # [B, vocab]: every graph copies its logits here (one buffer, not
         # one per bucket: ~2 GiB at 1,024 sequences and a 64K vocabulary)

@@ -12,6 +12,7 @@ implementation of torch's in PyTorch, which is how tests compare both with `Expe
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -19,8 +20,9 @@ import torch.nn.functional as F
 from ..model.lfm2 import Experts
 
 
+@lru_cache(maxsize=None)
 def grouped_mm_supported(dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether `grouped_experts` runs for these weights (else the caller keeps `Experts.forward`)."""
+    """Whether torch._grouped_mm runs for these weights (asked per MoE layer per step: answered once)."""
     if not hasattr(torch, "_grouped_mm"):  # torch < 2.8
         return False
     if device.type == "cpu":
