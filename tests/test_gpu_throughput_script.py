@@ -72,3 +72,44 @@ def test_without_cuda_a_real_run_exits_2_with_one_line():
     assert p.stdout == ""
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "CUDA" in lines[0] and "--smoke" in lines[0]
+
+
+# benchmarks/gpu_profile.py, the decode-step profile the GPU session runs last: same checks, its own report
+PROFILE = ROOT / "benchmarks" / "gpu_profile.py"
+
+
+def test_profile_smoke_reports_every_section(tmp_path):
+    out_file = tmp_path / "profile.md"
+    p = subprocess.run([sys.executable, str(PROFILE), "--smoke", "--out", str(out_file)], capture_output=True,
+                       text=True, timeout=120, env=ENV, cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    for model in ("tiny", "tiny-moe"):
+        section = p.stdout.split(f"## {model}: C=4, prompts of 16 tokens")[1].split("## ")[0]
+        assert re.search(r"decode step as served, eager: .*: [\d.]+ ms \(median of 3\) = [\d,]+ output tok/s", section)
+        assert "| family | ms / step | share |" in section and "| dense GEMMs |" in section
+        assert re.search(r"roofline: [\d.]+ GB weights .* GB read per step", section)
+        assert "error" not in section
+    assert out_file.read_text().count("## tiny") == 2
+
+
+def test_profile_names_kernel_families():
+    env, path = dict(os.environ), list(sys.path)
+    sys.path.insert(0, str(PROFILE.parent))
+    try:  # the scripts set LFM_KERNELS=0 for themselves: not for the rest of this test process
+        import gpu_profile as gp
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+        sys.path[:] = path
+    assert gp.family("_decode_split") == gp.family("_decode_merge") == "decode attention"  # our Triton kernels
+    assert gp.family("_short_conv") == "short conv" and gp.family("_grouped_gemm") == "expert GEMMs (grouped)"
+    assert gp.family("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64") == "dense GEMMs"
+    assert gp.family("Memcpy HtoD (Pinned -> Device)") == "copies / fills"
+    assert gp.family("void at::native::vectorized_elementwise_kernel<4, silu>").startswith("other")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: a real run would start")
+def test_profile_without_cuda_exits_2_with_one_line():
+    p = subprocess.run([sys.executable, str(PROFILE)], capture_output=True, text=True, timeout=60, env=ENV, cwd=ROOT)
+    assert p.returncode == 2 and p.stdout == ""
+    assert len(p.stderr.strip().splitlines()) == 1 and "CUDA" in p.stderr
