@@ -150,6 +150,31 @@ def test_cuda_graph_replay_equals_eager(cfg):
         assert ((lg - w).abs().max() / w.abs().max()).item() < 3e-2
 
 
+def test_a_refused_capture_leaves_the_engine_serving_eagerly(monkeypatch, caplog):
+    """A capture the driver refuses (a RuntimeError from torch.cuda.graph) must not take the server down with it: the
+    engine warns with the reason and decodes eagerly. (The CUDA tests above assert graphs were captured, so this
+    fallback cannot hide a capture bug from them.)"""
+    from lfm.engine import cuda_graph
+
+    class Capturable(TorchBackend):
+        graph_capturable = True
+
+    def refuse(self):
+        raise RuntimeError("operation not permitted when stream is capturing\nCUDA kernel errors ...")
+
+    monkeypatch.setattr(cuda_graph.DecodeGraphs, "capture", refuse)
+    model = random_model(DENSE)
+    llm = _llm(model, False, backend=Capturable)
+    r = llm.engine.runner
+    with caplog.at_level("WARNING", logger="lfm.engine"):
+        assert r.enable_decode_graphs(6, llm.engine.max_model_len, capture=True) is False
+    assert r.graphs is None
+    assert "CUDA graph capture failed, decode steps run eagerly: operation not permitted" in caplog.text
+    sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    want = [o.token_ids for o in _llm(model, False).generate([[5, 6, 7], [9] * 20], sp)]
+    assert [o.token_ids for o in llm.generate([[5, 6, 7], [9] * 20], sp)] == want
+
+
 @pytest.mark.parametrize("cfg", [DENSE, MOE])
 def test_fused_projections_keep_names_state_and_outputs(cfg):
     """fuse_projections (what LLM does to a model it loads onto a GPU): the state dict keeps every name and value,

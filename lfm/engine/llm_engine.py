@@ -97,9 +97,7 @@ class LLMEngine:
         self.runner = ModelRunner(model, self.cache)
         self.runner.long_prompt_tokens = long[0] if long is not None else None
         if model.device.type == "cuda" and not cfg.enforce_eager:
-            if not self.runner.enable_decode_graphs(cfg.max_num_seqs, self.max_model_len):
-                log.warning("decode steps run eagerly: CUDA graphs need the Triton backend (the `gpu` extra: triton; "
-                            "block size a power of two)")
+            self.runner.enable_decode_graphs(cfg.max_num_seqs, self.max_model_len)  # warns when it cannot
         self.sampler = Sampler(grammar, processed_logprobs=cfg.logprobs_mode == "processed_logprobs")
         self.seqs: dict[str, Sequence] = {}
         self.steps = 0

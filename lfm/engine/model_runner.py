@@ -8,6 +8,7 @@ slot of each token's K / V, block tables, conv slots and the conv gather rows, a
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -19,6 +20,8 @@ from .cache import PagedCache
 from .cpu_decode import FusedDecode
 from .cuda_graph import DecodeGraphs
 from .sequence import Sequence
+
+log = logging.getLogger("lfm.engine")
 
 
 TRIM_AFTER_PROMPT = 4096  # prompt tokens from which the end of a prefill returns freed heap memory to the OS
@@ -93,11 +96,22 @@ class ModelRunner:
         path is on."""
         from ..model.lfm2 import MoE
 
+        why = None
         if capture and not self.backend.graph_capturable:  # e.g. CUDA without triton: the portable backend
+            why = "CUDA graphs need the Triton backend (the `gpu` extra: triton; block size a power of two)"
+        elif any(isinstance(m, MoE) for m in self.model.modules()) and not hasattr(self.backend, "moe_experts"):
+            why = "this backend runs MoE experts with a host loop, which a CUDA graph cannot hold"
+        if why:
+            log.warning("decode steps run eagerly: %s", why)
             return False
-        if any(isinstance(m, MoE) for m in self.model.modules()) and not hasattr(self.backend, "moe_experts"):
+        try:
+            self.graphs = DecodeGraphs(self.model, self.backend, self.cache, max_num_seqs, max_model_len, capture)
+        except RuntimeError as e:  # a capture the driver refused: serve eagerly (slower) rather than not at all
+            if not capture:
+                raise
+            self.graphs = None
+            log.warning("CUDA graph capture failed, decode steps run eagerly: %s", (str(e).splitlines() or [""])[0])
             return False
-        self.graphs = DecodeGraphs(self.model, self.backend, self.cache, max_num_seqs, max_model_len, capture)
         return True
 
     def prepare(self, scheduled: list[ScheduledSeq]) -> tuple[torch.Tensor, StepBatch]:
