@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .. import kernels as _kernels
@@ -118,26 +119,37 @@ class ModelRunner:
         bs, L1, dev = self.cache.block_size, self.L1, self.device
         S = len(scheduled)
         ids: list[int] = []
-        pos: list[int] = []
+        pos: list[int] = []  # decodes' (one token each: plain ints are cheapest)
         slots: list[int] = []
+        pos_parts: list[np.ndarray] = []  # prefill chunks' (thousands of tokens a step: numpy, not a Python loop)
+        slot_parts: list[np.ndarray] = []
         qs, lens = [0], []
         for it in scheduled:
             s, n = it.seq, it.num_tokens
             c0 = s.num_computed_tokens
             ids += s.token_ids[c0:c0 + n]
             table = s.block_table
-            for p in range(c0, c0 + n):
-                pos.append(p)
-                slots.append(table[p // bs] * bs + p % bs)
+            if n == 1:
+                pos.append(c0)
+                slots.append(table[c0 // bs] * bs + c0 % bs)
+            else:
+                p = np.arange(c0, c0 + n)
+                b0 = c0 // bs
+                blocks = np.asarray(table[b0:(c0 + n - 1) // bs + 1], dtype=np.int64)
+                pos_parts.append(p)
+                slot_parts.append(blocks[p // bs - b0] * bs + p % bs)
             qs.append(qs[-1] + n)
             lens.append(c0 + n)
         nd = 0
         while nd < S and scheduled[nd].num_tokens == 1:
             nd += 1
         mb = max((len(it.seq.block_table) for it in scheduled[:nd]), default=0)
-        tables = torch.zeros(nd, max(mb, 1), dtype=torch.int32)
+        tables_np = np.zeros((nd, max(mb, 1)), dtype=np.int32)
         for i, it in enumerate(scheduled[:nd]):
-            tables[i, :len(it.seq.block_table)] = torch.tensor(it.seq.block_table, dtype=torch.int32)
+            tables_np[i, :len(it.seq.block_table)] = it.seq.block_table
+        tables = torch.from_numpy(tables_np)
+        pos_np = np.concatenate([np.asarray(pos, dtype=np.int64), *pos_parts])
+        slots_np = np.concatenate([np.asarray(slots, dtype=np.int64), *slot_parts])
         prefill_blocks = [torch.tensor(it.seq.block_table[:-(-(lens[nd + j]) // bs)], dtype=torch.long, device=dev)
                           for j, it in enumerate(scheduled[nd:])]
 
@@ -174,7 +186,7 @@ class ModelRunner:
             it.seq.conv_restore = None  # done once, by this step
         to = lambda x: None if x is None else x.to(dev)  # noqa: E731
         batch = StepBatch(
-            positions=torch.tensor(pos, device=dev), slot_mapping=torch.tensor(slots, device=dev),
+            positions=torch.from_numpy(pos_np).to(dev), slot_mapping=torch.from_numpy(slots_np).to(dev),
             query_start=qs, context_lens=lens, num_decodes=nd, block_tables=tables.to(dev),
             decode_lens=torch.tensor(lens[:nd], dtype=torch.int32, device=dev), prefill_blocks=prefill_blocks,
             conv_slots=torch.tensor([it.seq.conv_slot for it in scheduled], device=dev), conv_taps=taps.to(dev),
@@ -182,7 +194,7 @@ class ModelRunner:
             conv_zero=torch.tensor(zero, device=dev) if zero else None,
             conv_restore=(torch.tensor([r[0] for r in restore], device=dev),
                           torch.tensor([r[1] for r in restore], device=dev)) if restore else None)
-        return torch.tensor(ids, device=dev), batch
+        return torch.from_numpy(np.fromiter(ids, dtype=np.int64, count=len(ids))).to(dev), batch
 
     @torch.inference_mode()
     def run_fused(self, scheduled: list[ScheduledSeq]) -> StepOutput:
