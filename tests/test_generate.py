@@ -213,3 +213,35 @@ def test_exponential_draw_follows_the_distribution():
     alone = [int(exponential_draw(probs.repeat(1, 1), seqs(1, seed=k))[0]) for k in range(30)]
     crowd = [int(exponential_draw(probs.repeat(3, 1), seqs(2) + seqs(1, seed=k))[2]) for k in range(30)]
     assert crowd == alone and len(set(alone)) > 1
+
+
+@pytest.mark.parametrize("sampled", [False, True])
+def test_a_broken_row_gets_minus_one_and_its_neighbours_do_not_notice(sampled):
+    """The sampler's contract with the engine: a row whose logits hold NaN (or whose filtered distribution does not
+    sum to a number) gets token -1 and no logprob record, and every other row gets exactly what it gets without
+    that row beside it, on the greedy one-pass path and on the sampling path (seeded rows)."""
+    from lfm.engine.sampler import Sampler
+    from lfm.engine.sequence import Sequence
+
+    V = 50
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, V, generator=g)
+    logits[2, 7] = float("nan")
+    if sampled:
+        logits[1] = float("inf")  # softmax of +inf rows: NaN, found after the filters
+
+    def seqs(rows):
+        out = []
+        for i in rows:
+            params = SamplingParams(temperature=0.8 if sampled else 0.0, top_p=0.9, seed=100 + i, logprobs=2)
+            out.append(Sequence(f"r{i}", [1, 2], params, set(), 8, None, V))
+        return out
+
+    tokens, records = Sampler()(logits.clone(), seqs(range(4)))
+    broken = {1, 2} if sampled else {2}
+    assert [i for i, t in enumerate(tokens) if t == -1] == sorted(broken)
+    assert all((records[i] is None) == (i in broken) for i in range(4))
+    for i in set(range(4)) - broken:
+        alone, rec = Sampler()(logits[i:i + 1].clone(), seqs([i]))
+        assert alone[0] == tokens[i] and 0 <= tokens[i] < V
+        assert rec[0].logprob == records[i].logprob

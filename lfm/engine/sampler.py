@@ -89,9 +89,7 @@ class Sampler:
             # Log-probabilities (the raw distribution's) only for the rows that ask, with the same log_softmax.
             fast = _kernels.row_max(logits)  # None off CPU or without the kernels
             vals, out = fast if fast is not None else logits.max(-1)  # ties: the first index, as argmax
-            tokens = out.tolist()
-            for i in torch.isnan(vals).nonzero().flatten().tolist():
-                tokens[i] = -1
+            tokens = out.masked_fill(torch.isnan(vals), -1).tolist()  # the step's one wait for the device
             rows = [i for i in range(n) if want_lp[i] and tokens[i] >= 0]
             if not rows:
                 return tokens, [None] * n
@@ -105,25 +103,22 @@ class Sampler:
         forced = self._constrain(logits, seqs)
 
         out = logits.argmax(-1)
-        bad = set(torch.isnan(logits).any(-1).nonzero().flatten().tolist())
-        sampled = [i for i, s in enumerate(seqs) if s.generator is not None and i not in forced and i not in bad]
+        bad = torch.isnan(logits).any(-1)  # on the device: read back with the tokens, in the step's one wait
+        # a NaN row is drawn from too (its own generator only): it ends with an error whatever it draws
+        sampled = [i for i, s in enumerate(seqs) if s.generator is not None and i not in forced]
         lp_rows = {}
-        broken: list[bool] = []
         if sampled:
             sub = filter_logits(logits[sampled], [seqs[i].params for i in sampled])
             probs = sub.softmax(-1)
             if self.processed_logprobs and raw_lp is not None:
                 lp_rows = dict(zip(sampled, torch.log_softmax(sub, -1)))
-            broken_t = ~torch.isfinite(probs).all(-1)
-            out[sampled] = exponential_draw(probs, [seqs[i] for i in sampled])
-        tokens = out.tolist()  # the step's one wait for the device (with the line below)
-        if sampled:
-            broken = broken_t.tolist()
-            bad.update(i for j, i in enumerate(sampled) if broken[j])
+            idx = torch.tensor(sampled, device=logits.device)
+            bad[idx] |= ~torch.isfinite(probs).all(-1)
+            out[idx] = exponential_draw(probs, [seqs[i] for i in sampled])
+        tokens = out.masked_fill(bad, -1).tolist()  # the step's one wait for the device
         for i, t in forced.items():
-            tokens[i] = t
-        for i in bad:
-            tokens[i] = -1
+            if tokens[i] >= 0:  # a broken row stays broken
+                tokens[i] = t
         records = [logprob_record(lp_rows.get(i, raw_lp[i]), tokens[i], s.params.logprobs)
                    if want_lp[i] and tokens[i] >= 0 else None
                    for i, s in enumerate(seqs)]
