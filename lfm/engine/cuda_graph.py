@@ -156,8 +156,9 @@ class DecodeGraphs:
             if s.conv_restore is not None:  # a sequence's first step (one uncached prompt token left)
                 c.start_conv(s.conv_slot, s.conv_restore)
                 s.conv_restore = None
-        lens[:S] = np.asarray(pos, dtype=np.int32) + 1
-        self.h_long[:, :S] = torch.tensor([ids, pos, slots, conv_slots], dtype=torch.long)
+        hl = self.h_long.numpy()  # numpy views of the host mirrors: a list goes in without torch.tensor's cost
+        hl[0, :S], hl[1, :S], hl[2, :S], hl[3, :S] = ids, pos, slots, conv_slots
+        lens[:S] = hl[1, :S] + 1
         self._pad(S, b)
         for row in self.rows[S:b]:
             row.table = None
