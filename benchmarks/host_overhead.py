@@ -11,7 +11,8 @@ a tiny model through the CUDA-graph path's static buffers (eager) with the forwa
     python benchmarks/host_overhead.py [--concurrency 256,1024] [--steps 60]
 
 At 1,024 sequences, 10 ms of host work per step caps a GPU at ~100,000 output tok/s however fast the replay is, and
-adds directly to the step when the two do not overlap (this engine does not overlap them yet).
+adds directly to the step when the two do not overlap (this engine does not overlap them yet). Last, the host time to
+lay out one prefill step of 16 prompts x 512 tokens (ModelRunner.prepare), which a GPU waits for likewise.
 """
 
 from __future__ import annotations
@@ -91,6 +92,29 @@ def measure(S: int, steps: int) -> dict[str, float]:
     return out
 
 
+def prefill_prepare_ms(prompts: int = 16, length: int = 512, repeats: int = 30) -> float:
+    """Host time to lay out one prefill step (ModelRunner.prepare: ids, positions, KV slots, conv rows) of `prompts`
+    fresh prompts of `length` tokens, median ms: work done before the GPU sees a prefill step."""
+    from lfm import LLM, SamplingParams
+    from lfm.model.checkpoint import empty_model
+    from lfm.model.presets import preset
+
+    model = empty_model(preset("tiny"), torch.bfloat16, "cpu")
+    model.init_weights()
+    eng = LLM(model, max_num_seqs=prompts, max_num_batched_tokens=prompts * length, kv_cache_memory=1 << 30).engine
+    sp = SamplingParams(temperature=0, max_tokens=1, ignore_eos=True)
+    for i in range(prompts):
+        eng.add_request(str(i), [5 + (i * 31 + j) % 200 for j in range(length)], sp)
+    scheduled = eng.scheduler.schedule()
+    assert sum(it.num_tokens for it in scheduled) == prompts * length
+    times = []
+    for _ in range(repeats):  # prepare only reads the scheduled sequences (and clears their one-time conv restore)
+        t0 = time.perf_counter()
+        eng.runner.prepare(list(scheduled))
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--concurrency", default="256,1024", help="sequences decoding together (comma-separated)")
@@ -105,6 +129,7 @@ def main() -> int:
         r = measure(S, a.steps)
         print(f"| {S} | {r['step']:.2f} | {r['schedule']:.2f} | {r['runner']:.2f} | {r['sampler']:.2f} | "
               f"{r['rest']:.2f} |", flush=True)
+    print(f"\nprefill step layout (ModelRunner.prepare), 16 prompts x 512 tokens: {prefill_prepare_ms():.2f} ms")
     return 0
 
 
