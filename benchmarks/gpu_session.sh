@@ -57,4 +57,11 @@ timeout 80 $py benchmarks/gpu_profile.py --out "$out/gpu_profile.md" 2>&1 | tee 
 echo "gpu_profile exit: ${PIPESTATUS[0]}" | tee -a "$out/gpu_profile.txt"
 fi
 
+stage "summary"  # the lines that matter, together at the end of the output
+{
+  grep -hE "passed|failed|error" "$out/cuda_tests.txt" 2>/dev/null | tail -2
+  grep -hE "PASS|FAIL|exit" "$out/gpu_check.txt" 2>/dev/null
+  grep -hE "^\| (LFM|model)|^Targets|exit" "$out/gpu_throughput.txt" 2>/dev/null
+  grep -hE "^## |decode step as served|graph replay|roofline|exit" "$out/gpu_profile.txt" 2>/dev/null
+} | tee "$out/summary.txt"
 stage "done"
