@@ -150,6 +150,39 @@ def test_cuda_graph_replay_equals_eager(cfg):
         assert ((lg - w).abs().max() / w.abs().max()).item() < 3e-2
 
 
+@CUDA
+@pytest.mark.parametrize("cfg", [DENSE, MOE])
+def test_cuda_engine_under_preemption_equals_the_cpu_reference(cfg):
+    """CUDA as served (TritonBackend, decode graphs), float32: a prefix hit (32 cached tokens: conv state restored),
+    then a KV cache too small for every sequence at once (preemption, recompute into new block tables) with prefill
+    chunks beside decodes (40 tokens a step); made to follow the CPU engine's greedy tokens, every sampled row's
+    logits = the CPU full forward."""
+    import copy
+
+    from .engine_util import scripted
+
+    model = random_model(cfg)
+    shared = list(range(100, 140))
+    prompts = [shared, shared[:32] + [7, 8, 9]] + [list(range(20 + i, 50 + i)) for i in range(5)]
+    short, sp = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), SamplingParams(
+        temperature=0, max_tokens=40, ignore_eos=True)
+    cpu = _llm(model, False, max_num_seqs=5, kv_cache_memory=110 * 1024)
+    follow = {tuple(p): cpu.generate([p], short)[0].token_ids for p in prompts[:2]}
+    follow.update({tuple(p): o.token_ids for p, o in zip(prompts[2:], cpu.generate(prompts[2:], sp))})
+    gpu = LLM(copy.deepcopy(model).cuda(), block_size=16, max_num_seqs=5, max_num_batched_tokens=40,
+              kv_cache_memory=110 * 1024)
+    assert gpu.engine.runner.graphs is not None and gpu.engine.runner.graphs.graphs
+    sizes = _count_graph_steps(gpu)
+    rec = capture(gpu, force=scripted(follow))
+    for p in prompts[:2]:
+        gpu.generate([p], short)
+    assert gpu.engine.block_manager.hit_tokens >= 32
+    gpu.generate(prompts[2:], sp)
+    assert gpu.engine.scheduler.num_preemptions > 0 and sizes
+    assert len(rec) == 2 * 4 + 5 * 40
+    check_against_full_forward(model, [(t, x.cpu()) for t, x in rec])
+
+
 def test_a_refused_capture_leaves_the_engine_serving_eagerly(monkeypatch, caplog):
     """A capture the driver refuses (a RuntimeError from torch.cuda.graph) must not take the server down with it: the
     engine warns with the reason and decodes eagerly. (The CUDA tests above assert graphs were captured, so this

@@ -310,8 +310,9 @@ def test_prompt_logprobs_equal_the_full_forward():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["dense", "moe"])
 def test_engine_on_cuda_equals_the_cpu_reference(name):
-    """The portable backend on a GPU: mixed prefill / decode steps, a prefix hit and preemption-free decoding give
-    the CPU full forward's logits (float32) and the same greedy tokens."""
+    """The engine on a GPU as served (TritonBackend and decode graphs where triton imports): mixed prefill / decode
+    steps and a prefix hit give the CPU full forward's logits (float32) and the same greedy tokens. (Preemption:
+    test_cuda_graph.py::test_cuda_engine_under_preemption_equals_the_cpu_reference.)"""
     m = _model(name)
     cpu_tokens = [o.token_ids for o in LLM(m, block_size=8).generate(_prompts(16, [3, 40, 17]), GREEDY)]
     gpu = LLM(_model(name).cuda(), block_size=8, max_num_batched_tokens=16)
