@@ -24,6 +24,7 @@ from ..model.quant import quantize_model
 from ..text import TOOL_CALL_END, TOOL_CALL_START, Tokenizer, parse_tool_calls
 from ..text.tool_calls import sentinel_offsets
 from .llm_engine import EngineConfig, LLMEngine
+from .memory import default_kv_cache_memory
 from .sampling import SamplingParams
 from .sequence import RequestOutput
 
@@ -48,11 +49,13 @@ class LLM:
                  tokenizer: str | Path | Tokenizer | None = None, max_model_len: int | None = None,
                  quantization: str | None = None, group_size: int = 64, kv_cache_dtype: str | None = None,
                  enable_prefix_caching: bool = True, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-                 kv_cache_memory: int = 4 << 30, block_size: int = 16, enforce_eager: bool = False) -> None:
+                 kv_cache_memory: int | None = None, block_size: int = 16, enforce_eager: bool = False,
+                 gpu_memory_utilization: float = 0.9) -> None:
         """Engine settings as vLLM names them: max_num_seqs (sequences decoded together), max_num_batched_tokens
         (tokens per step: bounds prefill activations at any prompt length), kv_cache_memory (bytes of KV blocks;
-        on CPU touched only as used), block_size, enable_prefix_caching (on by default, as in vLLM), enforce_eager
-        (no CUDA graphs for decode steps on a GPU)."""
+        default 4 GiB on CPU, touched only as used; on a GPU what gpu_memory_utilization of its memory leaves
+        after the weights and a measured step: lfm/engine/memory.py), block_size, enable_prefix_caching (on by
+        default, as in vLLM), enforce_eager (no CUDA graphs for decode steps on a GPU)."""
         self.path: Path | None = None
         check_device(device)
         if isinstance(model, LfmForCausalLM):
@@ -86,6 +89,9 @@ class LLM:
         else:
             self.tokenizer = None  # token-id prompts still work
         self.generation_config = self._read_generation_config()
+        if kv_cache_memory is None:
+            kv_cache_memory = default_kv_cache_memory(self.model, gpu_memory_utilization, max_num_seqs,
+                                                      max_num_batched_tokens)
         cfg = EngineConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                            kv_cache_memory=kv_cache_memory, block_size=block_size,
                            enable_prefix_caching=enable_prefix_caching,

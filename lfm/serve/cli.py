@@ -38,9 +38,13 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     s.add_argument("--max-num-seqs", type=positive_int, default=64, help="most sequences decoded together (64)")
     s.add_argument("--max-model-len", type=positive_int, help="context length (default: the model's)")
-    s.add_argument("--kv-cache-memory", type=parse_size, default=4 << 30,
-                   help="memory for the paged KV cache, e.g. 4GiB (default; on CPU pages are touched only as "
-                        "blocks are used); requests beyond it wait, the newest running one yields if it runs out")
+    s.add_argument("--kv-cache-memory", type=parse_size,
+                   help="memory for the paged KV cache, e.g. 4GiB (default on CPU, where pages are touched only as "
+                        "blocks are used; on a GPU: what --gpu-memory-utilization leaves); requests beyond it wait, "
+                        "the newest running one yields if it runs out")
+    s.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="with --device cuda and no --kv-cache-memory: the share of the GPU's memory the server may "
+                        "hold, weights and a measured step included; the rest of it becomes KV cache (0.9)")
     s.add_argument("--max-waiting", type=positive_int, default=256,
                    help="requests allowed to wait for a slot; more get HTTP 429 (default 256)")
     s.add_argument("--max-num-batched-tokens", type=positive_int, default=512,
@@ -88,7 +92,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
                          f"({e.name} is missing)") from None
     cfg = ServeConfig(model=a.model, served_model_name=a.served_model_name, host=a.host, port=a.port, dtype=a.dtype,
                       device=a.device, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
-                      kv_cache_memory=a.kv_cache_memory, max_waiting=a.max_waiting,
+                      kv_cache_memory=a.kv_cache_memory, gpu_memory_utilization=a.gpu_memory_utilization,
+                      max_waiting=a.max_waiting,
                       max_num_batched_tokens=a.max_num_batched_tokens, block_size=a.block_size,
                       enable_prefix_caching=a.enable_prefix_caching,
                       api_key=a.api_key, max_body_bytes=a.max_body_bytes, threads=a.threads,
@@ -124,7 +129,7 @@ def startup_lines(state, host: str, port: int) -> list[str]:
             + (f", {cfg.quantization} weights" if cfg.quantization else "") + f", KV cache {kv}",
             f"context   {state.max_model_len} tokens, up to {eng.config.max_num_seqs} sequences",
             f"KV cache  {bm.num_blocks:,} blocks of {bm.block_size} tokens = {bm.num_blocks * bm.block_size:,} tokens "
-            f"(budget {cfg.kv_cache_memory / (1 << 30):.2f} GiB), prefix caching "
+            f"(budget {eng.config.kv_cache_memory / (1 << 30):.2f} GiB), prefix caching "
             + ("on" if cfg.enable_prefix_caching else "off"),
             f"threads   {torch.get_num_threads()} (torch CPU)",
             f"reasoning {cfg.reasoning_parser or 'off (think text stays in content)'}",

@@ -37,7 +37,8 @@ class ServeConfig:
     device: str = "cpu"
     max_num_seqs: int = 64
     max_model_len: int | None = None
-    kv_cache_memory: int = 4 << 30
+    kv_cache_memory: int | None = None  # None: 4 GiB on CPU; on a GPU what gpu_memory_utilization leaves
+    gpu_memory_utilization: float = 0.9
     max_waiting: int = 256
     max_num_batched_tokens: int = 512  # tokens per engine step: prefill chunks and decodes together
     block_size: int = 16
@@ -77,7 +78,8 @@ class ServerState:
             llm = LLM(cfg.model, dtype=cfg.dtype, device=cfg.device, max_model_len=cfg.max_model_len,
                       quantization=cfg.quantization, kv_cache_dtype=cfg.kv_cache_dtype, max_num_seqs=cfg.max_num_seqs,
                       max_num_batched_tokens=cfg.max_num_batched_tokens, kv_cache_memory=cfg.kv_cache_memory,
-                      block_size=cfg.block_size, enable_prefix_caching=cfg.enable_prefix_caching)
+                      block_size=cfg.block_size, enable_prefix_caching=cfg.enable_prefix_caching,
+                      gpu_memory_utilization=cfg.gpu_memory_utilization)
         self.llm = llm
         self.grammar: GrammarBackend | None = llm.grammar
         self._longest_token = 1  # bytes: a text longer than max_model_len * this cannot fit, without tokenizing it

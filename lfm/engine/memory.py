@@ -1,0 +1,64 @@
+"""How many bytes the paged KV cache gets when the user names none (`LLM(kv_cache_memory=None)`, the default).
+
+On a CPU: 4 GiB. Its pages are touched only as blocks are used, so an unused budget costs nothing.
+
+On a GPU the pool is allocated up front, so it is sized as vLLM sizes it: `gpu_memory_utilization` (vLLM's name and
+default, 0.9) of the device's memory may be held by this engine; what is in use already (the weights, the CUDA
+context, other processes) and what a step needs beside the cache come off that, and the rest is KV. A step's need is
+measured, not guessed: one forward of a full step's worth of tokens (`max_num_batched_tokens`, the largest prefill
+chunk) on the device, its peak allocation above the weights, plus the logits of a decode step of every sequence
+(the model's dtype, the sampler's float32 copy and temporaries) and a fixed slack for cuBLAS / Triton workspaces,
+CUDA graph pools and fragmentation. The engine then allocates no more blocks than max_num_seqs full-length
+sequences can use, so a small model does not take the whole GPU for nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model.lfm2 import LfmForCausalLM
+
+CPU_KV_CACHE_MEMORY = 4 << 30
+GPU_SLACK = 768 << 20  # cuBLAS / Triton workspaces, CUDA graph pools, allocator fragmentation
+GiB = 1 << 30
+
+
+def gpu_kv_budget(total: int, free: int, utilization: float, reserve: int) -> int:
+    """Bytes for KV blocks: utilization x total, less what is in use (total - free) and the step's reserve."""
+    if not 0 < utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization}")
+    used = total - free
+    budget = int(utilization * total) - used - reserve
+    if budget <= 0:
+        raise ValueError(
+            f"no GPU memory left for the KV cache: gpu_memory_utilization {utilization:g} allows "
+            f"{utilization * total / GiB:.1f} GiB of {total / GiB:.1f}, {used / GiB:.1f} GiB are in use (weights, "
+            f"other processes) and a step needs ~{reserve / GiB:.1f} GiB; raise gpu_memory_utilization, lower "
+            f"max_num_batched_tokens / max_num_seqs, or give kv_cache_memory")
+    return budget
+
+
+def step_reserve(model: LfmForCausalLM, max_num_seqs: int, max_num_batched_tokens: int) -> int:
+    """Bytes a step needs on the model's GPU beside the weights and the KV pool (measured; see the module doc)."""
+    dev = model.device
+    torch.cuda.synchronize(dev)
+    torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev)
+    with torch.inference_mode():
+        model(torch.zeros(1, max_num_batched_tokens, dtype=torch.long, device=dev), logits_to_keep=1)
+    torch.cuda.synchronize(dev)
+    prefill = torch.cuda.max_memory_allocated(dev) - base
+    torch.cuda.empty_cache()  # give the forward's blocks back, so mem_get_info sees them free
+    logits = max_num_seqs * model.config.vocab_size * (model.dtype.itemsize + 3 * 4)
+    return prefill + logits + GPU_SLACK
+
+
+def default_kv_cache_memory(model: LfmForCausalLM, gpu_memory_utilization: float, max_num_seqs: int,
+                            max_num_batched_tokens: int) -> int:
+    if not 0 < gpu_memory_utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+    if model.device.type != "cuda":
+        return CPU_KV_CACHE_MEMORY
+    reserve = step_reserve(model, max_num_seqs, max_num_batched_tokens)
+    free, total = torch.cuda.mem_get_info(model.device)
+    return gpu_kv_budget(total, free, gpu_memory_utilization, reserve)
