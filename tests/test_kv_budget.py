@@ -45,3 +45,14 @@ def test_cuda_default_takes_the_allowed_share_and_serves():
     assert torch.cuda.memory_allocated() <= 0.5 * total  # weights + the (capped) pool stay inside the share
     out = llm.generate([[5, 6, 7]], None)
     assert out[0].token_ids
+
+
+def test_serve_rejects_an_impossible_share_with_one_line():
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "lfm.cli", "serve", "--gpu-memory-utilization", "2", "--port", "1"],
+                       capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1] == "lfm: error: gpu_memory_utilization must be in (0, 1], got 2.0"
+    assert "Traceback" not in p.stderr
