@@ -1,5 +1,6 @@
-"""The KV cache's default size (lfm/engine/memory.py): 4 GiB on CPU; on a GPU, vLLM's rule: gpu_memory_utilization
-(default 0.9) of the device's memory, less what is in use and a step's measured need, becomes KV blocks."""
+"""The KV cache's default size (lfm/engine/memory.py): 4 GiB on CPU; on a GPU, vLLM's rule: this engine's share,
+gpu_memory_utilization (default 0.9) of the device's memory, less its weights and a step's measured need, becomes KV
+blocks, never more than the device has free."""
 
 from __future__ import annotations
 
@@ -12,19 +13,26 @@ from lfm.engine.memory import CPU_KV_CACHE_MEMORY, GiB, gpu_kv_budget
 from .conftest import DENSE, random_model
 
 
-def test_gpu_budget_is_the_allowed_share_less_what_is_used_and_the_step():
-    # an 80 GiB card, 2 GiB in use (weights + context), a step needing 3 GiB: 0.9 x 80 - 2 - 3 = 67 GiB of KV
-    assert gpu_kv_budget(80 * GiB, 78 * GiB, 0.9, 3 * GiB) == int(0.9 * 80 * GiB) - 5 * GiB
-    assert gpu_kv_budget(80 * GiB, 78 * GiB, 1.0, 0) == 78 * GiB  # everything that is free, nothing more
+def test_gpu_budget_is_this_engines_share_less_its_weights_and_the_step():
+    # an 80 GiB card, 2 GiB of weights, a step needing 3 GiB: 0.9 x 80 - 2 - 3 = 67 GiB of KV
+    assert gpu_kv_budget(80 * GiB, 77 * GiB, 2 * GiB, 0.9, 3 * GiB) == int(0.9 * 80 * GiB) - 5 * GiB
+    # the share is per engine, as vLLM's: a second server at 0.45 beside a first one at 0.45 still gets its own
+    first = gpu_kv_budget(80 * GiB, 78 * GiB, 1 * GiB, 0.45, 2 * GiB)
+    assert gpu_kv_budget(80 * GiB, 80 * GiB - 36 * GiB - 2 * GiB, 1 * GiB, 0.45, 2 * GiB) == first
+    # but never more than the device has free (another process holds 60 GiB): free less the step's need
+    assert gpu_kv_budget(80 * GiB, 18 * GiB, 2 * GiB, 0.9, 3 * GiB) == 15 * GiB
 
 
 def test_gpu_budget_refuses_what_does_not_fit_with_one_line():
-    with pytest.raises(ValueError, match=r"no GPU memory left for the KV cache: gpu_memory_utilization 0.5 allows "
-                                         r"40.0 GiB of 80.0, 38.0 GiB are in use .* a step needs ~3.0 GiB"):
-        gpu_kv_budget(80 * GiB, 42 * GiB, 0.5, 3 * GiB)
+    with pytest.raises(ValueError, match=r"no GPU memory left for the KV cache: gpu_memory_utilization 0.1 gives this "
+                                         r"engine 8.0 GiB of 80.0, the weights take 6.0, a step needs ~3.0 and 74.0 "
+                                         r"GiB are free"):
+        gpu_kv_budget(80 * GiB, 74 * GiB, 6 * GiB, 0.1, 3 * GiB)
+    with pytest.raises(ValueError, match="no GPU memory left"):  # the share is there, the device is full
+        gpu_kv_budget(80 * GiB, 2 * GiB, 6 * GiB, 0.9, 3 * GiB)
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(ValueError, match="gpu_memory_utilization must be in"):
-            gpu_kv_budget(80 * GiB, 80 * GiB, bad, 0)
+            gpu_kv_budget(80 * GiB, 80 * GiB, 0, bad, 0)
 
 
 def test_cpu_default_is_4_gib_and_an_explicit_size_wins():
@@ -41,7 +49,7 @@ def test_cuda_default_takes_the_allowed_share_and_serves():
     free, total = torch.cuda.mem_get_info()
     llm = LLM(model, gpu_memory_utilization=0.5, max_num_seqs=8, max_model_len=256)
     kv = llm.engine.config.kv_cache_memory
-    assert 0 < kv <= 0.5 * total - (total - free)
+    assert 0 < kv <= min(0.5 * total, free)
     assert torch.cuda.memory_allocated() <= 0.5 * total  # weights + the (capped) pool stay inside the share
     out = llm.generate([[5, 6, 7]], None)
     assert out[0].token_ids

@@ -3,8 +3,9 @@
 On a CPU: 4 GiB. Its pages are touched only as blocks are used, so an unused budget costs nothing.
 
 On a GPU the pool is allocated up front, so it is sized as vLLM sizes it: `gpu_memory_utilization` (vLLM's name and
-default, 0.9) of the device's memory may be held by this engine; what is in use already (the weights, the CUDA
-context, other processes) and what a step needs beside the cache come off that, and the rest is KV. A step's need is
+default, 0.9) of the device's memory is this engine's share (per instance, as vLLM's: two servers at 0.45 share one
+GPU); the weights and what a step needs beside the cache come off that share, and the rest is KV, but never more
+than the device has free right now less the step's need (other processes' memory is not ours). A step's need is
 measured, not guessed: one forward of a full step's worth of tokens (`max_num_batched_tokens`, the largest prefill
 chunk) on the device, its peak allocation above the weights, plus the logits of a decode step of every sequence
 (the model's dtype, the sampler's float32 copy and temporaries) and a fixed slack for cuBLAS / Triton workspaces,
@@ -23,18 +24,19 @@ GPU_SLACK = 768 << 20  # cuBLAS / Triton workspaces, CUDA graph pools, allocator
 GiB = 1 << 30
 
 
-def gpu_kv_budget(total: int, free: int, utilization: float, reserve: int) -> int:
-    """Bytes for KV blocks: utilization x total, less what is in use (total - free) and the step's reserve."""
+def gpu_kv_budget(total: int, free: int, allocated: int, utilization: float, reserve: int) -> int:
+    """Bytes for KV blocks: this engine's share (utilization x total) less its own allocations (the weights) and the
+    step's reserve, and at most what is free on the device less that reserve."""
     if not 0 < utilization <= 1:
         raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization}")
-    used = total - free
-    budget = int(utilization * total) - used - reserve
+    share = int(utilization * total) - allocated - reserve
+    budget = min(share, free - reserve)
     if budget <= 0:
         raise ValueError(
-            f"no GPU memory left for the KV cache: gpu_memory_utilization {utilization:g} allows "
-            f"{utilization * total / GiB:.1f} GiB of {total / GiB:.1f}, {used / GiB:.1f} GiB are in use (weights, "
-            f"other processes) and a step needs ~{reserve / GiB:.1f} GiB; raise gpu_memory_utilization, lower "
-            f"max_num_batched_tokens / max_num_seqs, or give kv_cache_memory")
+            f"no GPU memory left for the KV cache: gpu_memory_utilization {utilization:g} gives this engine "
+            f"{utilization * total / GiB:.1f} GiB of {total / GiB:.1f}, the weights take {allocated / GiB:.1f}, a "
+            f"step needs ~{reserve / GiB:.1f} and {free / GiB:.1f} GiB are free; raise gpu_memory_utilization, "
+            f"lower max_num_batched_tokens / max_num_seqs, or give kv_cache_memory")
     return budget
 
 
@@ -61,4 +63,4 @@ def default_kv_cache_memory(model: LfmForCausalLM, gpu_memory_utilization: float
         return CPU_KV_CACHE_MEMORY
     reserve = step_reserve(model, max_num_seqs, max_num_batched_tokens)
     free, total = torch.cuda.mem_get_info(model.device)
-    return gpu_kv_budget(total, free, gpu_memory_utilization, reserve)
+    return gpu_kv_budget(total, free, torch.cuda.memory_allocated(model.device), gpu_memory_utilization, reserve)
