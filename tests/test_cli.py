@@ -69,6 +69,10 @@ def test_bad_input_is_one_line_not_a_traceback(tmp_path):
         for args in (("bench", "tiny", "--device", "cuda"), ("generate", "tiny", "hi", "--device", "cuda")):
             p = lfm(*args, ok=False)
             assert p.returncode == 2 and "Traceback" not in p.stderr and "--device cpu" in p.stderr, p.stderr
+    p = lfm("generate", "tiny", "hi", "--device", "gpu0", ok=False)  # not a device torch knows
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.strip().splitlines()[-1] == "lfm: error: unknown device 'gpu0': use cpu or cuda (cuda:N for one " \
+                                                "of several GPUs)"
 
 
 def test_cli_on_a_checkpoint_saved_by_transformers(tmp_path, tokenizer_dir):

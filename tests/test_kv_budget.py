@@ -64,3 +64,24 @@ def test_serve_rejects_an_impossible_share_with_one_line():
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1] == "lfm: error: gpu_memory_utilization must be in (0, 1], got 2.0"
     assert "Traceback" not in p.stderr
+
+
+def test_batch_defaults_follow_vllm_on_a_gpu(monkeypatch):
+    """max_num_seqs / max_num_batched_tokens when the user names neither: this project's CPU values; on a GPU vLLM's
+    (V1: an H100-class card >= 70 GiB gets 1024 sequences and 16,384 tokens a step, 8,192 for a server; a smaller one
+    256 and 8,192, 2,048 for a server). The GPU is faked: only its memory size is read."""
+    from types import SimpleNamespace
+
+    from lfm.engine import memory
+
+    assert memory.batch_defaults("cpu", server=False) == (256, 2048)
+    assert memory.batch_defaults("cpu", server=True) == (64, 512)
+    assert memory.batch_defaults("not-a-device", server=True) == (64, 512)  # loading says what is wrong
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for gib, llm, server in ((80, (1024, 16384), (1024, 8192)), (24, (256, 8192), (256, 2048))):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d, g=gib: SimpleNamespace(total_memory=g * GiB))
+        assert memory.batch_defaults("cuda", server=False) == llm
+        assert memory.batch_defaults("cuda:0", server=True) == server
+    model = random_model(DENSE)
+    engine = LLM(model).engine  # a CPU model: the CPU values, whatever CUDA says
+    assert (engine.config.max_num_seqs, engine.config.max_num_batched_tokens) == (256, 2048)

@@ -24,7 +24,7 @@ from ..model.quant import quantize_model
 from ..text import TOOL_CALL_END, TOOL_CALL_START, Tokenizer, parse_tool_calls
 from ..text.tool_calls import sentinel_offsets
 from .llm_engine import EngineConfig, LLMEngine
-from .memory import default_kv_cache_memory
+from .memory import batch_defaults, default_kv_cache_memory
 from .sampling import SamplingParams
 from .sequence import RequestOutput
 
@@ -35,7 +35,10 @@ _ids = itertools.count()
 
 def check_device(device: str | torch.device) -> None:
     """A clear error for a device this torch cannot use (instead of torch's assertion deep inside loading)."""
-    kind = torch.device(device).type
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"unknown device {str(device)!r}: use cpu or cuda (cuda:N for one of several GPUs)") from None
     if kind == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' asked for, but this torch sees no CUDA GPU (a CPU build of torch, or no "
                          "driver): use --device cpu, or install a CUDA build of torch")
@@ -48,11 +51,13 @@ class LLM:
     def __init__(self, model: str | Path | LfmForCausalLM | None = None, dtype: str | torch.dtype = "auto", device: str = "cpu",
                  tokenizer: str | Path | Tokenizer | None = None, max_model_len: int | None = None,
                  quantization: str | None = None, group_size: int = 64, kv_cache_dtype: str | None = None,
-                 enable_prefix_caching: bool = True, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
+                 enable_prefix_caching: bool = True, max_num_seqs: int | None = None,
+                 max_num_batched_tokens: int | None = None,
                  kv_cache_memory: int | None = None, block_size: int = 16, enforce_eager: bool = False,
                  gpu_memory_utilization: float = 0.9) -> None:
         """Engine settings as vLLM names them: max_num_seqs (sequences decoded together), max_num_batched_tokens
-        (tokens per step: bounds prefill activations at any prompt length), kv_cache_memory (bytes of KV blocks;
+        (tokens per step: bounds prefill activations at any prompt length; both default to 256 and 2,048 on CPU, to
+        vLLM's on a GPU: memory.batch_defaults), kv_cache_memory (bytes of KV blocks;
         default 4 GiB on CPU, touched only as used; on a GPU what gpu_memory_utilization of its memory leaves
         after the weights and a measured step: lfm/engine/memory.py), block_size, enable_prefix_caching (on by
         default, as in vLLM), enforce_eager (no CUDA graphs for decode steps on a GPU)."""
@@ -89,6 +94,9 @@ class LLM:
         else:
             self.tokenizer = None  # token-id prompts still work
         self.generation_config = self._read_generation_config()
+        seqs, tokens = batch_defaults(self.model.device, server=False)
+        max_num_seqs = max_num_seqs if max_num_seqs is not None else seqs
+        max_num_batched_tokens = max_num_batched_tokens if max_num_batched_tokens is not None else tokens
         if kv_cache_memory is None:
             kv_cache_memory = default_kv_cache_memory(self.model, gpu_memory_utilization, max_num_seqs,
                                                       max_num_batched_tokens)

@@ -1,4 +1,5 @@
-"""How many bytes the paged KV cache gets when the user names none (`LLM(kv_cache_memory=None)`, the default).
+"""How big the engine is when the user does not say: the paged KV cache's bytes (`LLM(kv_cache_memory=None)`, the
+default) and the batch limits (`batch_defaults`: max_num_seqs, max_num_batched_tokens).
 
 On a CPU: 4 GiB. Its pages are touched only as blocks are used, so an unused budget costs nothing.
 
@@ -64,3 +65,19 @@ def default_kv_cache_memory(model: LfmForCausalLM, gpu_memory_utilization: float
     reserve = step_reserve(model, max_num_seqs, max_num_batched_tokens)
     free, total = torch.cuda.mem_get_info(model.device)
     return gpu_kv_budget(total, free, torch.cuda.memory_allocated(model.device), gpu_memory_utilization, reserve)
+
+
+def batch_defaults(device: str | torch.device, server: bool) -> tuple[int, int]:
+    """(max_num_seqs, max_num_batched_tokens) when the user names neither. CPU: this project's choices (a server
+    keeps steps short for its running requests). GPU: vLLM's (V1): an H100-class card (>= 70 GiB) batches 1,024
+    sequences and 16,384 tokens a step (8,192 for a server), a smaller card 256 sequences and 8,192 tokens (2,048)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:  # not a device: loading the model says so, in one line
+        dev = torch.device("cpu")
+    if dev.type != "cuda" or not torch.cuda.is_available():  # (no CUDA: likewise)
+        return (64, 512) if server else (256, 2048)
+    big = torch.cuda.get_device_properties(dev).total_memory >= 70 * GiB
+    if server:
+        return (1024, 8192) if big else (256, 2048)
+    return (1024, 16384) if big else (256, 8192)

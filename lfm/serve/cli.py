@@ -36,7 +36,8 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="KV cache storage: auto (the model's dtype) or int8 (about twice the sequences per GiB)")
     s.add_argument("--served-model-name", help="the model id clients send (default: MODEL as given)")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
-    s.add_argument("--max-num-seqs", type=positive_int, default=64, help="most sequences decoded together (64)")
+    s.add_argument("--max-num-seqs", type=positive_int,
+                   help="most sequences decoded together (64 on CPU; on a GPU vLLM's: 256, 1024 with >= 70 GiB)")
     s.add_argument("--max-model-len", type=positive_int, help="context length (default: the model's)")
     s.add_argument("--kv-cache-memory", type=parse_size,
                    help="memory for the paged KV cache, e.g. 4GiB (default on CPU, where pages are touched only as "
@@ -47,9 +48,10 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                         "hold, weights and a measured step included; the rest of it becomes KV cache (0.9)")
     s.add_argument("--max-waiting", type=positive_int, default=256,
                    help="requests allowed to wait for a slot; more get HTTP 429 (default 256)")
-    s.add_argument("--max-num-batched-tokens", type=positive_int, default=512,
+    s.add_argument("--max-num-batched-tokens", type=positive_int,
                    help="tokens per engine step: prompt chunks of several requests and every running decode share "
-                        "one forward (512; larger: faster prefill under load, slower tokens for running requests)")
+                        "one forward (512 on CPU; on a GPU vLLM's: 2048, 8192 with >= 70 GiB; larger: faster "
+                        "prefill under load, slower tokens for running requests)")
     s.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV cache block (16)")
     s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV and conv state of prompt prefixes seen before (shared system prompts, earlier "
@@ -90,11 +92,14 @@ def cmd_serve(a: argparse.Namespace) -> None:
     except ImportError as e:  # the server's dependencies are optional for the library
         raise ValueError(f"`lfm serve` needs fastapi, uvicorn, prometheus-client, xgrammar and jsonschema "
                          f"({e.name} is missing)") from None
+    from ..engine.memory import batch_defaults
+
+    seqs, tokens = batch_defaults(a.device, server=True)
     cfg = ServeConfig(model=a.model, served_model_name=a.served_model_name, host=a.host, port=a.port, dtype=a.dtype,
-                      device=a.device, max_num_seqs=a.max_num_seqs, max_model_len=a.max_model_len,
+                      device=a.device, max_num_seqs=a.max_num_seqs or seqs, max_model_len=a.max_model_len,
                       kv_cache_memory=a.kv_cache_memory, gpu_memory_utilization=a.gpu_memory_utilization,
                       max_waiting=a.max_waiting,
-                      max_num_batched_tokens=a.max_num_batched_tokens, block_size=a.block_size,
+                      max_num_batched_tokens=a.max_num_batched_tokens or tokens, block_size=a.block_size,
                       enable_prefix_caching=a.enable_prefix_caching,
                       api_key=a.api_key, max_body_bytes=a.max_body_bytes, threads=a.threads,
                       quantization=a.quantization, kv_cache_dtype=a.kv_cache_dtype,
