@@ -28,8 +28,6 @@ GiB = 1 << 30
 def gpu_kv_budget(total: int, free: int, allocated: int, utilization: float, reserve: int) -> int:
     """Bytes for KV blocks: this engine's share (utilization x total) less its own allocations (the weights) and the
     step's reserve, and at most what is free on the device less that reserve."""
-    if not 0 < utilization <= 1:
-        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization}")
     share = int(utilization * total) - allocated - reserve
     budget = min(share, free - reserve)
     if budget <= 0:
@@ -69,15 +67,17 @@ def default_kv_cache_memory(model: LfmForCausalLM, gpu_memory_utilization: float
 
 def batch_defaults(device: str | torch.device, server: bool) -> tuple[int, int]:
     """(max_num_seqs, max_num_batched_tokens) when the user names neither. CPU: this project's choices (a server
-    keeps steps short for its running requests). GPU: vLLM's (V1): an H100-class card (>= 70 GiB) batches 1,024
-    sequences and 16,384 tokens a step (8,192 for a server), a smaller card 256 sequences and 8,192 tokens (2,048)."""
+    keeps steps short for its running requests). GPU: vLLM's (`EngineArgs.get_batch_defaults`): a card of >= 70 GiB
+    that is not an A100 (vLLM measured large steps slower there) batches 1,024 sequences and 16,384 tokens a step
+    (8,192 for a server), any other card 256 sequences and 8,192 tokens (2,048)."""
     try:
         dev = torch.device(device)
     except RuntimeError:  # not a device: loading the model says so, in one line
         dev = torch.device("cpu")
     if dev.type != "cuda" or not torch.cuda.is_available():  # (no CUDA: likewise)
         return (64, 512) if server else (256, 2048)
-    big = torch.cuda.get_device_properties(dev).total_memory >= 70 * GiB
+    props = torch.cuda.get_device_properties(dev)
+    big = props.total_memory >= 70 * GiB and "a100" not in props.name.lower()
     if server:
         return (1024, 8192) if big else (256, 2048)
     return (1024, 16384) if big else (256, 8192)

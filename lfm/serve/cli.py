@@ -37,7 +37,8 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", help="the model id clients send (default: MODEL as given)")
     s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
     s.add_argument("--max-num-seqs", type=positive_int,
-                   help="most sequences decoded together (64 on CPU; on a GPU vLLM's: 256, 1024 with >= 70 GiB)")
+                   help="most sequences decoded together (64 on CPU; on a GPU vLLM's: 256, or 1024 with >= 70 GiB "
+                        "but not an A100)")
     s.add_argument("--max-model-len", type=positive_int, help="context length (default: the model's)")
     s.add_argument("--kv-cache-memory", type=parse_size,
                    help="memory for the paged KV cache, e.g. 4GiB (default on CPU, where pages are touched only as "
@@ -50,8 +51,8 @@ def add_serve_parser(sub) -> argparse.ArgumentParser:
                    help="requests allowed to wait for a slot; more get HTTP 429 (default 256)")
     s.add_argument("--max-num-batched-tokens", type=positive_int,
                    help="tokens per engine step: prompt chunks of several requests and every running decode share "
-                        "one forward (512 on CPU; on a GPU vLLM's: 2048, 8192 with >= 70 GiB; larger: faster "
-                        "prefill under load, slower tokens for running requests)")
+                        "one forward (512 on CPU; on a GPU vLLM's: 2048, or 8192 with >= 70 GiB but not an A100; "
+                        "larger: faster prefill under load, slower tokens for running requests)")
     s.add_argument("--block-size", type=positive_int, default=16, help="tokens per KV cache block (16)")
     s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
                    help="reuse the KV and conv state of prompt prefixes seen before (shared system prompts, earlier "
